@@ -1,0 +1,63 @@
+"""Cityscapes label handling on top of tfds' `cityscapes/semantic_segmentation` builder.
+
+tfds stores the raw `*_gtFine_labelIds.png` (label ids 0..33). Training and evaluation use the
+19 trainIds with 255 as ignore, so the pipeline applies `cityscapes_train_id_lut()` to every
+decoded label. The table is written out here (not imported from cityscapesscripts, a test-only
+dependency) and tests compare it with cityscapesscripts' `labels` for every id.
+
+The tfds config `semantic_segmentation_extra` has coarse labels for *every* split, validation
+included, so evaluating on it would silently score against coarse polygons: the pipeline refuses
+that split (see `pipeline.load_source`).
+"""
+
+import numpy as np
+
+# trainId -> Cityscapes label id, from cityscapesScripts `helpers/labels.py`.
+TRAIN_ID_TO_LABEL_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+NUM_CLASSES = len(CLASS_NAMES)
+IGNORE_LABEL = 255
+# Written into predictions where the model predicts "ignore"; label id 0 is 'unlabeled'.
+UNLABELED_ID = 0
+
+# Files tfds' builder expects in its manual dir (cityscapes-dataset.com, registration needed).
+MANUAL_FILES = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
+TFDS_CONFIGS = ("semantic_segmentation", "semantic_segmentation_extra")
+# Splits whose labels are coarse polygons: never evaluate on them.
+COARSE_EVAL_SPLITS = {"semantic_segmentation_extra": ("validation",)}
+
+
+def cityscapes_train_id_lut() -> np.ndarray:
+    """Returns a (256,) uint8 table mapping a label id to its trainId, 255 for ignored ids.
+
+    A gather through a full 256-entry table is order-independent, unlike a chain of
+    `where(label == id, train_id, label)`, which is only right for one visiting order.
+    """
+    lut = np.full((256,), IGNORE_LABEL, np.uint8)
+    lut[list(TRAIN_ID_TO_LABEL_ID)] = np.arange(NUM_CLASSES, dtype=np.uint8)
+    return lut
+
+
+def cityscapes_label_id_lut() -> np.ndarray:
+    """Returns a (256,) uint8 table mapping a trainId to its label id (for the test server).
+
+    Entries past trainId 18 (including 255) map to label id 0 ('unlabeled').
+    """
+    lut = np.full((256,), UNLABELED_ID, np.uint8)
+    lut[:NUM_CLASSES] = TRAIN_ID_TO_LABEL_ID
+    return lut
+
+
+def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """Maps a predicted trainId map (any integer dtype, values 0..18) to uint8 label ids."""
+    train_ids = np.asarray(train_ids)
+    if train_ids.size and (train_ids.min() < 0 or train_ids.max() > 255):
+        raise ValueError(
+            f"train_ids_to_label_ids: expected trainIds in 0..{NUM_CLASSES - 1}, got values in "
+            f"[{train_ids.min()}, {train_ids.max()}]"
+        )
+    return cityscapes_label_id_lut()[train_ids.astype(np.intp)]

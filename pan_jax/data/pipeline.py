@@ -1,0 +1,492 @@
+"""The grain input pipeline: tfds ArrayRecord sources -> augmented, normalized host batches.
+
+    source (random access, decoded to numpy)
+      -> seed(seed).shuffle().repeat()      global order, reshuffled every epoch, same on all hosts
+      -> random_map(scale/crop/flip/normalize)  RNG from (seed, global position): reproducible
+      -> [process_index::process_count]     disjoint host shards that cover every epoch
+      -> batch(per_process_batch_size)      in the MapDataset, so batches do not depend on workers
+      -> to_iter_dataset(...) [-> mp_prefetch(num_workers)]
+
+Augmenting before sharding seeds every record's augmentation by its *global* position, so two
+hosts never share a random stream. The iterator state (`get_state`/`set_state`, or
+`grain.checkpoint.CheckpointSave/Restore` in an orbax checkpoint) is a position in this fixed
+sequence: a resumed run sees exactly the batches it would have seen.
+
+Scale, crop and flip are one affine warp per record (cv2.warpAffine with the inverse map),
+computed only over the crop window: the cost follows the crop size, not the rescaled image, which
+matters for 2x-scaled Cityscapes frames. The map keeps cv2.resize's pixel-center convention, so
+the result equals resize -> crop -> flip up to interpolation rounding; labels use nearest
+neighbour with the same map, so image and mask stay aligned.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags, logging
+from tensorflow_datasets.core.data_sources import base as tfds_data_sources
+
+from pan_jax.data import cityscapes, synthetic, voc_aug
+
+# ImageNet statistics in 0..255 pixel units, as torchvision/timm/mmseg backbones expect.
+IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+IMAGENET_STD = np.array([58.395, 57.12, 57.375], np.float32)
+IGNORE_LABEL = 255
+
+
+def normalize(images_uint8: Any) -> Any:
+    """(..., 3) uint8 RGB -> float32 (x - mean) / std; works on numpy and jax arrays."""
+    return (images_uint8.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+# normalize() of every uint8 value as a (256, 1, 3) table: cv2.LUT applies it ~5x faster than
+# numpy arithmetic and gives bit-identical float32 results.
+_NORMALIZE_LUT = normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))[:, None]
+
+
+class CorruptRecordError(ValueError):
+    """A record that cannot be read or decoded; the message names its file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one dataset's tfds records."""
+
+    tfds_name: str
+    image_key: str
+    label_key: str
+    file_name_key: str
+    class_names: tuple[str, ...]
+    label_lut: np.ndarray | None = None  # applied to decoded labels (Cityscapes ids -> trainIds)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """`name` is 'voc_aug', 'cityscapes' or 'pan_synthetic', optionally '/<tfds config>'."""
+    base, _, config = name.partition("/")
+    if base == "voc_aug":
+        return DatasetSpec(name, "image", "mask", "file_name", voc_aug.CLASS_NAMES)
+    if base == "pan_synthetic":
+        return DatasetSpec(name, "image", "mask", "file_name", synthetic.CLASS_NAMES)
+    if base == "cityscapes":
+        config = config or "semantic_segmentation"
+        if config not in cityscapes.TFDS_CONFIGS:
+            raise ValueError(
+                f"data.name={name!r}: tfds config {config!r} has no semantic labels; "
+                f"expected one of {cityscapes.TFDS_CONFIGS}"
+            )
+        return DatasetSpec(
+            f"cityscapes/{config}", "image_left", "segmentation_label", "image_id",
+            cityscapes.CLASS_NAMES, cityscapes.cityscapes_train_id_lut(),
+        )  # fmt: skip
+    raise ValueError(
+        f"data.name={name!r}: expected 'voc_aug', 'cityscapes' or 'pan_synthetic' "
+        "(optionally followed by '/<tfds config>', e.g. 'pan_synthetic/tiny')"
+    )
+
+
+def class_names(name: str) -> tuple[str, ...]:
+    """Class names of dataset `name`, index = label value."""
+    return dataset_spec(name).class_names
+
+
+def default_data_config(name: str) -> ml_collections.ConfigDict:
+    """The data fields of a run config for dataset `name`, with the paper's augmentation."""
+    base = name.partition("/")[0]
+    per_dataset = {
+        "voc_aug": ("train_aug", "val", 512),
+        "cityscapes": ("train", "validation", 768),
+        "pan_synthetic": ("train", "val", 128),
+    }
+    if base not in per_dataset:
+        dataset_spec(name)  # Raises with the list of known names.
+    train_split, eval_split, crop_size = per_dataset[base]
+    return ml_collections.ConfigDict(
+        {
+            "name": name,
+            # Placeholders keep the fields typed as str, so --config.data.data_dir=... works.
+            "data_dir": ml_collections.config_dict.placeholder(str),
+            "manual_dir": ml_collections.config_dict.placeholder(str),
+            "train_split": train_split,
+            "eval_split": eval_split,
+            "num_classes": dataset_spec(name).num_classes,
+            "crop_size": crop_size,
+            "min_scale": 0.5,
+            "max_scale": 2.0,
+            "flip": True,
+            "num_workers": 0,  # grain worker processes; 0 = decode in the training process.
+            "skip_corrupt": False,
+            "prefetch": 2,  # batches buffered per worker (or by the reader threads).
+        }
+    )
+
+
+def _builder(data_config: Any) -> tuple[DatasetSpec, tfds.core.DatasetBuilder]:
+    spec = dataset_spec(data_config.name)
+    return spec, tfds.builder(spec.tfds_name, data_dir=getattr(data_config, "data_dir", None))
+
+
+def prepare(data_config: Any) -> None:
+    """Builds the tfds dataset as ArrayRecord if it is not built yet; a no-op otherwise.
+
+    tfds writes into a temporary directory and renames it when done, so a failed build leaves
+    an existing prepared dataset untouched and no half-built one behind. With a data_dir shared
+    by several hosts, run it once (e.g. on process 0, then a barrier) before the others read.
+    """
+    spec, builder = _builder(data_config)
+    if builder.is_prepared():
+        _check_random_access(builder)
+        return
+    manual_dir = getattr(data_config, "manual_dir", None)
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    try:
+        builder.download_and_prepare(file_format="array_record", download_config=download_config)
+    except AssertionError as e:
+        if not spec.tfds_name.startswith("cityscapes"):
+            raise
+        # tfds' Cityscapes builder asserts on missing zips; say where they come from.
+        raise FileNotFoundError(
+            f"cityscapes: {e}. Download {' and '.join(cityscapes.MANUAL_FILES)} from "
+            "https://www.cityscapes-dataset.com/downloads/ (free registration) into the manual "
+            f"dir ({manual_dir or '<data_dir>/downloads/manual'}), unextracted."
+        ) from e
+
+
+def _check_random_access(builder: tfds.core.DatasetBuilder) -> None:
+    formats = {f.value for f in builder.info.available_file_formats()}
+    if "array_record" not in formats:
+        raise ValueError(
+            f"{builder.name}: the dataset in {builder.data_dir} is stored as {sorted(formats)}, "
+            "but grain needs random access (array_record). Rebuild it into another data_dir "
+            "(data.data_dir) or delete it and call prepare() again."
+        )
+
+
+def num_examples(data_config: Any, split: str) -> int:
+    """Number of records in `split` of the configured dataset (prepared)."""
+    return len(load_source(data_config, split))
+
+
+def _decode_image(data: bytes) -> np.ndarray:
+    # IGNORE_ORIENTATION: masks are drawn on the stored pixels, so an EXIF rotation would
+    # misalign them (PIL and tf.image ignore EXIF too).
+    image = cv2.imdecode(
+        np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    )
+    if image is None:
+        raise ValueError("the image bytes are not a decodable JPEG/PNG")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _decode_label(data: bytes) -> np.ndarray:
+    label = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise ValueError("the label bytes are not a decodable PNG")
+    if label.ndim == 3 and label.shape[-1] == 1:
+        label = label[..., 0]
+    if label.ndim != 2 or label.dtype != np.uint8:
+        # A palette PNG stored as-is would arrive here as colors: refuse rather than train on them.
+        raise ValueError(
+            f"expected a single-channel 8-bit label PNG, got shape {label.shape} {label.dtype}"
+        )
+    return label
+
+
+def decode_record(
+    image_bytes: bytes, label_bytes: bytes, file_name: str, label_lut: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Encoded image/label -> {'image': uint8 (H, W, 3), 'label': uint8 (H, W), 'file_name'}."""
+    image = _decode_image(image_bytes)
+    label = _decode_label(label_bytes)
+    if image.shape[:2] != label.shape:
+        raise ValueError(f"image is {image.shape[:2]} but label is {label.shape} (height, width)")
+    if label_lut is not None:
+        label = label_lut[label]
+    return {"image": image, "label": label, "file_name": file_name}
+
+
+class SegmentationSource(Sequence):
+    """Random-access source of decoded records over a prepared tfds ArrayRecord split.
+
+    on_corrupt: 'raise' (error naming the file), 'skip' (return None: the record disappears
+    from the pipeline) or 'substitute' (return the next readable record, so training batches
+    stay full). Skips are logged with a running count, kept in `self.num_skipped` (per process).
+    """
+
+    def __init__(self, spec: DatasetSpec, split: str, data_dir: str | None, on_corrupt: str = "raise"):
+        if on_corrupt not in ("raise", "skip", "substitute"):
+            raise ValueError(f"on_corrupt={on_corrupt!r}: expected 'raise', 'skip' or 'substitute'")
+        builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"{spec.tfds_name} is not prepared in {builder.data_dir}: call "
+                "pan_jax.data.prepare(config.data) first (or `tfds build --file_format=array_record`)"
+            )
+        _check_random_access(builder)
+        split_name = split.split("[")[0]
+        if split_name not in builder.info.splits:
+            raise ValueError(
+                f"{spec.tfds_name} has no split {split_name!r} (data.train_split / "
+                f"data.eval_split); it has {sorted(builder.info.splits)}"
+            )
+        config = spec.tfds_name.partition("/")[2]
+        if split_name in cityscapes.COARSE_EVAL_SPLITS.get(config, ()):
+            raise ValueError(
+                f"{spec.tfds_name}/{split_name} has coarse labels (tfds puts gtCoarse into every "
+                "split of this config); use name='cityscapes' (semantic_segmentation) to evaluate"
+            )
+        self.spec, self.split, self.on_corrupt = spec, split, on_corrupt
+        self.num_skipped = 0
+        skip = tfds.decode.SkipDecoding()  # Decoded here, with errors that name the file.
+        self._source = builder.as_data_source(
+            split, decoders={spec.image_key: skip, spec.label_key: skip}
+        )
+        instructions = tfds_data_sources.file_instructions(builder.info, split)
+        self._files = [(fi.filename, fi.take) for fi in instructions]
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _file_of(self, index: int) -> str:
+        for filename, take in self._files:
+            if index < take:
+                return filename
+            index -= take
+        return "?"
+
+    def _read(self, index: int) -> dict[str, Any]:
+        where = f"{self.spec.tfds_name} split {self.split!r} record {index} ({self._file_of(index)})"
+        try:
+            record = self._source[index]
+            file_name = record[self.spec.file_name_key]
+            file_name = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
+        except Exception as e:  # Unreadable ArrayRecord chunk or unparsable example.
+            raise CorruptRecordError(f"cannot read {where}: {e}") from e
+        try:
+            return decode_record(
+                record[self.spec.image_key], record[self.spec.label_key], file_name,
+                self.spec.label_lut,
+            )  # fmt: skip
+        except Exception as e:
+            raise CorruptRecordError(f"cannot decode {file_name!r}, {where}: {e}") from e
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        n = len(self)
+        for attempt in range(n):
+            try:
+                return self._read((index + attempt) % n)
+            except CorruptRecordError as e:
+                if self.on_corrupt == "raise":
+                    raise
+                self.num_skipped += 1
+                logging.warning("Skipping corrupt record (%d so far in this process): %s", self.num_skipped, e)
+                if self.on_corrupt == "skip":
+                    return None
+        raise CorruptRecordError(f"{self.spec.tfds_name} split {self.split!r}: no readable record")
+
+    def __repr__(self) -> str:
+        return f"SegmentationSource({self.spec.tfds_name!r}, split={self.split!r}, n={len(self)})"
+
+
+def load_source(data_config: Any, split: str, *, on_corrupt: str | None = None) -> SegmentationSource:
+    """Random-access decoded records: {'image': uint8 (H, W, 3), 'label': uint8 (H, W), 'file_name'}.
+
+    Labels are class indices (Cityscapes: trainIds) with 255 = ignore. on_corrupt defaults to
+    'skip' with data.skip_corrupt, else 'raise'.
+    """
+    spec = dataset_spec(data_config.name)
+    if data_config.num_classes != spec.num_classes:
+        raise ValueError(
+            f"data.num_classes={data_config.num_classes}, but {data_config.name} has "
+            f"{spec.num_classes} classes"
+        )
+    if on_corrupt is None:
+        on_corrupt = "skip" if getattr(data_config, "skip_corrupt", False) else "raise"
+    return SegmentationSource(spec, split, getattr(data_config, "data_dir", None), on_corrupt)
+
+
+def _invalid_label_table(num_classes: int) -> np.ndarray:
+    table = np.ones((256,), np.uint8)
+    table[:num_classes] = 0
+    table[IGNORE_LABEL] = 0
+    return table
+
+
+def _check_labels(label: np.ndarray, invalid: np.ndarray, num_classes: int, file_name: str) -> None:
+    if cv2.LUT(label, invalid).max():  # A table lookup: ~10x cheaper than two comparisons.
+        values = np.unique(label[invalid[label].astype(bool)])
+        raise ValueError(
+            f"{file_name}: label values {values.tolist()} are neither classes "
+            f"0..{num_classes - 1} (data.num_classes={num_classes}) nor 255 (ignore)"
+        )
+
+
+def crop_matrix(
+    height: int, width: int, scaled_height: int, scaled_width: int,
+    y0: int, x0: int, crop_height: int, crop_width: int, flip: bool,
+) -> np.ndarray:  # fmt: skip
+    """2x3 map from crop pixels to source pixels for resize -> crop at (y0, x0) -> h-flip.
+
+    Uses cv2.resize's pixel-center convention, src = (dst + 0.5) * src_size / dst_size - 0.5,
+    so warping with it (WARP_INVERSE_MAP) reproduces resize-then-crop-then-flip.
+    """
+    ry, rx = height / scaled_height, width / scaled_width
+    if flip:  # Crop column x shows scaled column x0 + crop_width - 1 - x.
+        ax, bx = -rx, rx * (x0 + crop_width - 0.5) - 0.5
+    else:
+        ax, bx = rx, rx * (x0 + 0.5) - 0.5
+    return np.array([[ax, 0.0, bx], [0.0, ry, ry * (y0 + 0.5) - 0.5]], np.float64)
+
+
+def train_transform(
+    record: dict[str, Any],
+    rng: np.random.Generator,
+    *,
+    crop_size: int,
+    min_scale: float,
+    max_scale: float,
+    flip: bool,
+    num_classes: int,
+) -> dict[str, np.ndarray]:
+    """Random scale, random crop (padding: image 0 after normalization, label 255), random flip."""
+    image, label = record["image"], record["label"]
+    height, width = label.shape
+    scale = rng.uniform(min_scale, max_scale)
+    scaled_h, scaled_w = max(1, round(height * scale)), max(1, round(width * scale))
+    crop_h, crop_w = min(crop_size, scaled_h), min(crop_size, scaled_w)
+    y0 = int(rng.integers(0, scaled_h - crop_h + 1))
+    x0 = int(rng.integers(0, scaled_w - crop_w + 1))
+    flipped = bool(rng.random() < 0.5) and flip  # Always drawn: same stream with flip on/off.
+    matrix = crop_matrix(height, width, scaled_h, scaled_w, y0, x0, crop_h, crop_w, flipped)
+    warp = functools.partial(
+        cv2.warpAffine, M=matrix, dsize=(crop_w, crop_h), borderMode=cv2.BORDER_REPLICATE
+    )
+    image = warp(image, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    label = warp(label, flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    _check_labels(label, _invalid_label_table(num_classes), num_classes, record["file_name"])
+    out_image = np.zeros((crop_size, crop_size, 3), np.float32)  # 0 = the mean after normalizing
+    out_image[:crop_h, :crop_w] = cv2.LUT(image, _NORMALIZE_LUT)
+    out_label = np.full((crop_size, crop_size), IGNORE_LABEL, np.int32)
+    out_label[:crop_h, :crop_w] = label
+    return {"image": out_image, "label": out_label}
+
+
+def eval_transform(record: dict[str, Any], *, num_classes: int) -> dict[str, Any]:
+    """Original resolution: normalized float32 image, int32 label, file name."""
+    _check_labels(record["label"], _invalid_label_table(num_classes), num_classes, record["file_name"])
+    return {
+        "image": cv2.LUT(record["image"], _NORMALIZE_LUT),
+        "label": record["label"].astype(np.int32),
+        "file_name": record["file_name"],
+    }
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # Only when asked: the data layer itself does not need jax.
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    del worker_index, worker_count
+    cv2.setNumThreads(1)  # One core per worker: cv2's own thread pool would oversubscribe.
+
+
+def _read_and_prefetch(ds: grain.MapDataset, data_config: Any) -> grain.IterDataset:
+    num_workers = int(getattr(data_config, "num_workers", 0))
+    prefetch = max(1, int(getattr(data_config, "prefetch", 2)))
+    # In a worker, one thread per process; in the training process a few threads overlap the
+    # GIL-free cv2 work.
+    threads = 1 if num_workers > 0 else 4
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
+    )
+    if num_workers > 0:
+        # grain reads an absl flag in mp_prefetch; outside absl.app.run (pytest, notebooks) the
+        # flags are unparsed and that read raises (google/grain#1355).
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=_worker_init,
+        )
+    return it_ds
+
+
+def train_pipeline(
+    source: Sequence[dict],
+    data_config: Any,
+    *,
+    per_process_batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+) -> grain.IterDataset:
+    """The training chain over any decoded-record source (see the module docstring)."""
+    if per_process_batch_size < 1:
+        raise ValueError(f"per_process_batch_size={per_process_batch_size}, expected >= 1")
+    transform = functools.partial(
+        train_transform,
+        crop_size=int(data_config.crop_size),
+        min_scale=float(data_config.min_scale),
+        max_scale=float(data_config.max_scale),
+        flip=bool(data_config.flip),
+        num_classes=int(data_config.num_classes),
+    )
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    ds = ds.random_map(transform)
+    ds = ds[process_index::process_count]
+    ds = ds.batch(per_process_batch_size, drop_remainder=True)
+    return _read_and_prefetch(ds, data_config)
+
+
+def train_dataset(
+    data_config: Any,
+    *,
+    per_process_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """Infinite per-host training batches.
+
+    Yields {'image': float32 (B, crop, crop, 3) normalized, 'label': int32 (B, crop, crop)}.
+    process_index/count default to jax.process_index()/process_count().
+    """
+    process_index, process_count = _process(process_index, process_count)
+    on_corrupt = "substitute" if getattr(data_config, "skip_corrupt", False) else "raise"
+    source = load_source(data_config, data_config.train_split, on_corrupt=on_corrupt)
+    return train_pipeline(
+        source, data_config, per_process_batch_size=per_process_batch_size, seed=seed,
+        process_index=process_index, process_count=process_count,
+    )  # fmt: skip
+
+
+def eval_dataset(
+    data_config: Any, *, process_index: int | None = None, process_count: int | None = None
+) -> grain.IterDataset:
+    """One image per element, at original resolution, every image of data.eval_split once.
+
+    Yields {'image': float32 (H, W, 3) normalized, 'label': int32 (H, W), 'file_name': str};
+    process p gets records p, p + count, ... (none dropped; with data.skip_corrupt, corrupt
+    records are left out and logged).
+    """
+    process_index, process_count = _process(process_index, process_count)
+    source = load_source(data_config, data_config.eval_split)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = ds.map(functools.partial(eval_transform, num_classes=int(data_config.num_classes)))
+    return _read_and_prefetch(ds, data_config)

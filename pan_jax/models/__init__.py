@@ -1,0 +1,186 @@
+"""PAN, its ablations and the paper's baselines as flax.linen modules.
+
+    model = models.create("pan", num_classes=21, backbone="resnet101")
+    variables = model.init(rng, images, train=False)        # images: (N, H, W, 3) float32
+    logits = model.apply(variables, images, train=False)     # (N, H, W, num_classes) float32
+
+Model names:
+  pan       the paper's best PAN: deep64 stem (PSPNet's 64-64-128), output stride 16 with the
+            torchvision dilation rule, FPA C357 + average pooling + global branch, GAU 3×3 + GP
+            with a BN+ReLU gate, no conv biases before BN.
+  pan_smp   segmentation_models_pytorch's PAN exactly (7×7 stem, every layer4 block dilated,
+            max pooling, a 1-channel pyramid, sigmoid gates, biased convs, 32 channels).
+  fcn       baseline: dilated ResNet, 1×1 classifier, direct upsampling (Tables 1–3, 72.60).
+  fpa       FPA only, direct upsampling (Table 1).
+  gau       GAU decoder only, with a 1×1 projection of layer4 as its top (Table 3).
+  psp       PSPNet's pyramid pooling module on our backbone (Table 2).
+  aspp      DeepLabV3's ASPP head on our backbone (Table 2).
+
+Keyword overrides reach every switch; `create` lists the valid ones when given an unknown one.
+Decoder widths: the paper gives none. `pan` uses 128 for the decoder and the pyramid (a
+per-channel pyramid attention, as in the paper's Figure 3); SMP uses 32 and 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pan_jax.models.heads import ASPPDecoder, PyramidPoolingDecoder
+from pan_jax.models.pan import FPA, GAU, PANDecoder
+from pan_jax.models.resnet import ResNet
+from pan_jax.models.segmenter import SegmentationModel
+
+__all__ = [
+    "FPA",
+    "GAU",
+    "MODEL_NAMES",
+    "ASPPDecoder",
+    "PANDecoder",
+    "PyramidPoolingDecoder",
+    "ResNet",
+    "SegmentationModel",
+    "create",
+    "parameter_count",
+]
+
+_PAPER_BACKBONE = dict(stem="deep64", dilation_rule="torchvision", output_stride=16)
+_PAPER_PAN = dict(
+    decoder_channels=128,
+    pyramid_features=128,
+    fpa_kernels=(7, 5, 3),
+    fpa_pooling="avg",
+    fpa_global_branch=True,
+    fpa_attention="pyramid",
+    gau_low_kernel=3,
+    gau_global_attention=True,
+    gau_gate="relu",
+    conv_bias=False,
+    head_kernel=3,
+)
+_SMP_PAN = dict(
+    stem="torchvision",
+    dilation_rule="smp",
+    output_stride=16,
+    decoder_channels=32,
+    pyramid_features=1,
+    fpa_kernels=(7, 5, 3),
+    fpa_pooling="max",
+    fpa_global_branch=True,
+    fpa_attention="pyramid",
+    gau_low_kernel=3,
+    gau_global_attention=True,
+    gau_gate="sigmoid",
+    conv_bias=True,
+    head_kernel=3,
+)
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "pan": {"decoder": "pan", **_PAPER_BACKBONE, **_PAPER_PAN},
+    "pan_smp": {"decoder": "pan", **_SMP_PAN},
+    "fcn": {"decoder": "none", **_PAPER_BACKBONE, "head_kernel": 1},
+    "fpa": {"decoder": "pan", **_PAPER_BACKBONE, **_PAPER_PAN, "use_gau": False, "head_kernel": 1},
+    "gau": {"decoder": "pan", **_PAPER_BACKBONE, **_PAPER_PAN, "use_fpa": False},
+    "psp": {"decoder": "psp", **_PAPER_BACKBONE, "decoder_channels": 512, "head_kernel": 1},
+    "aspp": {"decoder": "aspp", **_PAPER_BACKBONE, "decoder_channels": 256, "head_kernel": 1},
+}
+MODEL_NAMES = tuple(_PRESETS)
+
+_BACKBONE_FIELDS = ("stem", "output_stride", "dilation_rule", "avg_down")
+_PAN_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(PANDecoder)
+    if f.name not in ("features", "dtype", "parent", "name")
+)
+_MODEL_FIELDS = ("head_kernel", "align_corners", "dtype", "decoder_channels", "dropout_rate")
+_DEPTHS = {f"resnet{d}": d for d in (18, 34, 50, 101, 152)}
+
+
+def _valid_overrides(decoder: str) -> set[str]:
+    valid = set(_BACKBONE_FIELDS) | set(_MODEL_FIELDS)
+    if decoder == "pan":
+        valid |= set(_PAN_FIELDS)
+    if decoder == "psp":
+        valid |= {"bins"}
+    if decoder == "aspp":
+        valid |= {"rates"}
+    return valid
+
+
+def create(
+    name: str, *, num_classes: int, backbone: str = "resnet101", **overrides: Any
+) -> SegmentationModel:
+    """Builds a model by name; `overrides` set any backbone, decoder or head switch.
+
+    Example: `create("pan", num_classes=21, fpa_pooling="max", fpa_kernels=(3, 3, 3),
+    output_stride=8, dtype=jnp.bfloat16)`.
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    if backbone not in _DEPTHS:
+        raise ValueError(f"unknown backbone {backbone!r}; known backbones: {', '.join(_DEPTHS)}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    settings = dict(_PRESETS[name])
+    decoder_kind = settings.pop("decoder")
+    unknown = set(overrides) - _valid_overrides(decoder_kind)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)} for model {name!r}; valid options: "
+            f"{sorted(_valid_overrides(decoder_kind))}"
+        )
+    settings.update(overrides)
+    dtype = jnp.dtype(settings.get("dtype", jnp.float32))
+    align_corners = settings.get("align_corners", True)
+
+    resnet = ResNet(
+        depth=_DEPTHS[backbone],
+        stem=settings["stem"],
+        output_stride=settings["output_stride"],
+        dilation_rule=settings["dilation_rule"],
+        avg_down=settings.get("avg_down", False),
+        dtype=dtype,
+    )
+    decoder: Any
+    if decoder_kind == "pan":
+        decoder = PANDecoder(
+            features=settings["decoder_channels"],
+            dtype=dtype,
+            **{k: settings[k] for k in _PAN_FIELDS if k in settings and k != "align_corners"},
+            align_corners=align_corners,
+        )
+    elif decoder_kind == "psp":
+        decoder = PyramidPoolingDecoder(
+            features=settings["decoder_channels"],
+            bins=tuple(settings.get("bins", (1, 2, 3, 6))),
+            dropout_rate=settings.get("dropout_rate", 0.1),
+            align_corners=align_corners,
+            dtype=dtype,
+        )
+    elif decoder_kind == "aspp":
+        decoder = ASPPDecoder(
+            features=settings["decoder_channels"],
+            rates=tuple(settings.get("rates", (6, 12, 18))),
+            output_stride=settings["output_stride"],
+            dropout_rate=settings.get("dropout_rate", 0.5),
+            dtype=dtype,
+        )
+    else:
+        decoder = None
+    return SegmentationModel(
+        backbone=resnet,
+        decoder=decoder,
+        num_classes=num_classes,
+        head_kernel=settings["head_kernel"],
+        align_corners=align_corners,
+        dtype=dtype,
+    )
+
+
+def parameter_count(params: Any) -> int:
+    """Number of trainable parameters (batch statistics excluded)."""
+    return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)))

@@ -1,0 +1,176 @@
+"""Layers shared by the backbone and the decoders, with PyTorch's exact semantics.
+
+Everything here works on NHWC arrays. Resizing and adaptive pooling are written as small
+matrices applied with einsum: they are exact for any input and output size (the torch
+formulas, not `jax.image.resize`'s half-pixel, antialiased ones) and lower to matmuls that
+fuse well on accelerators.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# PyTorch initialisations, expressed as flax initializers.
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+kaiming_uniform_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+@functools.lru_cache(maxsize=256)
+def interpolation_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+    """(out_size, in_size) weights of 1-D linear interpolation as `torch.nn.functional.interpolate`.
+
+    align_corners=True maps the corner pixels onto each other (src = dst·(in−1)/(out−1));
+    align_corners=False uses half-pixel centres (src = (dst+½)·in/out − ½, clamped at 0) and
+    no antialiasing, as torch's `mode="bilinear"` does when downsampling.
+    """
+    matrix = np.zeros((out_size, in_size), np.float64)
+    dst = np.arange(out_size, dtype=np.float64)
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        src = dst * scale
+    else:
+        src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = src - lo
+    np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(matrix, (np.arange(out_size), hi), frac)
+    return matrix.astype(np.float32)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool) -> jax.Array:
+    """Bilinear resize of NHWC `x` to `size` = (H, W), equal to torch's `F.interpolate`."""
+    out_h, out_w = int(size[0]), int(size[1])
+    in_h, in_w = x.shape[1], x.shape[2]
+    if (in_h, in_w) == (out_h, out_w):
+        return x
+    if in_h == 1 and in_w == 1:  # a global-pooling branch: the resize is a broadcast
+        return jnp.broadcast_to(x, (x.shape[0], out_h, out_w, x.shape[3]))
+    rows = jnp.asarray(interpolation_matrix(in_h, out_h, align_corners), x.dtype)
+    cols = jnp.asarray(interpolation_matrix(in_w, out_w, align_corners), x.dtype)
+    if in_h != out_h:
+        x = jnp.einsum("oh,nhwc->nowc", rows, x)
+    if in_w != out_w:
+        x = jnp.einsum("ow,nhwc->nhoc", cols, x)
+    return x
+
+
+@functools.lru_cache(maxsize=64)
+def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) averaging weights of torch's `AdaptiveAvgPool` along one axis."""
+    matrix = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)  # ceil
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
+    """torch `AdaptiveAvgPool2d(size)` on NHWC `x`."""
+    if size == 1:
+        return jnp.mean(x, axis=(1, 2), keepdims=True)
+    rows = jnp.asarray(adaptive_pool_matrix(x.shape[1], size), x.dtype)
+    cols = jnp.asarray(adaptive_pool_matrix(x.shape[2], size), x.dtype)
+    x = jnp.einsum("oh,nhwc->nowc", rows, x)
+    return jnp.einsum("ow,nhwc->nhoc", cols, x)
+
+
+def pool2x2(x: jax.Array, kind: str) -> jax.Array:
+    """2×2 stride-2 pooling that floors odd sizes, like torch's `MaxPool2d(2)`/`AvgPool2d(2)`."""
+    if kind == "max":
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    if kind == "avg":
+        return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    raise ValueError(f"pooling must be 'avg' or 'max', got {kind!r}")
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm with PyTorch's semantics, statistics always in float32.
+
+    Differences from `flax.linen.BatchNorm` that matter for parity with PyTorch training: the
+    running variance is updated with the unbiased batch variance, and `momentum` is PyTorch's
+    (weight of the new batch). Under `jax.jit` over a batch sharded on a mesh the batch
+    statistics are global, i.e. this is SyncBN; inside `shard_map` pass `axis_name`.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    scale_init: Any = nn.initializers.ones
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+        running_mean = self.variable(
+            "batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32)
+        )
+        running_var = self.variable(
+            "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32)
+        )
+
+        if train:
+            x32 = x.astype(jnp.float32)
+            reduce_axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, reduce_axes)
+            mean_of_squares = jnp.mean(jnp.square(x32), reduce_axes)
+            count = np.prod([x.shape[a] for a in reduce_axes])
+            if self.axis_name is not None:
+                mean, mean_of_squares = jax.lax.pmean((mean, mean_of_squares), self.axis_name)
+                count = count * jax.lax.psum(1, self.axis_name)
+            var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
+            if not self.is_initializing():
+                unbiased = var * (count / max(count - 1, 1))
+                m = self.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * mean
+                running_var.value = (1 - m) * running_var.value + m * unbiased
+        else:
+            mean, var = running_mean.value, running_var.value
+
+        multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+        offset = bias - mean * multiplier
+        return (x.astype(jnp.float32) * multiplier + offset).astype(self.dtype)
+
+
+class ConvBN(nn.Module):
+    """Conv → BatchNorm → optional ReLU; torch-style symmetric padding (`dilation·(k//2)`)."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dilation: int = 1
+    use_bias: bool = False
+    relu: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = kaiming_uniform_fan_in
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        pad = self.dilation * (self.kernel_size // 2)
+        x = nn.Conv(
+            self.features,
+            (self.kernel_size, self.kernel_size),
+            strides=self.stride,
+            padding=((pad, pad), (pad, pad)),
+            kernel_dilation=self.dilation,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=self.kernel_init,
+            name="conv",
+        )(x)
+        x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
+        return nn.relu(x) if self.relu else x

@@ -1,0 +1,139 @@
+"""Every model name builds, keeps the input resolution, trains, and refuses what it cannot take."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pan_jax import models
+from pan_jax.models.resnet import ResNet
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_logits_at_input_resolution(name):
+    model = models.create(name, num_classes=7, backbone="resnet18")
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((1, 375, 500, 3)), jnp.float32)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
+        images[:, :128, :160]
+    )
+    for height, width in [(375, 500), (128, 160)]:
+        logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+            variables, images[:, :height, :width]
+        )
+        assert logits.shape == (1, height, width, 7)
+        assert logits.dtype == jnp.float32
+        assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("name", ["pan", "pan_smp", "psp"])
+def test_bfloat16_logits_close_to_float32(name):
+    images = jnp.asarray(np.random.default_rng(1).standard_normal((2, 160, 192, 3)), jnp.float32)
+    fp32 = models.create(name, num_classes=5, backbone="resnet18")
+    bf16 = models.create(name, num_classes=5, backbone="resnet18", dtype=jnp.bfloat16)
+    variables = fp32.init(jax.random.key(0), images, train=False)
+    assert all(
+        v.dtype == jnp.float32 for v in jax.tree.leaves(bf16.init(jax.random.key(0), images))
+    )
+    reference = fp32.apply(variables, images, train=False)
+    logits = bf16.apply(variables, images, train=False)
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+    relative = float(jnp.max(jnp.abs(logits - reference)) / jnp.max(jnp.abs(reference)))
+    assert relative < 0.05, relative
+
+
+def test_pan_backward_gives_finite_nonzero_gradients_everywhere():
+    model = models.create("pan", num_classes=4, backbone="resnet18")
+    rng = np.random.default_rng(2)
+    images = jnp.asarray(rng.standard_normal((2, 128, 128, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, (2, 128, 128)))
+    variables = model.init(jax.random.key(0), images, train=False)
+
+    def loss_fn(params):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        log_probs = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(log_probs, labels[..., None], axis=-1))
+
+    grads = jax.grad(loss_fn)(variables["params"])
+    for path, grad in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        name = jax.tree_util.keystr(path)
+        assert bool(jnp.all(jnp.isfinite(grad))), name
+        assert float(jnp.max(jnp.abs(grad))) > 0, name
+
+
+@pytest.mark.parametrize(
+    "output_stride, strides", [(32, (4, 8, 16, 32)), (16, (4, 8, 16, 16)), (8, (4, 8, 8, 8))]
+)
+@pytest.mark.parametrize("stem", ["torchvision", "deep32", "deep64"])
+def test_backbone_feature_strides(output_stride, strides, stem):
+    backbone = ResNet(depth=18, stem=stem, output_stride=output_stride)
+    images = jnp.zeros((1, 64, 96, 3))
+    features = jax.eval_shape(
+        lambda: backbone.apply(backbone.init(jax.random.key(0), images, False), images, False)
+    )
+    assert [(f.shape[1], f.shape[2]) for f in features] == [(64 // s, 96 // s) for s in strides]
+    assert [f.shape[3] for f in features] == [64, 128, 256, 512]
+
+
+def test_deep64_stem_widths():
+    backbone = ResNet(depth=50, stem="deep64")
+    params = jax.eval_shape(
+        lambda: backbone.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), False)
+    )["params"]
+    assert [params[f"stem_conv{i}"]["kernel"].shape for i in range(3)] == [
+        (3, 3, 3, 64),
+        (3, 3, 64, 64),
+        (3, 3, 64, 128),
+    ]
+    assert params["layer1_0"]["conv1"]["kernel"].shape == (1, 1, 128, 64)
+
+
+def test_too_small_input_is_a_clear_error():
+    model = models.create("pan", num_classes=3, backbone="resnet18")
+    with pytest.raises(ValueError, match=r"100×200 px is too small.*≥ 128"):
+        model.init(jax.random.key(0), jnp.zeros((1, 100, 200, 3)), train=False)
+
+
+def test_unknown_names_and_options_are_clear_errors():
+    with pytest.raises(ValueError, match="known models: pan, pan_smp"):
+        models.create("deeplab", num_classes=3)
+    with pytest.raises(ValueError, match="known backbones"):
+        models.create("pan", num_classes=3, backbone="resnet200")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['fpa_poolin'\]"):
+        models.create("pan", num_classes=3, fpa_poolin="avg")
+    with pytest.raises(ValueError, match="pooling must be 'avg' or 'max'"):
+        model = models.create("fpa", num_classes=3, backbone="resnet18", fpa_pooling="median")
+        model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(fpa_pooling="max", fpa_kernels=(3, 3, 3)),
+        dict(fpa_global_branch=False),
+        dict(fpa_attention="se"),
+        dict(gau_low_kernel=1),
+        dict(gau_global_attention=False),
+        dict(gau_gate="sigmoid", align_corners=False),
+        dict(pyramid_features=1, decoder_channels=48),
+        dict(output_stride=8, stem="deep32", dilation_rule="smp"),
+    ],
+)
+def test_every_ablation_switch_changes_the_model(overrides):
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((1, 128, 128, 3)), jnp.float32)
+    base = models.create("pan", num_classes=3, backbone="resnet18")
+    variant = models.create("pan", num_classes=3, backbone="resnet18", **overrides)
+    v_base = base.init(jax.random.key(0), images)
+    v_variant = variant.init(jax.random.key(0), images)
+    same_tree = jax.tree.structure(v_base) == jax.tree.structure(v_variant) and all(
+        a.shape == b.shape
+        for a, b in zip(jax.tree.leaves(v_base), jax.tree.leaves(v_variant), strict=True)
+    )
+    if same_tree:  # the switch changes computation, not parameters: outputs must differ
+        out_base = base.apply(v_base, images)
+        out_variant = variant.apply(v_base, images)
+        assert float(jnp.max(jnp.abs(out_base - out_variant))) > 1e-6
