@@ -47,7 +47,9 @@ def check_spec(saved: ModelSpec, expected: ModelSpec, where: str) -> None:
     differences = []
     for key in ("name", "backbone", "num_classes"):
         if saved.get(key) != expected.get(key):
-            differences.append(f"{key}: checkpoint {saved.get(key)!r}, config {expected.get(key)!r}")
+            differences.append(
+                f"{key}: checkpoint {saved.get(key)!r}, config {expected.get(key)!r}"
+            )
     saved_overrides = json.loads(json.dumps(saved.get("overrides") or {}))
     expected_overrides = json.loads(json.dumps(expected.get("overrides") or {}))
     for key in sorted(set(saved_overrides) | set(expected_overrides)):
@@ -88,3 +90,138 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict, ModelSpec]:
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(path / "variables", template)
     return variables, spec
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def prepare_workdir(workdir: str, config: Any, spec: ModelSpec) -> epath.Path:
+    """Creates the workdir and writes the resolved config (process 0 only)."""
+    path = epath.Path(workdir)
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        resolved = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+        (path / "config.json").write_text(resolved)
+        (path / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
+    return path
+
+
+def create_manager(
+    workdir: epath.Path, config: Any, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """The run's manager: async saves, the last `config.keep_checkpoints` kept."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else int(config.keep_checkpoints),
+        save_interval_steps=1 if read_only else int(config.checkpoint_every_steps),
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(
+        epath.Path(workdir) / "checkpoints", options=options, item_names=CHECKPOINT_ITEMS
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data_iterator: Any,
+    spec: ModelSpec,
+    force: bool = False,
+) -> bool:
+    """Saves state, the data iterator's position and the model spec (every process calls it)."""
+    import grain
+
+    return manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave({"model": spec, "step": int(step)}),
+        ),
+        force=force,
+    )
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored["meta"]
+
+
+def restore_or_none(
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    state_sharding: Any,
+    data_iterator: Any,
+    spec: ModelSpec,
+) -> tuple[Any, Any]:
+    """(state, iterator) restored from the latest checkpoint, or (None, iterator) if none.
+
+    Raises CheckpointMismatchError if the checkpoint was written for another model.
+    """
+    import grain
+
+    step = manager.latest_step()
+    if step is None:
+        return None, data_iterator
+    where = f"checkpoint {step} in {manager.directory}"
+    check_spec(_read_meta(manager, step)["model"], spec, where)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state,
+        jax.tree.map(lambda _: state_sharding, abstract_state),
+    )
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+            ),
+        )
+    except (ValueError, KeyError) as error:
+        raise CheckpointMismatchError(f"{where} does not fit this run's state: {error}") from error
+    return restored["state"], restored["data"]
+
+
+def restore_for_inference(
+    workdir: str | os.PathLike, step: int | None = None
+) -> tuple[dict, ModelSpec, int]:
+    """(variables, spec, step) of the latest (or given) checkpoint of a training workdir."""
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory} not found: {workdir} holds no training checkpoints")
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=CHECKPOINT_ITEMS,
+    )
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"no checkpoint {'at all' if step is None else f'at step {step}'} in {directory} "
+            f"(steps there: {manager.all_steps()})"
+        )
+    spec = _read_meta(manager, step)["model"]
+    model = model_from_spec(spec)
+    size = model.min_input_size
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {
+        "params": abstract["params"],
+        "batch_stats": abstract["batch_stats"],
+    }
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            )
+        ),
+    )
+    manager.close()
+    state = restored["state"]
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}, spec, int(step)

@@ -60,15 +60,41 @@ def test_parameter_count_equals_smp():
     assert models.parameter_count(shapes["params"]) == expected
 
 
-def test_round_trip_through_smp_is_exact():
-    torch_model = randomized_smp_pan("resnet18", classes=5, seed=1)
-    state_dict = torch_model.state_dict()
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet101"])
+def test_round_trip_through_smp_is_exact(encoder):
+    torch_model = randomized_smp_pan(encoder, classes=5, seed=1)
+    state_dict = {k: v.clone() for k, v in torch_model.state_dict().items()}
     back = convert.to_smp(convert.from_smp(state_dict))
-    fresh = smp.PAN(encoder_name="resnet18", encoder_weights=None, classes=5)
-    fresh.load_state_dict(back, strict=True)
+    assert set(back) == set(state_dict)
     for key, value in state_dict.items():
         if not key.endswith("num_batches_tracked"):
-            assert torch.equal(fresh.state_dict()[key], value), key
+            assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+    torch_model.load_state_dict(back, strict=True)  # what SMP accepts, names and shapes
+
+
+def test_pan_jax_weights_give_smp_the_same_logits():
+    """The other direction: weights made here (not by SMP) run in SMP give our logits."""
+    model = models.create("pan_smp", num_classes=3, backbone="resnet18", decoder_channels=16)
+    template = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), np.zeros((1, 128, 128, 3), np.float32))
+    )
+    rng = np.random.default_rng(2)
+
+    def draw(path, leaf):  # BN statistics must be valid; everything else just random
+        name = path[-1].key
+        low, high = (0.5, 1.5) if name in ("var", "scale") else (-0.2, 0.2)
+        return rng.uniform(low, high, leaf.shape).astype(np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(draw, template)
+    torch_model = smp.PAN(
+        encoder_name="resnet18", encoder_weights=None, classes=3, decoder_channels=16
+    )
+    torch_model.load_state_dict(convert.to_smp(variables), strict=True)
+    images = rng.standard_normal((1, 128, 160, 3)).astype(np.float32)
+    with torch.no_grad():
+        reference = torch_model.eval()(torch.from_numpy(images).permute(0, 3, 1, 2))
+    ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
+    assert relative_max_error(ours, reference.permute(0, 2, 3, 1).numpy()) < 1e-4
 
 
 def test_conversion_errors_name_the_keys():

@@ -12,6 +12,7 @@ the generator can also be called directly (`generate_example`) without building 
 """
 
 import dataclasses
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -83,7 +84,7 @@ _SHAPES: dict[int, list[tuple[np.ndarray, int]]] = {
                     (-1, -0.3),
                     (-0.3, -0.3),
                 ]
-            ),  # fmt: skip
+            ),
             1,
         )
     ],
@@ -111,7 +112,7 @@ _SHAPES: dict[int, list[tuple[np.ndarray, int]]] = {
                     (0.2, 0.25),
                     (-0.9, 0.25),
                 ]
-            ),  # fmt: skip
+            ),
             1,
         )
     ],
@@ -221,8 +222,8 @@ class PanSynthetic(tfds.core.GeneratorBasedBuilder):
     """Shapes-as-classes segmentation set with splits `train` and `val`; no download."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS: ClassVar[list[SyntheticConfig]] = [
         SyntheticConfig(name="default", description="128 px, 2048 train / 256 val images."),
         SyntheticConfig(
             name="tiny",
@@ -230,7 +231,7 @@ class PanSynthetic(tfds.core.GeneratorBasedBuilder):
             image_size=48,
             num_train=32,
             num_val=12,
-        ),  # fmt: skip
+        ),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -241,7 +242,9 @@ class PanSynthetic(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-                    "mask": tfds.features.LabeledImage(labels=list(CLASS_NAMES), shape=(size, size, 1)),
+                    "mask": tfds.features.LabeledImage(
+                        labels=list(CLASS_NAMES), shape=(size, size, 1)
+                    ),
                     "file_name": tfds.features.Text(),
                 }
             ),

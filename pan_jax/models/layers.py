@@ -126,13 +126,17 @@ class BatchNorm(nn.Module):
         if train:
             x32 = x.astype(jnp.float32)
             reduce_axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, reduce_axes)
-            mean_of_squares = jnp.mean(jnp.square(x32), reduce_axes)
+            # Two passes (mean, then the mean squared deviation), as PyTorch's Welford update:
+            # E[x²] − E[x]² cancels catastrophically in float32 when |mean| ≫ std, e.g. on the
+            # globally pooled 1×1 maps of FPA and GAU.
             count = np.prod([x.shape[a] for a in reduce_axes])
+            mean = jnp.mean(x32, reduce_axes)
             if self.axis_name is not None:
-                mean, mean_of_squares = jax.lax.pmean((mean, mean_of_squares), self.axis_name)
+                mean = jax.lax.pmean(mean, self.axis_name)
+            var = jnp.mean(jnp.square(x32 - mean), reduce_axes)
+            if self.axis_name is not None:
+                var = jax.lax.pmean(var, self.axis_name)
                 count = count * jax.lax.psum(1, self.axis_name)
-            var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
             if not self.is_initializing():
                 unbiased = var * (count / max(count - 1, 1))
                 m = self.momentum

@@ -1,0 +1,50 @@
+"""Defaults shared by every config: the paper's training protocol (PAN, Li et al. 2018, §4).
+
+Any field can be overridden on the command line, e.g. `--config.batch_size=8`.
+"""
+
+import ml_collections
+
+from pan_jax.data.pipeline import default_data_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "pan"  # see pan_jax.models: pan, pan_smp, fcn, fpa, gau, psp, aspp
+    config.model.backbone = "resnet101"
+    config.model.dtype = "bfloat16"  # compute dtype; parameters and BN statistics stay float32
+    config.model.overrides = ml_collections.ConfigDict()  # any models.create keyword
+    config.model.pretrained = ""  # a weights file or pan_jax model directory; "" = from scratch
+    config.model.pretrained_kind = "timm"  # torchvision | timm | smp | pan_jax
+
+    config.data = default_data_config("voc_aug")
+
+    # The paper: batch 16, SGD momentum 0.9, weight decay 1e-4, poly power 0.9 from 4e-3.
+    config.batch_size = 16  # global, over all devices and processes
+    config.grad_accum_steps = 1
+    config.num_train_steps = 30_000
+    config.learning_rate = 4e-3
+    config.warmup_steps = 0
+    config.poly_power = 0.9
+    config.momentum = 0.9
+    config.weight_decay = 1e-4
+    config.decay_bn_and_bias = True  # PyTorch's SGD decays every parameter
+    config.decoder_lr_multiplier = 1.0
+
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.eval_every_steps = 5000  # 0 = only with --mode=eval
+
+    # Evaluation protocol (--mode=eval): the paper's final numbers use multi-scale + flip.
+    config.eval = ml_collections.ConfigDict()
+    config.eval.mode = "whole"  # whole | slide
+    config.eval.scales = (1.0,)
+    config.eval.flip = False
+    config.eval.crop_size = 512  # slide mode only
+    config.eval.stride = 341  # slide mode only
+    config.eval.pad_multiple = 128  # whole mode: pad H, W up to a multiple (bounds compilations)
+    return config

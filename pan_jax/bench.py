@@ -1,0 +1,327 @@
+"""Throughput benchmark: the real train step and forward pass, side by side with SMP in PyTorch.
+
+    python -m pan_jax.bench --model=pan_smp --backbone=resnet101 --batch=16 --crop=512 \
+        --dtype=bfloat16 --peer=eager,compile --json=bench.json
+
+Synthetic batches live on the device, so this measures the model and the step, not the input
+pipeline, and needs neither tfds nor grain. Reported per setting: compile time (time to the first
+step), the median step time over `--steps` timed steps after `--warmup`, images/s, XLA-counted
+FLOPs per image, MFU against `--peak_tflops` or a measured bf16 matmul rate, and peak device
+memory. The peer is `segmentation_models_pytorch.PAN` with the same backbone, batch and crop:
+fp32 on CPU, bf16 autocast with channels_last on GPU, eager and with torch.compile.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from pan_jax import models, sharding, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "pan_smp", "Model name (pan_jax.models).")
+flags.DEFINE_string("backbone", "resnet101", "Backbone.")
+flags.DEFINE_list("batch", ["16"], "Batch sizes (global).")
+flags.DEFINE_integer("crop", 512, "Square input size.")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+flags.DEFINE_list("peer", ["eager"], "PyTorch peers: eager, compile, none.")
+flags.DEFINE_bool("jax", True, "Measure pan_jax (--nojax: the PyTorch peers only).")
+flags.DEFINE_list("what", ["train", "forward"], "train and/or forward.")
+flags.DEFINE_integer("steps", 20, "Timed repetitions (median reported).")
+flags.DEFINE_integer("warmup", 3, "Untimed repetitions after compilation.")
+flags.DEFINE_float("peak_tflops", 0.0, "Device peak for MFU; 0 = measure a bf16 matmul.")
+flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
+flags.DEFINE_float("budget_s", 0.0, "Skip remaining measurements after this many seconds.")
+
+NUM_CLASSES = 21
+
+
+def paper_optimizer_config(steps: int = 30_000) -> SimpleNamespace:
+    """The optimizer fields of configs/default.py, without ml_collections."""
+    return SimpleNamespace(
+        num_train_steps=steps,
+        warmup_steps=0,
+        learning_rate=4e-3,
+        poly_power=0.9,
+        momentum=0.9,
+        weight_decay=1e-4,
+        decay_bn_and_bias=True,
+        decoder_lr_multiplier=1.0,
+    )
+
+
+def median_time(fn: Callable[[], Any], steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def _peak_memory_gb() -> float:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+def measure_matmul_tflops(size: int = 8192) -> float:
+    """Achieved bf16 matmul TFLOP/s on the first device: the MFU denominator when none is given."""
+    a = jnp.ones((size, size), jnp.bfloat16)
+    matmul = jax.jit(lambda x, y: x @ y)
+    seconds = median_time(lambda: matmul(a, a).block_until_ready(), 10, 3)
+    return 2 * size**3 / seconds / 1e12
+
+
+def jax_train(
+    model_name: str, backbone: str, batch: int, crop: int, dtype: str, steps: int, warmup: int
+) -> dict:
+    """The real training step (`train.make_train_step`) on a synthetic device-resident batch."""
+    model = models.create(
+        model_name, num_classes=NUM_CLASSES, backbone=backbone, dtype=jnp.dtype(dtype)
+    )
+    optimizer = train.create_optimizer(paper_optimizer_config())
+    mesh = sharding.create_mesh()
+    state_sharding = sharding.replicated(mesh)
+    state = jax.jit(
+        lambda rng: train.init_state(model, optimizer, rng, model.min_input_size),
+        out_shardings=state_sharding,
+    )(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    host = {
+        "image": rng.standard_normal((1, batch, crop, crop, 3)).astype(np.float32),
+        "label": rng.integers(0, NUM_CLASSES, (1, batch, crop, crop)).astype(np.int32),
+    }
+    device_batch = sharding.global_batch(host, sharding.batch_sharding(mesh, 2))
+    step = train.make_train_step(model, optimizer, mesh, state_sharding)
+    key = jax.random.key(1)
+    start = time.perf_counter()
+    compiled = step.lower(state, device_batch, key).compile()
+    state, metrics = compiled(state, device_batch, key)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    holder = [state]
+
+    def run():
+        holder[0], m = compiled(holder[0], device_batch, key)
+        jax.block_until_ready(m)
+
+    seconds = median_time(run, steps, warmup)
+    return {
+        "compile_s": compile_s,
+        "step_s": seconds,
+        "images_per_s": batch / seconds,
+        "flops_per_image": _flops(compiled) / batch,
+        "peak_memory_gb": _peak_memory_gb(),
+    }
+
+
+def jax_forward(
+    model_name: str, backbone: str, batch: int, crop: int, dtype: str, steps: int, warmup: int
+) -> dict:
+    model = models.create(
+        model_name, num_classes=NUM_CLASSES, backbone=backbone, dtype=jnp.dtype(dtype)
+    )
+    images = jnp.asarray(
+        np.random.default_rng(0).standard_normal((batch, crop, crop, 3)), jnp.float32
+    )
+    variables = jax.jit(lambda rng: model.init(rng, images[:1], train=False))(jax.random.key(0))
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    start = time.perf_counter()
+    compiled = forward.lower(variables, images).compile()
+    compiled(variables, images).block_until_ready()
+    compile_s = time.perf_counter() - start
+    seconds = median_time(lambda: compiled(variables, images).block_until_ready(), steps, warmup)
+    return {
+        "compile_s": compile_s,
+        "step_s": seconds,
+        "images_per_s": batch / seconds,
+        "flops_per_image": _flops(compiled) / batch,
+    }
+
+
+def torch_peer(
+    what: str,
+    backbone: str,
+    batch: int,
+    crop: int,
+    dtype: str,
+    compiled: bool,
+    steps: int,
+    warmup: int,
+) -> dict:
+    """segmentation_models_pytorch's PAN: SGD step (or forward) in eager mode or torch.compile."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model = smp.PAN(encoder_name=backbone, encoder_weights=None, classes=NUM_CLASSES).to(device)
+    images = torch.randn(batch, 3, crop, crop, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch, crop, crop), device=device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16" and cuda
+    )
+    forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=4e-3, momentum=0.9, weight_decay=1e-4)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def train_step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            logits = forward(images)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=255)
+        loss.backward()
+        optimizer.step()
+        sync()
+
+    def forward_step():
+        model.eval()
+        with torch.no_grad(), autocast:
+            forward(images)
+        sync()
+
+    fn = train_step if what == "train" else forward_step
+    start = time.perf_counter()
+    fn()
+    compile_s = time.perf_counter() - start
+    seconds = median_time(fn, steps, warmup)
+    result = {"compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds}
+    if cuda:
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def machine() -> dict:
+    device = jax.devices()[0]
+    return {
+        "jax_device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main(argv) -> None:
+    del argv
+    started = time.perf_counter()
+    report: dict[str, Any] = {"machine": machine(), "args": {k: FLAGS[k].value for k in FLAGS if k in (
+        "model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup")}, "results": []}  # fmt: skip
+    on_gpu = jax.devices()[0].platform == "gpu"
+    peak = FLAGS.peak_tflops or (measure_matmul_tflops() if on_gpu else float("nan"))
+    report["peak_tflops"] = peak
+
+    def save():
+        if FLAGS.json:
+            with open(FLAGS.json, "w") as f:
+                json.dump(report, f, indent=2)
+
+    def record(name: str, what: str, batch: int, fn: Callable[[], dict]) -> None:
+        if FLAGS.budget_s and time.perf_counter() - started > FLAGS.budget_s:
+            print(f"skipped {name} {what} batch {batch}: over --budget_s", flush=True)
+            return
+        try:
+            result = fn()
+        except Exception as error:  # a peer that fails (OOM, no compiler) must not stop the rest
+            result = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        if "flops_per_image" in result and peak == peak:
+            result["mfu"] = result["flops_per_image"] * result["images_per_s"] / (peak * 1e12)
+        entry = {"impl": name, "what": what, "batch": batch, **result}
+        report["results"].append(entry)
+        save()
+        print(json.dumps(entry), flush=True)
+
+    steps, warmup, crop = FLAGS.steps, FLAGS.warmup, FLAGS.crop
+    for batch in map(int, FLAGS.batch):
+        for what in FLAGS.what:
+            jax_fn = jax_train if what == "train" else jax_forward
+            if FLAGS.jax:
+                record(
+                    f"pan_jax {FLAGS.model}",
+                    what,
+                    batch,
+                    lambda jax_fn=jax_fn: jax_fn(
+                        FLAGS.model, FLAGS.backbone, batch, crop, FLAGS.dtype, steps, warmup
+                    ),
+                )
+            for peer in FLAGS.peer:
+                if peer == "none":
+                    continue
+                record(
+                    f"smp torch {peer}",
+                    what,
+                    batch,
+                    lambda peer=peer, what=what: torch_peer(
+                        what,
+                        FLAGS.backbone,
+                        batch,
+                        crop,
+                        FLAGS.dtype,
+                        peer == "compile",
+                        steps,
+                        warmup,
+                    ),
+                )
+    print_table(report)
+    save()
+
+
+def print_table(report: dict) -> None:
+    print(
+        f"\nmachine: {report['machine']}  measured bf16 peak: {report['peak_tflops']:.0f} TFLOP/s"
+    )
+    print(
+        f"{'impl':<24}{'what':<9}{'batch':>6}{'img/s':>10}{'step ms':>10}{'compile s':>11}{'GFLOP/img':>11}{'MFU':>7}{'mem GB':>8}"
+    )
+    rows = report["results"]
+    for r in rows:
+        if "error" in r:
+            print(f"{r['impl']:<24}{r['what']:<9}{r['batch']:>6}  error: {r['error'][:80]}")
+            continue
+        print(
+            f"{r['impl']:<24}{r['what']:<9}{r['batch']:>6}{r['images_per_s']:>10.1f}{r['step_s'] * 1e3:>10.1f}"
+            f"{r['compile_s']:>11.1f}{r.get('flops_per_image', float('nan')) / 1e9:>11.1f}"
+            f"{r.get('mfu', float('nan')):>7.1%}{r.get('peak_memory_gb', float('nan')):>8.2f}"
+        )
+    ours = {
+        (r["what"], r["batch"]): r
+        for r in rows
+        if r["impl"].startswith("pan_jax") and "error" not in r
+    }
+    for r in rows:
+        key = (r["what"], r["batch"])
+        if r["impl"].startswith("smp") and "error" not in r and key in ours:
+            ratio = ours[key]["images_per_s"] / r["images_per_s"]
+            print(f"ratio pan_jax / {r['impl']} ({r['what']}, batch {r['batch']}): {ratio:.2f}x")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main)

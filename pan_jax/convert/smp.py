@@ -1,0 +1,118 @@
+"""segmentation_models_pytorch `PAN` ↔ `models.create("pan_smp", ...)`, both ways."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pan_jax import models
+from pan_jax.convert.core import (
+    ConversionError,
+    Rules,
+    Source,
+    check_against,
+    flax_to_torch,
+    read_state_dict,
+    source_name,
+    torch_to_flax,
+)
+from pan_jax.convert.imagenet import resnet_rules
+
+# SMP's native ResNet encoders are torchvision ResNets under `encoder.`.
+SMP_RULES: Rules = (
+    *resnet_rules("torchvision", avg_down=False, torch_prefix="encoder.", flax_prefix="backbone/"),
+    ("decoder.fpa.branch1.1.{M}", "decoder/fpa/branch1/{M}"),
+    ("decoder.fpa.mid.0.{M}", "decoder/fpa/mid/{M}"),
+    ("decoder.fpa.down1.1.{M}", "decoder/fpa/down1/{M}"),
+    ("decoder.fpa.down2.1.{M}", "decoder/fpa/down2/{M}"),
+    ("decoder.fpa.down3.1.{M}", "decoder/fpa/down3_1/{M}"),
+    ("decoder.fpa.down3.2.{M}", "decoder/fpa/down3_2/{M}"),
+    ("decoder.fpa.{C}.{M}", "decoder/fpa/{C}/{M}"),
+    ("decoder.{G}.conv1.1.{M}", "decoder/{G}/attention/{M}"),
+    ("decoder.{G}.conv2.{M}", "decoder/{G}/low/{M}"),
+    ("segmentation_head.0", "head"),
+)
+
+
+def smp_backbone(state_dict: Mapping[str, Any]) -> str:
+    """The encoder of an SMP state dict ("resnet18" … "resnet152"), from its block counts."""
+    blocks = {
+        int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.layer3\.(\d+)\.", k))
+    }
+    bottleneck = any(k.startswith("encoder.layer1.0.conv3.") for k in state_dict)
+    depths = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101, (36, True): 152}
+    depth = depths.get((len(blocks), bottleneck))
+    if depth is None:
+        raise ConversionError(
+            f"cannot tell the ResNet depth of this SMP checkpoint: layer3 has {len(blocks)} blocks "
+            f"({'bottleneck' if bottleneck else 'basic'}); expected resnet18/34/50/101/152"
+        )
+    return f"resnet{depth}"
+
+
+def smp_spec(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The pan_jax model spec of an SMP PAN state dict (see `checkpointing.model_from_spec`)."""
+    for key in ("segmentation_head.0.weight", "decoder.fpa.mid.0.conv.weight"):
+        if key not in state_dict:
+            found = sorted(state_dict)[:6]
+            hint = (
+                " (this looks like an ImageNet backbone: use kind 'torchvision' or 'timm')"
+                if "layer1.0.conv1.weight" in state_dict
+                else ""
+            )
+            raise ConversionError(
+                f"not an SMP PAN state dict: key {key!r} is missing; keys begin {found}{hint}"
+            )
+    return {
+        "name": "pan_smp",
+        "backbone": smp_backbone(state_dict),
+        "num_classes": int(np.shape(state_dict["segmentation_head.0.weight"])[0]),
+        "overrides": {
+            "decoder_channels": int(np.shape(state_dict["decoder.fpa.mid.0.conv.weight"])[0])
+        },
+    }
+
+
+def from_smp(source: Source, model: models.SegmentationModel | None = None) -> dict:
+    """segmentation_models_pytorch `PAN` state dict (or its file) → `{'params', 'batch_stats'}`.
+
+    The backbone depth, class count and decoder width are read from the checkpoint; pass
+    `model` to check against another configuration of `models.create("pan_smp", ...)`.
+    Accepts torch tensors or numpy arrays, or a .pth/.safetensors file (see `read_state_dict`).
+    """
+    state_dict = read_state_dict(source)
+    spec = smp_spec(state_dict)
+    variables, unexpected = torch_to_flax(state_dict, SMP_RULES)
+    if model is None:
+        model = models.create(
+            "pan_smp",
+            num_classes=spec["num_classes"],
+            backbone=spec["backbone"],
+            **spec["overrides"],
+        )
+    size = model.min_input_size
+    template = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+    name = source_name(source)
+    check_against(
+        variables, template, unexpected, "SMP state dict" if name == "state dict" else name
+    )
+    return jax.tree.map(jnp.asarray, variables)
+
+
+def to_smp(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Variables of `models.create("pan_smp", ...)` → an SMP `PAN` state dict of torch tensors.
+
+    `smp.PAN(encoder_name=..., encoder_weights=None, classes=..., decoder_channels=...)`
+    `.load_state_dict(to_smp(variables), strict=True)` accepts it.
+    """
+    import torch  # only this direction needs torch
+
+    state_dict = flax_to_torch(variables, SMP_RULES)
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state_dict.items()}

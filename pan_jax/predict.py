@@ -1,0 +1,363 @@
+r"""Segmentation masks for image files.
+
+    python -m pan_jax.predict --workdir=DIR | --model_dir=DIR --input=FILE|DIR|GLOB --output=DIR \
+        [--multiscale] [--flip] [--overlay] [--mode=whole|slide --crop_size=769 --stride=513]
+
+Writes one PNG of class indices per input image into --output, keeping the input's relative
+path and stem:
+
+- VOC (21 classes): a palette PNG whose pixel values are the class indices, like VOC's own
+  `SegmentationClass` files (the palette only colors them);
+- Cityscapes (19 trainIds): 8-bit Cityscapes *label ids* (trainId → labelId, e.g. 0 → 7 road),
+  what the benchmark server expects;
+- any other dataset: 8-bit grayscale class indices (16-bit above 256 classes).
+
+The dataset is read from the workdir's `config.json` (`data.name`), else guessed from the number
+of classes (21 → VOC, 19 → Cityscapes); --dataset overrides. --overlay also writes
+`<stem>_overlay.png`, the image blended with class colors. Mode, crop and stride default to the
+workdir config's `eval` section.
+
+Inputs: a file, a directory (every file with an image extension PIL knows, recursively) or a glob.
+Images are read with PIL in any mode: EXIF orientation is applied, grayscale/palette/CMYK are
+converted to RGB, alpha is dropped, 16-bit samples are scaled to 8 bits. A file that cannot be
+read as an image is reported by name and skipped; the others are still processed, and the exit
+status is 1 if any file failed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from PIL import Image, ImageOps
+
+from pan_jax import evaluate
+
+FORMATS = ("voc", "cityscapes", "indices")
+# Cityscapes trainId colors, from cityscapesScripts `helpers/labels.py`.
+CITYSCAPES_PALETTE = np.array(
+    [
+        (128, 64, 128),
+        (244, 35, 232),
+        (70, 70, 70),
+        (102, 102, 156),
+        (190, 153, 153),
+        (153, 153, 153),
+        (250, 170, 30),
+        (220, 220, 0),
+        (107, 142, 35),
+        (152, 251, 152),
+        (70, 130, 180),
+        (220, 20, 60),
+        (255, 0, 0),
+        (0, 0, 142),
+        (0, 0, 70),
+        (0, 60, 100),
+        (0, 80, 100),
+        (0, 0, 230),
+        (119, 11, 32),
+    ],
+    np.uint8,
+)
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be read as an image; the message names it."""
+
+
+def voc_palette(num_colors: int = 256) -> np.ndarray:
+    """The PASCAL VOC color map (devkit `VOClabelcolormap.m`): (num_colors, 3) uint8.
+
+    Class i's color spreads the bits of i over the high bits of R, G and B; 255 (void) is
+    (224, 224, 192). Also the default color map for datasets without their own.
+    """
+    palette = np.zeros((num_colors, 3), np.uint8)
+    for index in range(num_colors):
+        value, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (value & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette[index] = (r, g, b)
+    return palette
+
+
+def palette_for(output_format: str, num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colors of the classes for overlays and legends."""
+    if output_format == "cityscapes" and num_classes == len(CITYSCAPES_PALETTE):
+        return CITYSCAPES_PALETTE
+    return voc_palette(max(256, num_classes))[:num_classes]
+
+
+def output_format_for(dataset_name: str | None, num_classes: int) -> str:
+    """'voc', 'cityscapes' or 'indices' for a dataset name (or None) and number of classes."""
+    base = (dataset_name or "").partition("/")[0]
+    if base.startswith("voc") and num_classes == 21:
+        return "voc"
+    if base == "cityscapes" and num_classes == 19:
+        return "cityscapes"
+    if base:
+        return "indices"
+    return {21: "voc", 19: "cityscapes"}.get(num_classes, "indices")
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Reads an image file (local or gs://) as uint8 RGB (H, W, 3), upright.
+
+    Raises ImageReadError naming the file when it cannot be read as an image.
+    """
+    try:
+        # Through epath, so that gs:// paths work too (notebooks).
+        with epath.Path(path).open("rb") as f, Image.open(f) as opened:
+            image = ImageOps.exif_transpose(opened)  # Camera JPEGs: rotate as displayed.
+            image.load()
+            mode = image.mode
+            if mode.startswith("I;16") or mode == "I":
+                # 16-bit samples (PIL opens 16-bit grayscale PNGs as I;16 or I): convert("L")
+                # would clip everything above 255 to white, so scale 0..65535 to 0..255.
+                gray = np.asarray(image).astype(np.float64)
+                gray = np.clip(np.round(gray / 257.0), 0, 255).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
+            if mode == "F":
+                gray = np.clip(np.round(np.asarray(image)), 0, 255).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
+            if mode == "P":
+                image = image.convert("RGBA")  # A palette may carry transparency.
+            # Grayscale, CMYK, YCbCr, alpha modes: PIL's conversion; alpha is dropped (the
+            # stored colors are kept as they are under transparent pixels).
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{os.fspath(path)}: cannot read it as an image ({e})") from e
+    if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8 or min(rgb.shape[:2]) < 1:
+        raise ImageReadError(f"{os.fspath(path)}: decoded to {rgb.shape} {rgb.dtype}, not RGB")
+    return rgb
+
+
+def colorize(classes: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W) class indices → (H, W, 3) uint8 colors (indices beyond the palette: black)."""
+    colors = np.zeros((max(256, len(palette), int(classes.max(initial=0)) + 1), 3), np.uint8)
+    colors[: len(palette)] = palette
+    return colors[classes]
+
+
+def overlay(
+    image: np.ndarray, classes: np.ndarray, palette: np.ndarray, alpha: float = 0.5
+) -> np.ndarray:
+    """The image blended with the class colors: (1 − alpha)·image + alpha·color, uint8."""
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colorize(classes, palette)
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def mask_image(classes: np.ndarray, output_format: str, num_classes: int) -> Image.Image:
+    """The PIL image to save for a (H, W) class-index map in `output_format`."""
+    if output_format == "voc":
+        mask = Image.fromarray(classes.astype(np.uint8))
+        mask.putpalette(voc_palette(256).reshape(-1).tolist())  # L -> P, indices unchanged.
+        return mask
+    if output_format == "cityscapes":
+        from pan_jax.data import cityscapes  # tfds: imported only when needed.
+
+        return Image.fromarray(cityscapes.train_ids_to_label_ids(classes))
+    if num_classes <= 256:
+        return Image.fromarray(classes.astype(np.uint8))
+    return Image.fromarray(classes.astype(np.uint16))  # 16-bit grayscale PNG (I;16).
+
+
+def segment(model: Any, variables: Any, image: np.ndarray, **options: Any) -> np.ndarray:
+    """Class indices (H, W) int32 of one uint8 RGB (H, W, 3) image.
+
+    `options` are `evaluate.predict_scores`'s: mode, scales, flip, crop_size, stride, pad_multiple.
+    """
+    from pan_jax.data import normalize
+
+    return evaluate.predict_image(model, variables, normalize(np.asarray(image)), **options)
+
+
+def list_inputs(pattern: str) -> list[tuple[str, str]]:
+    """(path, name for outputs) of every input: a file, a directory (recursive) or a glob."""
+    if os.path.isfile(pattern):
+        return [(pattern, os.path.splitext(os.path.basename(pattern))[0])]
+    if os.path.isdir(pattern):
+        extensions = {ext.lower() for ext in Image.registered_extensions()}
+        paths = []
+        for root, dirs, files in os.walk(pattern):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+                    paths.append(os.path.join(root, name))
+        base = pattern
+    else:
+        paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    if not paths:
+        raise FileNotFoundError(
+            f"--input={pattern}: no such file, no images in such a directory, no glob match"
+        )
+    named = []
+    seen: set[str] = set()
+    for path in paths:
+        relative = os.path.relpath(path, base) if base else os.path.basename(path)
+        stem = os.path.splitext(relative)[0]
+        if stem in seen:  # a.jpg and a.png: keep both outputs apart.
+            stem = relative
+        seen.add(stem)
+        named.append((path, stem))
+    return named
+
+
+def predict_files(
+    model: Any,
+    variables: Any,
+    inputs: Sequence[tuple[str, str]],
+    output_dir: str | os.PathLike,
+    *,
+    output_format: str,
+    write_overlay: bool = False,
+    **options: Any,
+) -> tuple[list[str], list[str]]:
+    """Writes `<output_dir>/<name>.png` (and `<name>_overlay.png`) for every (path, name).
+
+    Returns (written mask paths, error messages); a failing file is logged and skipped.
+    """
+    if output_format not in FORMATS:
+        raise ValueError(f"output format {output_format!r}: expected one of {FORMATS}")
+    palette = palette_for(output_format, model.num_classes)
+    written, errors = [], []
+    for index, (path, name) in enumerate(inputs):
+        try:
+            image = load_image(path)
+        except ImageReadError as e:
+            logging.error("%s", e)
+            errors.append(str(e))
+            continue
+        classes = segment(model, variables, image, **options)
+        target = epath.Path(output_dir) / f"{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as f:
+            mask_image(classes, output_format, model.num_classes).save(f, format="PNG")
+        if write_overlay:
+            with (target.parent / f"{target.stem}_overlay.png").open("wb") as f:
+                Image.fromarray(overlay(image, classes, palette)).save(f, format="PNG")
+        written.append(os.fspath(target))
+        logging.info("[%d/%d] %s -> %s", index + 1, len(inputs), path, target)
+    return written, errors
+
+
+def read_run_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The resolved run config (`config.json`) of a workdir as a dict; {} when it has none."""
+    path = epath.Path(directory) / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir: its latest (or --step) checkpoint.")
+flags.DEFINE_string(
+    "model_dir", None, "Model directory (model.json + variables/), e.g. converted weights."
+)
+flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
+flags.DEFINE_string("input", None, "An image file, a directory of images or a glob.")
+flags.DEFINE_string("output", None, "Directory for the masks (and overlays).")
+flags.DEFINE_bool("multiscale", False, f"Average softmax over the scales {evaluate.MS_SCALES}.")
+flags.DEFINE_bool("flip", False, "Also average over horizontally flipped views.")
+flags.DEFINE_bool(
+    "overlay", False, "Also write <name>_overlay.png, the image blended with class colors."
+)
+flags.DEFINE_enum(
+    "mode",
+    None,
+    list(evaluate.MODES),
+    "Inference mode (default: the workdir's eval.mode, else whole).",
+)
+flags.DEFINE_list(
+    "crop_size", None, "Slide mode window: N or H,W (default: the workdir's eval.crop_size)."
+)
+flags.DEFINE_list(
+    "stride", None, "Slide mode stride: N or H,W (default: eval.stride, else 2/3 of the crop)."
+)
+flags.DEFINE_integer(
+    "pad_multiple", None, "Pad inputs to multiples of this (bounded compilations)."
+)
+flags.DEFINE_enum(
+    "dataset", "auto", ["auto", *FORMATS], "Output format; auto: from the config or class count."
+)
+
+
+def _int_pair(values: list[str] | None, name: str) -> int | tuple[int, ...] | None:
+    if values is None:
+        return None
+    try:
+        ints = tuple(int(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--{name}={','.join(values)}: expected N or H,W integers") from None
+    return ints[0] if len(ints) == 1 else ints
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if (FLAGS.workdir is None) == (FLAGS.model_dir is None):
+        raise app.UsageError("give exactly one of --workdir and --model_dir")
+    if not FLAGS.input or not FLAGS.output:
+        raise app.UsageError("--input and --output are required")
+    directory = FLAGS.workdir or FLAGS.model_dir
+    run_config = read_run_config(directory)
+    eval_config = dict(run_config.get("eval") or {})
+    for name, value in (
+        ("mode", FLAGS.mode),
+        ("crop_size", _int_pair(FLAGS.crop_size, "crop_size")),
+        ("stride", _int_pair(FLAGS.stride, "stride")),
+        ("pad_multiple", FLAGS.pad_multiple),
+    ):
+        if value is not None:
+            eval_config[name] = value
+    eval_config["scales"] = evaluate.MS_SCALES if FLAGS.multiscale else (1.0,)
+    eval_config["flip"] = FLAGS.flip
+    options = evaluate.eval_options(eval_config)
+
+    model, variables, spec, step = evaluate.load_model(directory, FLAGS.step)
+    dataset_name = (run_config.get("data") or {}).get("name")
+    output_format = FLAGS.dataset
+    if output_format == "auto":
+        output_format = output_format_for(dataset_name, model.num_classes)
+    inputs = list_inputs(FLAGS.input)
+    logging.info(
+        "%s (%s, %d classes, step %s): %d inputs -> %s as %s, %s",
+        directory,
+        spec["name"],
+        model.num_classes,
+        step,
+        len(inputs),
+        FLAGS.output,
+        output_format,
+        options,
+    )
+    written, errors = predict_files(
+        model,
+        variables,
+        inputs,
+        FLAGS.output,
+        output_format=output_format,
+        write_overlay=FLAGS.overlay,
+        **options,
+    )
+    print(f"Wrote {len(written)} masks to {FLAGS.output}", flush=True)
+    if errors:
+        print(f"{len(errors)} file(s) failed:", *errors, sep="\n  ", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,447 @@
+"""Training: the train state, the paper's optimizer, the sharded train step, and the loop.
+
+`train_and_evaluate(config, workdir)` is the job `python -m pan_jax.main` runs. The step is
+`jax.jit` over a mesh with the batch sharded on `data` and the state replicated, so BatchNorm
+statistics are global (SyncBN) and the gradient all-reduce is XLA's. Everything of a run lives
+in `workdir`: `config.json`, `checkpoints/`, TensorBoard events and `metrics.jsonl`.
+
+This module imports neither tfds nor grain at the top, so the benchmark can use the real
+train step on machines that have only jax, flax and optax.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import traverse_util
+
+from pan_jax import checkpointing, models, sharding
+
+if TYPE_CHECKING:  # the benchmark runs this module where ml_collections is not installed
+    import ml_collections
+
+IGNORE_LABEL = 255
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a plain pytree of arrays (checkpointed whole)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+# ----------------------------------------------------------------------------- model & optimizer
+
+
+def model_spec(config: ml_collections.ConfigDict) -> checkpointing.ModelSpec:
+    """The JSON-able description of the model a config trains (stored with every checkpoint)."""
+    overrides = config.model.overrides.to_dict() if config.model.get("overrides") else {}
+    return {
+        "name": config.model.name,
+        "backbone": config.model.backbone,
+        "num_classes": int(config.data.num_classes),
+        "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+    }
+
+
+def create_model(config: ml_collections.ConfigDict) -> models.SegmentationModel:
+    return checkpointing.model_from_spec(model_spec(config), dtype=jnp.dtype(config.model.dtype))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The paper's poly schedule, `lr·(1 − t/T)^0.9`, after an optional linear warmup."""
+    total, warmup = int(config.num_train_steps), int(config.warmup_steps)
+    poly = optax.polynomial_schedule(
+        init_value=config.learning_rate,
+        end_value=0.0,
+        power=config.poly_power,
+        transition_steps=max(total - warmup, 1),
+    )
+    if warmup == 0:
+        return poly
+    ramp = optax.linear_schedule(0.0, config.learning_rate, warmup)
+    return optax.join_schedules([ramp, poly], [warmup])
+
+
+def _is_backbone(path: tuple[str, ...]) -> bool:
+    return path[0] == "backbone"
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """PyTorch's `SGD(lr, momentum, weight_decay)`: decay added to the gradient before momentum.
+
+    `decay_bn_and_bias=True` decays every parameter as PyTorch does by default; False decays only
+    conv kernels. `decoder_lr_multiplier` scales the learning rate of everything but the backbone
+    (the common 10× for freshly initialised heads).
+    """
+    schedule = learning_rate_schedule(config)
+
+    def decay_mask(params):
+        if config.decay_bn_and_bias:
+            return jax.tree.map(lambda _: True, params)
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    def sgd(scale: float) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay, decay_mask),
+            optax.sgd(lambda step: scale * schedule(step), momentum=config.momentum),
+        )
+
+    if config.decoder_lr_multiplier == 1.0:
+        return sgd(1.0)
+
+    def labels(params):
+        flat = traverse_util.flatten_dict(params)
+        return traverse_util.unflatten_dict(
+            {k: "backbone" if _is_backbone(k) else "decoder" for k in flat}
+        )
+
+    return optax.multi_transform(
+        {"backbone": sgd(1.0), "decoder": sgd(config.decoder_lr_multiplier)}, labels
+    )
+
+
+def init_state(
+    model: models.SegmentationModel,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    image_size: int,
+) -> TrainState:
+    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3)), train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=optimizer.init(params),
+    )
+
+
+# ----------------------------------------------------------------------------- loss & step
+
+
+def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of per-pixel cross-entropy over valid pixels, number of valid pixels); 255 ignored."""
+    logits = logits.astype(jnp.float32)
+    valid = labels != IGNORE_LABEL
+    safe_labels = jnp.where(valid, labels, 0)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label_logits = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
+    losses = jnp.where(valid, log_z - label_logits, 0.0)
+    return jnp.sum(losses), jnp.sum(valid).astype(jnp.float32)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: models.SegmentationModel,
+    optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch of shape (micro_steps, batch, H, W, ...).
+
+    The loss is the cross-entropy averaged over the valid pixels of the whole global batch.
+    With micro_steps > 1 (gradient accumulation) gradients of the micro-batches are summed
+    before the update, so the update equals the full batch's, except that BatchNorm sees each
+    micro-batch on its own.
+    """
+    rng = jax.random.fold_in(rng, state.step)
+
+    # A Python loop, not lax.scan: micro_steps is static and small, and XLA:CPU runs convs in
+    # a while loop far slower than unrolled.
+    grads, loss, count = None, jnp.zeros(()), jnp.zeros(())
+    batch_stats = state.batch_stats
+    for index in range(batch["image"].shape[0]):
+
+        def loss_fn(params, batch_stats=batch_stats, index=index):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                batch["image"][index],
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.fold_in(rng, index)},
+            )
+            loss, count = cross_entropy_sum(logits, batch["label"][index])
+            return loss, (count, updates["batch_stats"])
+
+        (micro_loss, (micro_count, batch_stats)), micro_grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(state.params)
+        grads = micro_grads if grads is None else jax.tree.map(jnp.add, grads, micro_grads)
+        loss, count = loss + micro_loss, count + micro_count
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    metrics = {
+        "loss": loss / count,
+        "valid_pixel_fraction": count / np.prod(batch["label"].shape),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+    }
+    return new_state, metrics
+
+
+def make_train_step(
+    model: models.SegmentationModel,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    state_sharding: Any,
+) -> Callable:
+    """The jitted, sharded step: `(state, batch, rng) -> (state, metrics)`, state donated."""
+    step = functools.partial(train_step, model=model, optimizer=optimizer)
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh, 2), sharding.replicated(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def host_batch_for_step(batch: dict[str, np.ndarray], micro_steps: int) -> dict[str, np.ndarray]:
+    """(B, ...) rows of this process → (micro_steps, B / micro_steps, ...)."""
+    out = {}
+    for key in ("image", "label"):
+        value = np.asarray(batch[key])
+        if value.shape[0] % micro_steps:
+            raise ValueError(
+                f"per-process batch of {value.shape[0]} does not split into "
+                f"grad_accum_steps={micro_steps} micro-batches"
+            )
+        out[key] = value.reshape(micro_steps, value.shape[0] // micro_steps, *value.shape[1:])
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can save at the current step and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Preemption:
+        if jax.process_count() == 1:  # with several, JAX's preemption service owns SIGTERM
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_config(config: ml_collections.ConfigDict) -> int:
+    devices = jax.device_count()
+    if config.batch_size % devices:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the {devices} devices"
+        )
+    if config.batch_size % jax.process_count():
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the "
+            f"{jax.process_count()} processes"
+        )
+    per_process = config.batch_size // jax.process_count()
+    if per_process % config.grad_accum_steps or (
+        (config.batch_size // config.grad_accum_steps) % devices
+    ):
+        raise ValueError(
+            f"config.batch_size={config.batch_size} with grad_accum_steps="
+            f"{config.grad_accum_steps} leaves micro-batches that do not split over "
+            f"{devices} devices and {jax.process_count()} processes"
+        )
+    return per_process
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (resuming from the workdir's latest checkpoint) and evaluates periodically."""
+    from pan_jax import summary
+    from pan_jax.data import pipeline
+
+    per_process_batch = _check_config(config)
+    workdir_path = checkpointing.prepare_workdir(workdir, config, model_spec(config))
+    pipeline.prepare(config.data)
+
+    mesh = sharding.create_mesh()
+    model = create_model(config)
+    optimizer = create_optimizer(config)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    state_sharding = sharding.replicated(mesh)
+    create = functools.partial(init_state, model, optimizer, image_size=model.min_input_size)
+    train_iter = iter(
+        pipeline.train_dataset(
+            config.data, per_process_batch_size=per_process_batch, seed=config.seed
+        )
+    )
+    manager = checkpointing.create_manager(workdir_path, config)
+    abstract_state = jax.eval_shape(create, init_rng)
+    state, train_iter = checkpointing.restore_or_none(
+        manager, abstract_state, state_sharding, train_iter, model_spec(config)
+    )
+    if state is None:
+        state = jax.jit(create, out_shardings=state_sharding)(init_rng)
+        if config.model.get("pretrained"):
+            state = _load_pretrained(state, config, state_sharding)
+    start_step = int(state.step)
+    logging.info(
+        "model %s/%s, %s parameters, start at step %d of %d",
+        config.model.name,
+        config.model.backbone,
+        f"{models.parameter_count(state.params):,}",
+        start_step,
+        config.num_train_steps,
+    )
+
+    step_fn = make_train_step(model, optimizer, mesh, state_sharding)
+    writer = summary.MetricWriter(workdir_path, enabled=jax.process_index() == 0)
+    schedule = learning_rate_schedule(config)
+    batch_sharding = sharding.batch_sharding(mesh, 2)
+    images_per_step = config.batch_size
+    pending: list[tuple[int, dict]] = []
+    timer = time.perf_counter()
+    timed_steps = 0
+
+    def flush_metrics(step: int, force: bool = False) -> None:
+        """Checks losses one step late, so the host never waits on the step in flight."""
+        nonlocal timer, timed_steps
+        while pending and (force or pending[0][0] < step):
+            done_step, metrics = pending.pop(0)
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(values[k])]
+            if bad:
+                raise NonFiniteLossError(
+                    f"{', '.join(f'{k} = {values[k]}' for k in bad)} at step {done_step}; "
+                    f"stopping. The last good checkpoint (step {manager.latest_step()}) in "
+                    f"{workdir_path} is kept."
+                )
+            if done_step % config.log_every_steps == 0 or done_step == config.num_train_steps:
+                elapsed = time.perf_counter() - timer
+                rate = timed_steps * images_per_step / elapsed if timed_steps else float("nan")
+                remaining = (config.num_train_steps - done_step) * images_per_step / rate
+                values.update(learning_rate=float(schedule(done_step - 1)), images_per_second=rate)
+                writer.write_scalars(done_step, {f"train/{k}": v for k, v in values.items()})
+                logging.info(
+                    "step %d/%d  loss %.4f  lr %.2e  %.1f img/s  ETA %s",
+                    done_step,
+                    config.num_train_steps,
+                    values["loss"],
+                    values["learning_rate"],
+                    rate,
+                    time.strftime("%H:%M:%S", time.gmtime(remaining))
+                    if math.isfinite(remaining)
+                    else "?",
+                )
+                timer, timed_steps = time.perf_counter(), 0
+
+    with _Preemption() as preemption:
+        step = start_step
+        if step == start_step and step < config.num_train_steps:
+            logging.info("compiling the train step (first step is slow) ...")
+        while step < config.num_train_steps:
+            host_batch = next(train_iter)
+            if config.get("log_batch_digests"):
+                writer.write_json(step + 1, {"batch_digest": _digest(host_batch)})
+            batch = sharding.global_batch(
+                host_batch_for_step(host_batch, config.grad_accum_steps), batch_sharding
+            )
+            state, metrics = step_fn(state, batch, step_rng)
+            step += 1
+            timed_steps += 1 if step > start_step + 1 else 0
+            if step == start_step + 1:
+                jax.block_until_ready(state)
+                timer = time.perf_counter()
+            pending.append((step, metrics))
+            at_end = step == config.num_train_steps
+            stop = preemption.requested or manager.reached_preemption(step)
+            must_save = at_end or stop or step % config.checkpoint_every_steps == 0
+            flush_metrics(step, force=must_save)  # never checkpoint a NaN state
+            if must_save:
+                checkpointing.save(manager, step, state, train_iter, model_spec(config), force=True)
+                logging.info("saved checkpoint at step %d", step)
+            if stop:
+                manager.wait_until_finished()
+                logging.warning("preempted: checkpoint at step %d written, exiting", step)
+                break
+            if config.eval_every_steps and (step % config.eval_every_steps == 0 or at_end):
+                from pan_jax import evaluate
+
+                report = evaluate.evaluate_dataset(
+                    model,
+                    state.variables,
+                    pipeline.eval_dataset(config.data),
+                    num_classes=config.data.num_classes,
+                )
+                writer.write_scalars(
+                    step,
+                    {
+                        "eval/miou": report["miou"],
+                        "eval/pixel_accuracy": report["pixel_accuracy"],
+                    },
+                )
+                logging.info(
+                    "eval at step %d: mIoU %.4f over %d images",
+                    step,
+                    report["miou"],
+                    report["num_images"],
+                )
+                timer, timed_steps = time.perf_counter(), 0
+        flush_metrics(step, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    return state
+
+
+def _digest(batch: dict[str, np.ndarray]) -> str:
+    import hashlib
+
+    digest = hashlib.sha1()
+    for key in sorted(batch):
+        digest.update(np.ascontiguousarray(batch[key]).tobytes())
+    return digest.hexdigest()
+
+
+def _load_pretrained(
+    state: TrainState, config: ml_collections.ConfigDict, state_sharding
+) -> TrainState:
+    from pan_jax import convert
+
+    variables, report = convert.load_pretrained(
+        jax.device_get(state.variables), config.model.pretrained, config.model.pretrained_kind
+    )
+    logging.info("pretrained weights from %s: %s", config.model.pretrained, report)
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    return jax.device_put(state, state_sharding)

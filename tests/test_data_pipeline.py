@@ -1,0 +1,425 @@
+"""The grain pipeline on a tiny pan_synthetic build: determinism, sharding, resume, augmentation."""
+
+import hashlib
+import logging
+import shutil
+
+import cv2
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+
+from pan_jax import data
+from pan_jax.data import pipeline, synthetic
+
+NUM_TRAIN, NUM_VAL, SIZE = 32, 12, 48  # the registered 'tiny' config
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    cfg = data.default_data_config("pan_synthetic/tiny")
+    cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    cfg.crop_size = 32
+    data.prepare(cfg)
+    return cfg
+
+
+def _copy(cfg, **overrides):
+    cfg = cfg.copy_and_resolve_references()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _take(ds, n, start_state=None):
+    it = iter(ds)
+    if start_state is not None:
+        it.set_state(start_state)
+    out = [next(it) for _ in range(n)]
+    return out, it
+
+
+def _assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_normalize_table_is_bit_identical_to_normalize():
+    values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)[None]
+    np.testing.assert_array_equal(cv2.LUT(values, pipeline._NORMALIZE_LUT), data.normalize(values))
+    np.testing.assert_allclose(data.IMAGENET_MEAN, 255 * np.array([0.485, 0.456, 0.406]), rtol=1e-6)
+    np.testing.assert_allclose(data.IMAGENET_STD, 255 * np.array([0.229, 0.224, 0.225]), rtol=1e-6)
+
+
+def test_train_batches_shapes_values_and_seed_determinism(cfg):
+    ds = data.train_dataset(cfg, per_process_batch_size=4, seed=3, process_index=0, process_count=1)
+    batches, _ = _take(ds, 6)
+    for batch in batches:
+        assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (4, 32, 32) and batch["label"].dtype == np.int32
+        values = set(np.unique(batch["label"]).tolist())
+        assert values <= set(range(synthetic.NUM_CLASSES)) | {255}
+    again, _ = _take(
+        data.train_dataset(cfg, per_process_batch_size=4, seed=3, process_index=0, process_count=1),
+        6,
+    )
+    _assert_batches_equal(batches, again)
+    other, _ = _take(
+        data.train_dataset(cfg, per_process_batch_size=4, seed=4, process_index=0, process_count=1),
+        1,
+    )
+    assert not np.array_equal(batches[0]["image"], other[0]["image"])
+
+
+def test_padding_is_zero_image_and_ignore_label(cfg):
+    small = _copy(cfg, min_scale=0.5, max_scale=0.5)  # 48 px -> 24 px inside a 32 px crop
+    (batch,), _ = _take(
+        data.train_dataset(
+            small, per_process_batch_size=4, seed=0, process_index=0, process_count=1
+        ),
+        1,
+    )
+    assert (batch["image"][:, 24:] == 0).all() and (batch["image"][:, :, 24:] == 0).all()
+    assert (batch["label"][:, 24:] == 255).all() and (batch["label"][:, :, 24:] == 255).all()
+    assert (batch["label"][:, :24, :24] != 255).mean() > 0.5
+
+
+def _identity_cfg(cfg):
+    """No augmentation: the batch images are the normalized source images, so they identify them."""
+    return _copy(cfg, min_scale=1.0, max_scale=1.0, flip=False, crop_size=SIZE)
+
+
+def _fingerprints(images):
+    return [hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images]
+
+
+def test_process_shards_are_disjoint_and_cover_each_epoch(cfg):
+    plain = _identity_cfg(cfg)
+    source = data.load_source(plain, "train")
+    index_of = {
+        fp: i for i, fp in enumerate(_fingerprints(data.normalize(r["image"]) for r in source))
+    }
+    assert len(index_of) == NUM_TRAIN
+    epochs = {0: [], 1: []}
+    for process_index in (0, 1):
+        ds = data.train_dataset(
+            plain, per_process_batch_size=4, seed=0, process_index=process_index, process_count=2
+        )
+        batches, _ = _take(ds, 8)  # 2 epochs of 16 records per process
+        seen = [index_of[fp] for b in batches for fp in _fingerprints(b["image"])]
+        epochs[0].append(seen[:16])
+        epochs[1].append(seen[16:])
+    for epoch, (shard0, shard1) in epochs.items():
+        assert not set(shard0) & set(shard1), epoch
+        assert sorted(shard0 + shard1) == list(range(NUM_TRAIN)), epoch
+    assert epochs[0][0] != epochs[1][0]  # reshuffled every epoch
+
+
+def test_restored_iterator_state_gives_identical_batches(cfg, tmp_path):
+    ds = data.train_dataset(cfg, per_process_batch_size=4, seed=1, process_index=0, process_count=1)
+    _, it = _take(ds, 3)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    resumed, _ = _take(ds, 4, start_state=state)
+    _assert_batches_equal(expected, resumed)
+
+    # The same through orbax, as the trainer checkpoints it.
+    _, it = _take(ds, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+        fresh = iter(
+            data.train_dataset(
+                cfg, per_process_batch_size=4, seed=1, process_index=0, process_count=1
+            )
+        )
+        manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    _assert_batches_equal(expected, [next(fresh) for _ in range(4)])
+
+
+def test_worker_processes_give_the_same_batches_and_resume(cfg):
+    workers = _copy(cfg, num_workers=1)
+    ds0 = data.train_dataset(
+        cfg, per_process_batch_size=4, seed=2, process_index=0, process_count=1
+    )
+    ds1 = data.train_dataset(
+        workers, per_process_batch_size=4, seed=2, process_index=0, process_count=1
+    )
+    expected, _ = _take(ds0, 4)
+    it = iter(ds1)
+    try:
+        got = [next(it) for _ in range(2)]
+        state = it.get_state()
+        got += [next(it) for _ in range(2)]
+    finally:
+        it.close()
+    _assert_batches_equal(expected, got)
+    it = iter(ds1)
+    try:
+        it.set_state(state)
+        _assert_batches_equal(expected[2:], [next(it) for _ in range(2)])
+    finally:
+        it.close()
+
+
+def test_eval_yields_every_image_once_at_original_resolution(cfg):
+    source = {r["file_name"]: r for r in data.load_source(cfg, "val")}
+    assert len(source) == NUM_VAL
+    names = []
+    for process_index in (0, 1):
+        for element in data.eval_dataset(cfg, process_index=process_index, process_count=2):
+            reference = source[element["file_name"]]
+            assert (
+                element["image"].shape == (SIZE, SIZE, 3) and element["image"].dtype == np.float32
+            )
+            np.testing.assert_array_equal(element["image"], data.normalize(reference["image"]))
+            assert element["label"].dtype == np.int32
+            np.testing.assert_array_equal(element["label"], reference["label"])
+            names.append(element["file_name"])
+    assert sorted(names) == sorted(source)  # each once, none dropped (12 is not a multiple of 5)
+    odd = list(data.eval_dataset(cfg, process_index=4, process_count=5))
+    assert len(odd) == 2
+
+
+def _pattern_record(height=70, width=90, block=10, seed=0):
+    """Blocks of pseudo-random classes; the image colors each block by its class."""
+    rng = np.random.default_rng(seed)
+    classes = rng.integers(0, 13, size=(height // block + 1, width // block + 1))
+    yy, xx = np.mgrid[0:height, 0:width]
+    label = classes[yy // block, xx // block].astype(np.uint8)
+    colors = rng.integers(0, 256, size=(13, 3)).astype(np.uint8)
+    return {"image": colors[label], "label": label, "file_name": "pattern"}, colors
+
+
+def test_scale_crop_flip_keep_image_and_label_aligned():
+    record, colors = _pattern_record()
+    flips, sizes = 0, set()
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        out = pipeline.train_transform(
+            record, rng, crop_size=64, min_scale=0.5, max_scale=2.0, flip=True, num_classes=13
+        )
+        label = out["label"]
+        image = out["image"] * data.IMAGENET_STD + data.IMAGENET_MEAN
+        valid = label != 255
+        sizes.add(int(valid.sum()))
+        # Away from block edges (3x3 neighbourhood of one class) the pixel has its class' color.
+        # Crop borders never count: their bilinear footprint reaches blocks outside the crop.
+        padded = np.pad(label, 1, constant_values=-1)
+        same = np.ones_like(valid)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                same &= padded[dy : dy + 64, dx : dx + 64] == label
+        interior = valid & same
+        assert interior.sum() > 100
+        np.testing.assert_allclose(image[interior], colors[label[interior]], atol=1.5)
+        # Is this output flipped? The left-most valid column must match a mirrored layout.
+        flips += _is_flipped(record, out, rng_seed=seed)
+    assert 15 < flips < 45 and len(sizes) > 10
+
+
+def _is_flipped(record, out, rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    unflipped = pipeline.train_transform(
+        record, rng, crop_size=64, min_scale=0.5, max_scale=2.0, flip=False, num_classes=13
+    )
+    return int(not np.array_equal(unflipped["label"], out["label"]))
+
+
+@pytest.mark.parametrize("crop_size", [64, 40])
+def test_train_transform_equals_resize_then_crop_then_flip(crop_size):
+    """Both code paths (whole-image resize, crop-window warp) match the textbook chain."""
+    h, w = 61, 83
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = np.stack([(xx * 3 + yy) % 256, (yy * 4) % 256, ((xx - yy) * 2) % 256], -1).astype(
+        np.uint8
+    )
+    image = cv2.GaussianBlur(image, (5, 5), 0)
+    label = (((yy // 7) * 5 + (xx // 9) * 3) % 21).astype(np.uint8)
+    record = {"image": image, "label": label, "file_name": "x"}
+    paths = set()
+    for seed in range(80):
+        out = pipeline.train_transform(
+            record,
+            np.random.default_rng(seed),
+            crop_size=crop_size,
+            min_scale=0.5,
+            max_scale=2.0,
+            flip=True,
+            num_classes=21,
+        )
+        rng = np.random.default_rng(seed)  # the same draws, in train_transform's order
+        scale = rng.uniform(0.5, 2.0)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        ch, cw = min(crop_size, nh), min(crop_size, nw)
+        y0, x0 = rng.integers(0, nh - ch + 1), rng.integers(0, nw - cw + 1)
+        flip = bool(rng.random() < 0.5)
+        paths.add(nh * nw <= pipeline._RESIZE_AREA_RATIO * ch * cw)
+        ref = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)[
+            y0 : y0 + ch, x0 : x0 + cw
+        ]
+        ref_label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)[
+            y0 : y0 + ch, x0 : x0 + cw
+        ]
+        if flip:
+            ref, ref_label = ref[:, ::-1], ref_label[:, ::-1]
+        got = out["image"][:ch, :cw] * data.IMAGENET_STD + data.IMAGENET_MEAN
+        assert np.abs(got - ref).max() <= 1.01  # fixed-point interpolation rounding
+        np.testing.assert_array_equal(out["label"][:ch, :cw], ref_label)
+        assert (out["label"][ch:] == 255).all() and (out["label"][:, cw:] == 255).all()
+        assert (out["image"][ch:] == 0).all() and (out["image"][:, cw:] == 0).all()
+    assert paths == {True, False}
+
+
+def test_crop_matrix_equals_resize_then_crop_then_flip():
+    rng = np.random.default_rng(0)
+    h, w = 61, 83
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = np.stack([(xx * 3 + yy) % 256, (yy * 4) % 256, ((xx - yy) * 2) % 256], -1).astype(
+        np.uint8
+    )
+    image = cv2.GaussianBlur(image, (5, 5), 0)
+    label = (((yy // 7) * 5 + (xx // 9) * 3) % 21).astype(np.uint8)
+    for _ in range(100):
+        scale = rng.uniform(0.5, 2.0)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        ch, cw = min(64, nh), min(64, nw)
+        y0, x0 = rng.integers(0, nh - ch + 1), rng.integers(0, nw - cw + 1)
+        flip = bool(rng.random() < 0.5)
+        matrix = pipeline.crop_matrix(h, w, nh, nw, y0, x0, ch, cw, flip)
+        flags = cv2.WARP_INVERSE_MAP
+        warped = cv2.warpAffine(
+            image, matrix, (cw, ch), flags=cv2.INTER_LINEAR | flags, borderMode=cv2.BORDER_REPLICATE
+        )
+        warped_label = cv2.warpAffine(
+            label,
+            matrix,
+            (cw, ch),
+            flags=cv2.INTER_NEAREST | flags,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        ref = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)[
+            y0 : y0 + ch, x0 : x0 + cw
+        ]
+        ref_label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)[
+            y0 : y0 + ch, x0 : x0 + cw
+        ]
+        if flip:
+            ref, ref_label = ref[:, ::-1], ref_label[:, ::-1]
+        assert np.abs(warped.astype(int) - ref).max() <= 1  # fixed-point interpolation rounding
+        np.testing.assert_array_equal(warped_label, ref_label)
+
+
+def test_label_outside_classes_names_the_file_and_field():
+    record, _ = _pattern_record()
+    record["label"] = record["label"].copy()
+    record["label"][:] = 30
+    record["file_name"] = "2007_000042"
+    with pytest.raises(ValueError, match=r"2007_000042.*\[30\].*data.num_classes=13"):
+        pipeline.train_transform(
+            record,
+            np.random.default_rng(0),
+            crop_size=32,
+            min_scale=1,
+            max_scale=1,
+            flip=False,
+            num_classes=13,
+        )
+
+
+def _corrupt(cfg, tmp_path, split, index):
+    """Copies the dataset and breaks the image bytes of one record; returns (cfg, its file name)."""
+    shutil.copytree(cfg.data_dir, tmp_path / "tfds")
+    cfg = _copy(cfg, data_dir=str(tmp_path / "tfds"))
+    builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+    raw = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})[index]
+    (path,) = [
+        fi.filename for fi in tfds.core.data_sources.base.file_instructions(builder.info, split)
+    ]
+    reader = array_record_module.ArrayRecordReader(path)
+    records = reader.read_all()
+    reader.close()
+    start = records[index].find(raw["image"])
+    assert start > 0
+    broken = bytearray(records[index])
+    broken[start + 8 : start + 40] = b"\x00" * 32  # smash the PNG header chunk, same length
+    records[index] = bytes(broken)
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for record in records:
+        writer.write(record)
+    writer.close()
+    return cfg, raw["file_name"].decode(), path
+
+
+def test_corrupt_record_error_names_the_file(cfg, tmp_path):
+    broken, file_name, path = _corrupt(cfg, tmp_path, "train", 5)
+    source = data.load_source(broken, "train")
+    with pytest.raises(data.CorruptRecordError, match=rf"{file_name}.*{path}"):
+        source[5]
+    ds = data.train_dataset(
+        broken, per_process_batch_size=4, seed=0, process_index=0, process_count=1
+    )
+    with pytest.raises(Exception, match=file_name):
+        _take(ds, 2 * NUM_TRAIN // 4)
+
+
+def test_skip_corrupt_counts_and_reports(cfg, tmp_path, caplog):
+    broken, file_name, _ = _corrupt(cfg, tmp_path, "val", 2)
+    broken.skip_corrupt = True
+    with caplog.at_level(logging.WARNING):
+        out = list(data.eval_dataset(broken, process_index=0, process_count=1))
+    assert len(out) == NUM_VAL - 1 and file_name not in {e["file_name"] for e in out}
+    assert any(file_name in r.getMessage() and "1 so far" in r.getMessage() for r in caplog.records)
+    # Training substitutes the next readable record: batches stay full.
+    source = data.load_source(broken, "val", on_corrupt="substitute")
+    assert source[2]["file_name"] == source[3]["file_name"] and source.num_skipped == 1
+    broken.train_split = "val"
+    batches, _ = _take(
+        data.train_dataset(
+            broken, per_process_batch_size=4, seed=0, process_index=0, process_count=1
+        ),
+        6,
+    )
+    assert all(b["image"].shape[0] == 4 for b in batches)
+
+
+def test_user_errors_name_the_field(cfg, tmp_path):
+    with pytest.raises(ValueError, match=r"data\.name='coco'"):
+        data.default_data_config("coco")
+    with pytest.raises(FileNotFoundError, match=r"not prepared.*prepare"):
+        data.load_source(_copy(cfg, data_dir=str(tmp_path / "empty")), "train")
+    with pytest.raises(ValueError, match="no split 'test'"):
+        data.load_source(cfg, "test")
+    with pytest.raises(ValueError, match="process_index=2"):
+        data.eval_dataset(cfg, process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize("name", ["voc_aug", "cityscapes", "pan_synthetic"])
+def test_default_data_config_has_the_interface_fields(name):
+    cfg = data.default_data_config(name)
+    fields = {
+        "name",
+        "data_dir",
+        "manual_dir",
+        "train_split",
+        "eval_split",
+        "num_classes",
+        "crop_size",
+        "min_scale",
+        "max_scale",
+        "flip",
+        "num_workers",
+        "skip_corrupt",
+        "prefetch",
+    }
+    assert set(cfg.keys()) == fields
+    assert (cfg.min_scale, cfg.max_scale, cfg.flip, cfg.num_workers) == (0.5, 2.0, True, 0)
+    assert cfg.num_classes == len(data.class_names(name))
+    cfg.data_dir = "/some/dir"  # placeholders accept a string override
+    expected_crop = {"voc_aug": 512, "cityscapes": 768, "pan_synthetic": 128}[name]
+    assert cfg.crop_size == expected_crop

@@ -1,0 +1,359 @@
+"""Inference modes, dataset evaluation, reports and the `evaluate(config, workdir)` entry."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from pan_jax import checkpointing, evaluate, metrics, models
+from pan_jax.models.layers import resize_bilinear
+
+NUM_CLASSES = 5
+
+
+def random_variables(model, seed=0):
+    """He-initialised weights and identity BatchNorm, without compiling `model.init` (slow)."""
+    size = model.min_input_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if path[-1].key == "kernel":
+            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return (rng.normal(size=leaf.shape) * std).astype(leaf.dtype)
+        return (np.ones if path[-1].key in ("var", "scale") else np.zeros)(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def model_and_variables():
+    # The evaluator does not care which model it runs: the FCN baseline compiles fastest.
+    model = models.create("fcn", num_classes=NUM_CLASSES, backbone="resnet18")
+    return model, random_variables(model)
+
+
+def random_image(height, width, seed=0):
+    return np.random.default_rng(seed).normal(size=(height, width, 3)).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, variables, images):
+    return model.apply(variables, images, train=False)
+
+
+def direct_logits(model, variables, image):
+    """A plain forward pass on the unpadded image: the reference for every mode."""
+    return np.asarray(_apply(model, variables, jnp.asarray(image)[None])[0])
+
+
+def test_whole_image_scores_at_the_label_size(model_and_variables):
+    model, variables = model_and_variables
+    image = random_image(128, 128)  # a bucket size: no padding, so the forward pass is exact
+    logits = direct_logits(model, variables, image)
+    np.testing.assert_array_equal(
+        evaluate.predict_image(model, variables, image), np.argmax(logits, axis=-1)
+    )
+    # A label of another size: logits are resized to it (bilinear) before the argmax.
+    label = np.random.default_rng(1).integers(0, NUM_CLASSES, (96, 160)).astype(np.int32)
+    resized = resize_bilinear(jnp.asarray(logits)[None], (96, 160), model.align_corners)[0]
+    expected = metrics.confusion_matrix(label, jnp.argmax(resized, axis=-1), NUM_CLASSES)
+    report = evaluate.evaluate_dataset(
+        model, variables, [{"image": image, "label": label}], num_classes=NUM_CLASSES
+    )
+    np.testing.assert_array_equal(report["confusion_matrix"], np.asarray(expected))
+
+
+@pytest.mark.parametrize("size, pad_multiple", [((128, 128), 128), ((131, 150), 1)])
+def test_multiscale_with_scale_one_and_no_flip_equals_single_scale(
+    model_and_variables, size, pad_multiple
+):
+    model, variables = model_and_variables
+    image = random_image(*size, seed=2)
+    reference = np.argmax(direct_logits(model, variables, image), axis=-1)
+    options = dict(pad_multiple=pad_multiple, flip=False)
+    single = evaluate.predict_image(model, variables, image, **options)
+    one_scale = evaluate.predict_image(model, variables, image, scales=(1.0,), **options)
+    # Two identical views go through the softmax-averaging path of multi-scale inference.
+    merged = evaluate.predict_image(model, variables, image, scales=(1.0, 1.0), **options)
+    np.testing.assert_array_equal(single, reference)
+    np.testing.assert_array_equal(one_scale, reference)
+    np.testing.assert_array_equal(merged, reference)
+
+
+def test_views_are_merged_by_averaging_softmax_probabilities(model_and_variables):
+    model, variables = model_and_variables
+    image = random_image(100, 120, seed=9)
+
+    def single_view(picture, scale):  # one view: its logits at the original size
+        return np.asarray(evaluate.predict_scores(model, variables, picture, scales=(scale,)))
+
+    views = []
+    for scale in (0.75, 1.5):
+        views.append(single_view(image, scale)[:100, :120])
+        views.append(single_view(image[:, ::-1], scale)[:100, :120][:, ::-1])  # mirrored back
+    expected = np.mean([jax.nn.softmax(v, axis=-1) for v in views], axis=0)
+    merged = evaluate.predict_scores(model, variables, image, scales=(0.75, 1.5), flip=True)
+    # 1e-5: the evaluator flips after rescaling, this reference before (cv2 rounding differs).
+    np.testing.assert_allclose(np.asarray(merged)[:100, :120], expected, rtol=0, atol=1e-5)
+
+
+def test_flip_averaging_of_a_mirror_symmetric_input_is_mirror_symmetric(model_and_variables):
+    model, variables = model_and_variables
+    half = random_image(120, 60, seed=3)
+    image = np.concatenate([half, half[:, ::-1]], axis=1)  # 120×120: also padded at the right
+    plain = evaluate.predict_image(model, variables, image)
+    # The network itself is not mirror-equivariant, so without flip the prediction is not
+    # symmetric; that is what makes the flipped check below meaningful.
+    assert (plain != plain[:, ::-1]).mean() > 0.05
+    flipped = evaluate.predict_image(model, variables, image, flip=True)
+    np.testing.assert_array_equal(flipped, flipped[:, ::-1])
+    scores = np.asarray(evaluate.predict_scores(model, variables, image, flip=True))[:120, :120]
+    np.testing.assert_allclose(scores, scores[:, ::-1], rtol=0, atol=1e-6)
+    # With rescaled views too (resampling is symmetric up to float rounding).
+    multi = np.asarray(
+        evaluate.predict_scores(model, variables, image, scales=(0.75, 1.25), flip=True)
+    )[:120, :120]
+    np.testing.assert_allclose(multi, multi[:, ::-1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "size, crop, pad_multiple",
+    [((128, 256), (128, 256), 128), ((128, 256), 300, 128), ((131, 150), (131, 150), 1)],
+)
+def test_sliding_window_as_large_as_the_image_equals_whole(
+    model_and_variables, size, crop, pad_multiple
+):
+    model, variables = model_and_variables
+    image = random_image(*size, seed=4)
+    h, w = size
+    whole = np.asarray(evaluate.predict_scores(model, variables, image, pad_multiple=pad_multiple))
+    slide = np.asarray(
+        evaluate.predict_scores(
+            model,
+            variables,
+            image,
+            mode="slide",
+            crop_size=crop,
+            stride=17,
+            pad_multiple=pad_multiple,
+        )
+    )
+    np.testing.assert_allclose(slide[:h, :w], whole[:h, :w], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(slide[:h, :w], direct_logits(model, variables, image), atol=1e-4)
+
+
+def test_sliding_windows_follow_mmseg(model_and_variables):
+    model, variables = model_and_variables
+    image = random_image(128, 200, seed=5)
+    # mmseg: grid = ceil((200 − 128) / 64) + 1 = 3 columns at x = 0, 64 and 200 − 128 = 72.
+    total, count = np.zeros((128, 200, NUM_CLASSES)), np.zeros((128, 200, 1))
+    for x in (0, 64, 72):
+        total[:, x : x + 128] += direct_logits(model, variables, image[:, x : x + 128])
+        count[:, x : x + 128] += 1
+    expected = total / count
+    scores = evaluate.predict_scores(
+        model, variables, image, mode="slide", crop_size=128, stride=64
+    )
+    np.testing.assert_allclose(np.asarray(scores)[:128, :200], expected, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(
+        evaluate.predict_image(model, variables, image, mode="slide", crop_size=128, stride=64),
+        np.argmax(expected, axis=-1),
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"scales": (0.5, 1.0), "flip": True},
+        {"mode": "slide", "crop_size": 128, "stride": 85},
+    ],
+    ids=["whole", "multiscale-flip", "slide"],
+)
+def test_no_image_is_dropped(model_and_variables, options):
+    model, variables = model_and_variables
+    rng = np.random.default_rng(6)
+    # Smaller than the model's 128 px minimum, odd sizes, one pixel, larger than a bucket.
+    sizes = [(48, 48), (1, 1), (5, 7), (97, 121), (128, 128), (131, 200)]
+    elements = []
+    for i, (h, w) in enumerate(sizes):
+        label = rng.integers(0, NUM_CLASSES, (h, w)).astype(np.int32)
+        label[rng.random((h, w)) < 0.1] = 255
+        elements.append({"image": random_image(h, w, seed=i), "label": label, "file_name": str(i)})
+    report = evaluate.evaluate_dataset(
+        model, variables, iter(elements), num_classes=NUM_CLASSES, **options
+    )
+    assert report["num_images"] == len(sizes)
+    assert report["confusion_matrix"].sum() == sum((e["label"] != 255).sum() for e in elements)
+    assert report["confusion_matrix"].dtype == np.int64
+
+
+def test_compilations_are_bounded_by_buckets(model_and_variables):
+    model, variables = model_and_variables
+    evaluate.predict_image(model, variables, random_image(128, 128))  # compile the 128² bucket
+    before = evaluate._forward._cache_size()
+    for i, (h, w) in enumerate([(100, 101), (37, 128), (128, 64), (77, 77), (3, 120), (128, 1)]):
+        evaluate.predict_image(model, variables, random_image(h, w, seed=i))
+    # Sliding windows of images of any size larger than the crop: the crop's one program.
+    for i, (h, w) in enumerate([(200, 150), (131, 260), (256, 256)]):
+        options = {"mode": "slide", "crop_size": 128, "stride": 100}
+        evaluate.predict_image(model, variables, random_image(h, w, seed=i), **options)
+    assert evaluate._forward._cache_size() == before
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_resize_logits_equals_torch_bilinear(align_corners):
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(40, 50, 3)).astype(np.float32)
+    valid = logits[:29, :41]
+    for out in [(29, 41), (57, 23), (12, 90)]:
+        expected = resize_bilinear(jnp.asarray(valid)[None], out, align_corners)[0]
+        got = evaluate.resize_logits(logits, (29, 41), out, align_corners=align_corners)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+        mirrored = evaluate.resize_logits(
+            logits[:29, :41][:, ::-1],
+            (29, 41),
+            out,
+            align_corners=align_corners,
+            flip=True,
+            padded_out=(out[0] + 3, out[1] + 5),
+        )
+        np.testing.assert_allclose(mirrored[: out[0], : out[1]], expected, rtol=0, atol=1e-5)
+
+
+def test_options_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"config\.eval\.mode='tile'"):
+        evaluate.eval_options({"mode": "tile"})
+    with pytest.raises(ValueError, match=r"config\.eval\.crop_size is required"):
+        evaluate.eval_options({"mode": "slide"})
+    with pytest.raises(ValueError, match=r"config\.eval\.stride"):
+        evaluate.eval_options({"mode": "slide", "crop_size": 64, "stride": 65})
+    with pytest.raises(ValueError, match=r"config\.eval\.scales"):
+        evaluate.eval_options({"scales": ()})
+    options = evaluate.eval_options(ml_collections.ConfigDict({"mode": "slide", "crop_size": 769}))
+    assert options["stride"] == (513, 513) and options["crop_size"] == (769, 769)
+
+
+def test_class_names():
+    assert evaluate.class_names_for("voc_aug", 21)[15] == "person"
+    assert evaluate.class_names_for(None, 19)[0] == "road"
+    assert evaluate.class_names_for("pan_synthetic", 13)[1] == "disk"
+    assert evaluate.class_names_for("something_else", 4) == (
+        "class_0",
+        "class_1",
+        "class_2",
+        "class_3",
+    )
+
+
+def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys):
+    """`evaluate(config, workdir)` on the embedded synthetic dataset (tiny config, 12 images)."""
+    from pan_jax import data
+
+    config = ml_collections.ConfigDict()
+    config.data = data.default_data_config("pan_synthetic/tiny")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.eval = ml_collections.ConfigDict(
+        {"mode": "whole", "scales": (1.0,), "flip": False, "crop_size": None, "stride": None}
+    )
+    data.prepare(config.data)
+    model = models.create("fcn", num_classes=config.data.num_classes, backbone="resnet18")
+    variables = random_variables(model, seed=1)
+    workdir = tmp_path / "run"
+    checkpointing.save_variables(
+        workdir,
+        variables,
+        {"name": "fcn", "backbone": "resnet18", "num_classes": 13, "overrides": {}},
+    )
+
+    report = evaluate.evaluate(config, workdir)
+    assert report["num_images"] == report["num_images_expected"] == 12
+    assert f"mIoU {100 * report['miou']:.2f}" in capsys.readouterr().out
+    saved = json.loads((workdir / evaluate.REPORT_JSON).read_text())
+    assert saved["num_images"] == 12 and saved["dataset"] == "pan_synthetic/tiny"
+    names = [row["name"] for row in saved["per_class"]]
+    assert names == list(data.class_names("pan_synthetic"))
+    assert np.asarray(saved["confusion_matrix"]).sum() > 0
+    for row in saved["per_class"]:  # absent classes are null, not NaN (strict JSON)
+        assert row["iou"] is None or 0 <= row["iou"] <= 1
+    markdown = (workdir / evaluate.REPORT_MD).read_text()
+    assert "| 1 | disk |" in markdown and "mIoU" in markdown
+
+    config.data.num_classes = 21
+    with pytest.raises(ValueError, match="num_classes"):
+        evaluate.evaluate(config, workdir)
+
+
+MULTIHOST_WORKER = """
+import sys
+
+import jax
+import numpy as np
+
+pid, port, tests_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+sys.path.insert(0, tests_dir)
+from jax.sharding import NamedSharding, PartitionSpec as P
+from pan_jax import evaluate, models
+from test_evaluate import NUM_CLASSES, multihost_elements, random_variables
+
+model = models.create("fcn", num_classes=NUM_CLASSES, backbone="resnet18")
+# As in training: the variables are global arrays replicated over both processes' devices.
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+replicated = NamedSharding(mesh, P())
+variables = jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)),
+    random_variables(model),
+)
+shard = multihost_elements()[pid::2]  # process 0: two images, process 1: one
+report = evaluate.evaluate_dataset(model, variables, shard, num_classes=NUM_CLASSES)
+print("RESULT", report["num_images"], report["confusion_matrix"].tolist(), flush=True)
+"""
+
+
+def multihost_elements():
+    rng = np.random.default_rng(8)
+    elements = []
+    for i, (h, w) in enumerate([(48, 48), (97, 121), (128, 128)]):
+        label = rng.integers(0, NUM_CLASSES, (h, w)).astype(np.int32)
+        elements.append({"image": random_image(h, w, seed=10 + i), "label": label})
+    return elements
+
+
+def test_two_processes_sum_their_shards(tmp_path, model_and_variables):
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    model, variables = model_and_variables
+    elements = multihost_elements()
+    expected = evaluate.evaluate_dataset(model, variables, elements, num_classes=NUM_CLASSES)
+    script = tmp_path / "worker.py"
+    script.write_text(MULTIHOST_WORKER)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    tests_dir = str(pathlib.Path(__file__).parent)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port), tests_dir],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    line = f"RESULT 3 {expected['confusion_matrix'].tolist()}"
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert line in out, (out, err[-2000:])

@@ -1,0 +1,84 @@
+"""The Colab notebook runs top to bottom (nbclient) against a checkpoint made here."""
+
+import base64
+import io
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import nbformat
+import numpy as np
+from nbclient import NotebookClient
+from PIL import Image
+
+from pan_jax import checkpointing, evaluate, models
+
+NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "pan_jax_colab.ipynb"
+
+
+def random_variables(model, seed=0):
+    """He-initialised weights and identity BatchNorm, without compiling `model.init` (slow)."""
+    size = model.min_input_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if path[-1].key == "kernel":
+            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return (rng.normal(size=leaf.shape) * std).astype(leaf.dtype)
+        return (np.ones if path[-1].key in ("var", "scale") else np.zeros)(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def test_notebook_runs(tmp_path, monkeypatch):
+    # A workdir as a run leaves it: weights, the resolved config, an evaluation report.
+    workdir = tmp_path / "run"
+    spec = {"name": "pan", "backbone": "resnet18", "num_classes": 13, "overrides": {}}
+    model = models.create("pan", num_classes=13, backbone="resnet18")
+    checkpointing.save_variables(workdir, random_variables(model), spec)
+    (workdir / "config.json").write_text(
+        json.dumps(
+            {"data": {"name": "pan_synthetic", "num_classes": 13}, "eval": {"mode": "whole"}}
+        )
+    )
+    confusion = np.diag(np.arange(13, dtype=np.int64) * 10)
+    confusion[1, 2] = 30
+    report = {
+        "iou": np.r_[np.nan, np.ones(12) * 0.5],
+        "accuracy": np.ones(13),
+        "miou": 0.5,
+        "pixel_accuracy": 0.9,
+        "mean_accuracy": 0.8,
+        "confusion_matrix": confusion,
+        "num_images": 12,
+        "mode": "whole",
+        "scales": [1.0],
+        "flip": False,
+    }
+    names = evaluate.class_names_for("pan_synthetic", 13)
+    evaluate.write_report(workdir, report, names)
+
+    monkeypatch.setenv("PAN_JAX_CHECKPOINT", str(workdir))
+    monkeypatch.setenv("PAN_JAX_IMAGE", "")
+    monkeypatch.setenv("PAN_JAX_FLIP", "1")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend shows figures
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError, with the cell and traceback, if a cell fails
+
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
+    text = "".join(out.get("text", "") for out in outputs)
+    assert "pan / resnet18, 13 classes" in text and "classes present:" in text
+    markdown = "".join(out.get("data", {}).get("text/markdown", "") for out in outputs)
+    assert "| 1 | disk | 50.00 |" in markdown
+    figures = [out["data"]["image/png"] for out in outputs if "image/png" in out.get("data", {})]
+    assert len(figures) == 2  # image/prediction/overlay, and the per-class IoU bars
+    assert Image.open(io.BytesIO(base64.b64decode(figures[0]))).size[0] > 500

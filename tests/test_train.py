@@ -1,0 +1,397 @@
+"""Training: the optimizer equals PyTorch's, sharding changes nothing, runs resume exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+
+from configs import demo
+from pan_jax import checkpointing, train
+from pan_jax.data import pipeline, synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir: str, **fields) -> ml_collections.ConfigDict:
+    config = demo.get_config()
+    config.model.name = "pan_smp"
+    config.model.overrides = ml_collections.ConfigDict({"decoder_channels": 16})
+    config.data.name = "pan_synthetic/tiny"
+    config.data.data_dir = data_dir
+    config.batch_size = 2
+    config.num_train_steps = 4
+    config.warmup_steps = 0
+    config.learning_rate = 0.01
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    config.eval_every_steps = 0
+    for key, value in fields.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tfds"))
+    config = tiny_config(path)
+    pipeline.prepare(config.data)
+    return path
+
+
+def cli_flags(config_overrides: dict) -> list[str]:
+    return [f"--config.{key}={value}" for key, value in config_overrides.items()]
+
+
+def run_main(workdir: Path, data_dir: str, *extra: str, wait: bool = True, **overrides):
+    fields = {
+        "model.name": "pan_smp",
+        "model.overrides.decoder_channels": 16,
+        "data.name": "pan_synthetic/tiny",
+        "data.data_dir": data_dir,
+        "batch_size": 2,
+        "warmup_steps": 0,
+        "log_every_steps": 1,
+        "eval_every_steps": 0,
+        "log_batch_digests": True,
+        **overrides,
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "pan_jax.main",
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        *cli_flags(fields),
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if wait:
+        output, _ = process.communicate(timeout=600)
+        return process.returncode, output
+    return process
+
+
+def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 300) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    process.kill()
+    raise AssertionError(f"{needle!r} never appeared:\n{''.join(lines[-40:])}")
+
+
+def digests(workdir: Path) -> dict[int, str]:
+    """The last digest logged for each step (a killed run may have logged steps it lost)."""
+    out = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "batch_digest" in record:
+            out[record["step"]] = record["batch_digest"]
+    return out
+
+
+def assert_trees_equal(a, b, atol=0.0):
+    for (path, x), y in zip(
+        jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_optimizer_equals_torch_sgd_with_poly_schedule():
+    config = demo.get_config()
+    config.learning_rate, config.num_train_steps, config.warmup_steps = 0.1, 5, 0
+    rng = np.random.default_rng(0)
+    weights = {
+        "w": rng.standard_normal((3, 4)).astype(np.float32),
+        "b": rng.standard_normal(4).astype(np.float32),
+    }
+    gradients = [
+        {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in weights.items()}
+        for _ in range(5)
+    ]
+
+    torch_params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in weights.items()}
+    sgd = torch.optim.SGD(torch_params.values(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    poly = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: (1 - step / 5) ** 0.9)
+    for grads in gradients:
+        for key, param in torch_params.items():
+            param.grad = torch.from_numpy(grads[key])
+        sgd.step()
+        poly.step()
+
+    optimizer = train.create_optimizer(config)
+    params = jax.tree.map(jnp.asarray, weights)
+    opt_state = optimizer.init(params)
+    for grads in gradients:
+        updates, opt_state = optimizer.update(jax.tree.map(jnp.asarray, grads), opt_state, params)
+        params = jax.tree.map(jnp.add, params, updates)
+    for key in weights:
+        np.testing.assert_allclose(
+            params[key], torch_params[key].detach().numpy(), rtol=1e-6, atol=1e-7
+        )
+
+
+def test_decay_mask_and_decoder_multiplier():
+    config = demo.get_config()
+    config.warmup_steps, config.weight_decay = 0, 0.5
+    config.decay_bn_and_bias, config.decoder_lr_multiplier = False, 10.0
+    params = {
+        "backbone": {"k": jnp.ones((2, 2)), "b": jnp.ones(2)},
+        "head": {"k": jnp.ones((2, 2))},
+    }
+    optimizer = train.create_optimizer(config)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    # With zero gradients only weight decay moves parameters: biases are not decayed, kernels
+    # are, and the decoder's learning rate is 10× the backbone's.
+    lr = config.learning_rate
+    np.testing.assert_allclose(updates["backbone"]["b"], 0.0)
+    np.testing.assert_allclose(updates["backbone"]["k"], -lr * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(updates["head"]["k"], -10 * lr * 0.5, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    sys.path.insert(0, ".")
+    from configs import demo
+    from pan_jax import sharding, train
+    from pan_jax.models.layers import BatchNorm
+    import flax.linen as nn
+
+    config = demo.get_config()
+    config.model.name, config.model.overrides = "pan_smp", {"decoder_channels": 16}
+    config.num_train_steps, config.warmup_steps = 10, 0
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    rng = np.random.default_rng(0)
+    batches = [
+        {"image": rng.standard_normal((1, 8, 128, 128, 3)).astype(np.float32),
+         "label": rng.integers(0, 13, (1, 8, 128, 128)).astype(np.int32)}
+        for _ in range(2)
+    ]
+
+    def run(devices):
+        mesh = sharding.create_mesh(devices)
+        state_sharding = sharding.replicated(mesh)
+        state = jax.jit(lambda r: train.init_state(model, optimizer, r, 128),
+                        out_shardings=state_sharding)(jax.random.key(0))
+        step = train.make_train_step(model, optimizer, mesh, state_sharding)
+        for batch in batches:
+            state, _ = step(state, sharding.global_batch(batch, sharding.batch_sharding(mesh, 2)),
+                            jax.random.key(1))
+        return jax.device_get(state)
+
+    state = jax.device_get(jax.jit(lambda r: train.init_state(model, optimizer, r, 128))(jax.random.key(0)))
+    eight, one = run(jax.devices()), run(jax.devices()[:1])
+    assert len(jax.devices()) == 8
+    error = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves((eight.params, eight.batch_stats)),
+                                                            jax.tree.leaves((one.params, one.batch_stats))))
+    # SyncBN: after the first step the stem BN's running mean is 0.1 × the full-batch mean of
+    # the stem conv's output (it started at 0).
+    conv = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False)
+    stem = conv.apply({"params": state.params["backbone"]["stem_conv0"]}, batches[0]["image"][0])
+    mesh = sharding.create_mesh()
+    first = jax.jit(lambda r: train.init_state(model, optimizer, r, 128),
+                    out_shardings=sharding.replicated(mesh))(jax.random.key(0))
+    first, _ = train.make_train_step(model, optimizer, mesh, sharding.replicated(mesh))(
+        first, sharding.global_batch(batches[0], sharding.batch_sharding(mesh, 2)), jax.random.key(1))
+    mean = np.asarray(first.batch_stats["backbone"]["stem_bn0"]["mean"])
+    bn_error = float(np.max(np.abs(mean - 0.1 * np.asarray(stem).mean(axis=(0, 1, 2)))))
+    print("RESULT", error, bn_error)
+    """
+)
+
+
+def test_eight_devices_equal_one_device_and_batchnorm_is_global():
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
+    error, bn_error = map(float, line.split()[1:])
+    assert error < 1e-5, error
+    assert bn_error < 1e-5, bn_error
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    config = tiny_config("unused", num_train_steps=10)
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    state = train.init_state(model, optimizer, jax.random.key(0), 128)
+    rng = np.random.default_rng(1)
+    half = {
+        "image": rng.standard_normal((2, 128, 128, 3)).astype(np.float32),
+        "label": rng.integers(0, 13, (2, 128, 128)).astype(np.int32),
+    }
+    # Two identical micro-batches see the same BatchNorm statistics as their concatenation,
+    # so the accumulated update must equal the full-batch update.
+    full = {k: np.concatenate([v, v])[None] for k, v in half.items()}
+    accumulated = {k: np.stack([v, v]) for k, v in half.items()}
+    step = jax.jit(
+        lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, optimizer=optimizer)
+    )
+    full_state, full_metrics = step(state, full)
+    accumulated_state, accumulated_metrics = step(state, accumulated)
+    # Compare the updates leaf by leaf, relative to each leaf's update size (floored at 1% of
+    # the largest update: conv biases before BN have a zero gradient, their update is noise).
+    leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    full_updates = [np.asarray(_leaf(full_state.params, p) - v) for p, v in leaves]
+    accumulated_updates = [np.asarray(_leaf(accumulated_state.params, p) - v) for p, v in leaves]
+    largest = max(float(np.max(np.abs(u))) for u in full_updates)
+    for (path, _), full_update, accumulated_update in zip(
+        leaves, full_updates, accumulated_updates, strict=True
+    ):
+        scale = max(float(np.max(np.abs(full_update))), 1e-2 * largest)
+        error = float(np.max(np.abs(full_update - accumulated_update))) / scale
+        assert error < 1e-3, (jax.tree_util.keystr(path), error)
+    np.testing.assert_allclose(full_metrics["loss"], accumulated_metrics["loss"], rtol=1e-6)
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_cross_entropy_ignores_255_and_averages_over_valid_pixels():
+    logits = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 4, 5)), jnp.float32)
+    labels = jnp.asarray(np.random.default_rng(3).integers(0, 5, (2, 3, 4)))
+    labels = labels.at[0, 0].set(255)
+    total, count = train.cross_entropy_sum(logits, labels)
+    reference = torch.nn.functional.cross_entropy(
+        torch.from_numpy(np.asarray(logits)).permute(0, 3, 1, 2),
+        torch.from_numpy(np.asarray(labels)),
+        ignore_index=255,
+    )
+    assert int(count) == 2 * 3 * 4 - 4
+    np.testing.assert_allclose(float(total / count), float(reference), rtol=1e-6)
+
+
+def test_a_tiny_model_overfits_a_handful_of_images():
+    config = tiny_config("unused", num_train_steps=200, learning_rate=0.05)
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    state = train.init_state(model, optimizer, jax.random.key(0), 128)
+    sample = synthetic.SyntheticConfig(name="overfit", image_size=128, void_width=0)
+    examples = [synthetic.generate_example(sample, "train", i) for i in range(4)]
+    images = pipeline.normalize(np.stack([image for image, _ in examples]))
+    labels = np.stack([mask[..., 0] if mask.ndim == 3 else mask for _, mask in examples]).astype(
+        np.int32
+    )
+    batch = {"image": np.asarray(images, np.float32)[None], "label": labels[None]}
+    step = jax.jit(
+        lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, optimizer=optimizer)
+    )
+    for _ in range(config.num_train_steps):
+        state, metrics = step(state, batch)
+    predictions = np.asarray(
+        jnp.argmax(model.apply(state.variables, batch["image"][0], train=False), -1)
+    )
+    ious = []
+    for c in np.unique(labels):
+        intersection = np.sum((predictions == c) & (labels == c))
+        union = np.sum((predictions == c) | (labels == c))
+        ious.append(intersection / union)
+    assert np.mean(ious) > 0.9, (np.mean(ious), float(metrics["loss"]))
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def test_main_writes_a_run_and_resumes_exactly_after_a_hard_kill(tmp_path, data_dir):
+    straight = tmp_path / "straight"
+    code, output = run_main(straight, data_dir, num_train_steps=6, checkpoint_every_steps=3)
+    assert code == 0, output[-3000:]
+    assert (straight / "config.json").exists() and (straight / "model.json").exists()
+    assert list((straight / "tensorboard").iterdir()), "no TensorBoard events"
+    assert sorted(
+        int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit()
+    ) == [3, 6]
+    assert "img/s" in output and "ETA" in output
+
+    killed = tmp_path / "killed"
+    process = run_main(killed, data_dir, wait=False, num_train_steps=6, checkpoint_every_steps=3)
+    wait_for_line(process, "saved checkpoint at step 3")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] < 6, "the run finished before it could be killed"
+    code, output = run_main(killed, data_dir, num_train_steps=6, checkpoint_every_steps=3)
+    assert code == 0, output[-3000:]
+    assert "start at step 3" in output
+
+    assert digests(killed) == digests(straight)
+    assert len(digests(straight)) == 6
+    a, _, _ = checkpointing.restore_for_inference(straight)
+    b, _, _ = checkpointing.restore_for_inference(killed)
+    assert_trees_equal(a, b)
+
+
+def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    process = run_main(
+        workdir, data_dir, wait=False, num_train_steps=1000, checkpoint_every_steps=500
+    )
+    wait_for_line(process, "step 2/1000")
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) == 1 and 2 <= steps[0] < 1000, steps
+    assert f"checkpoint at step {steps[0]} written" in output
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), workdir)
+    with pytest.raises(train.NonFiniteLossError, match=r"step 3.*last good checkpoint \(step 2\)"):
+        train.train_and_evaluate(
+            tiny_config(data_dir, num_train_steps=6, learning_rate=1e38, checkpoint_every_steps=1),
+            workdir,
+        )
+    _, _, step = checkpointing.restore_for_inference(workdir)
+    assert step == 2
+
+    other = tiny_config(data_dir, num_train_steps=4)
+    other.model.overrides.decoder_channels = 24
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match="overrides.decoder_channels: checkpoint 16, config 24",
+    ):
+        train.train_and_evaluate(other, workdir)
