@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.eval_every_steps = 5000  # 0 = only with --mode=eval
+    config.log_batch_digests = False  # log a hash of every batch (tests of exact resume)
 
     # Evaluation protocol (--mode=eval): the paper's final numbers use multi-scale + flip.
     config.eval = ml_collections.ConfigDict()

@@ -5,7 +5,8 @@ scale 0.5–2.0 (paper §4). The paper gives no iteration count: 30k steps (≈4
 train_aug) is what TF Model Garden's DeepLab VOC configs use; mmsegmentation uses 20k/40k at the
 same batch. Start from ImageNet weights with a 64-64-128 deep stem (timm `resnet101s`):
 `--config.model.pretrained=resnet101s.safetensors --config.model.pretrained_kind=timm`.
-Final numbers: `--mode=eval --config.eval.scales='(0.5,0.75,1.0,1.25,1.5,1.75)' --config.eval.flip=True`.
+Final numbers (multi-scale + flip): `--mode=eval --config.eval.flip=True
+--config.eval.scales='(0.5,0.75,1.0,1.25,1.5,1.75)'`.
 """
 
 from configs import default

@@ -171,17 +171,29 @@ def restore_or_none(
         abstract_state,
         jax.tree.map(lambda _: state_sharding, abstract_state),
     )
+    # grain saves one iterator state per process (data/process_<i>-of-<n>.json). A process's
+    # pipeline is its [process_index::process_count] slice, batched, so the state counts
+    # batches and is the same in every process at a step: a run with another number of
+    # processes (2×4 → 1×8 devices) resumes from any process's file and, with the same
+    # config.batch_size, sees the same global batches.
+    data_dir = epath.Path(manager.directory) / str(step) / "data"
+    own_file = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    same_layout = own_file.exists()
+    items = {"state": ocp.args.StandardRestore(target)}
+    if same_layout:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-            ),
-        )
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError) as error:
         raise CheckpointMismatchError(f"{where} does not fit this run's state: {error}") from error
-    return restored["state"], restored["data"]
+    if same_layout:
+        return restored["state"], restored["data"]
+    saved = sorted(data_dir.glob("process_*-of-*.json"))
+    if not saved:
+        raise CheckpointMismatchError(f"{where} has no data iterator state ({own_file} missing)")
+    data_iterator.set_state(json.loads(saved[0].read_text()))
+    data_iterator.start_prefetch()
+    return restored["state"], data_iterator
 
 
 def restore_for_inference(

@@ -623,7 +623,8 @@ def load_model(
     """(model, variables, spec, step) from a model directory (`model.json`, as written by
     `checkpointing.save_variables`) or a training workdir (its latest or `step` checkpoint)."""
     path = epath.Path(directory)
-    if (path / "model.json").exists():
+    # A training workdir also holds a model.json (next to checkpoints/): its checkpoints win.
+    if (path / "model.json").exists() and not (path / "checkpoints").exists():
         if step is not None:
             raise ValueError(
                 f"{directory} holds one set of weights (model.json): step={step} needs a workdir"

@@ -292,7 +292,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     per_process_batch = _check_config(config)
     workdir_path = checkpointing.prepare_workdir(workdir, config, model_spec(config))
-    pipeline.prepare(config.data)
+    # Process 0 builds the dataset first (a shared gs:// data_dir is built once); the others
+    # then find it built, or build their own copy when data_dir is local to each host.
+    if jax.process_index() == 0:
+        pipeline.prepare(config.data)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pan_jax: dataset prepared")
+        pipeline.prepare(config.data)
 
     mesh = sharding.create_mesh()
     model = create_model(config)
@@ -314,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if state is None:
         state = jax.jit(create, out_shardings=state_sharding)(init_rng)
         if config.model.get("pretrained"):
-            state = _load_pretrained(state, config, state_sharding)
+            state = _load_pretrained(state, model, config, state_sharding)
     start_step = int(state.step)
     logging.info(
         "model %s/%s, %s parameters, start at step %d of %d",
@@ -374,6 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             host_batch = next(train_iter)
             if config.get("log_batch_digests"):
                 writer.write_json(step + 1, {"batch_digest": _digest(host_batch)})
+                _log_example_digests(workdir_path, step + 1, host_batch)
             batch = sharding.global_batch(
                 host_batch_for_step(host_batch, config.grad_accum_steps), batch_sharding
             )
@@ -434,13 +443,31 @@ def _digest(batch: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _log_example_digests(workdir: Any, step: int, batch: dict[str, np.ndarray]) -> None:
+    """Every process appends its per-example digests to `example_digests.<process>.jsonl`
+    (with config.log_batch_digests), so a test can see that the hosts' shards are disjoint."""
+    import json
+
+    rows = len(batch["image"])
+    digests = [_digest({k: v[i] for k, v in batch.items()}) for i in range(rows)]
+    with (workdir / f"example_digests.{jax.process_index()}.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "examples": digests}) + "\n")
+
+
 def _load_pretrained(
-    state: TrainState, config: ml_collections.ConfigDict, state_sharding
+    state: TrainState,
+    model: models.SegmentationModel,
+    config: ml_collections.ConfigDict,
+    state_sharding: Any,
 ) -> TrainState:
+    """Backbone (or whole-model) weights from a torchvision/timm/SMP file or a model directory."""
     from pan_jax import convert
 
     variables, report = convert.load_pretrained(
-        jax.device_get(state.variables), config.model.pretrained, config.model.pretrained_kind
+        jax.device_get(state.variables),
+        config.model.pretrained,
+        config.model.pretrained_kind,
+        model=model,
     )
     logging.info("pretrained weights from %s: %s", config.model.pretrained, report)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])

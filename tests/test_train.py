@@ -193,7 +193,9 @@ SHARDED_SCRIPT = textwrap.dedent(
     import flax.linen as nn
 
     config = demo.get_config()
-    config.model.name, config.model.overrides = "pan_smp", {"decoder_channels": 16}
+    # FCN: PAN's globally pooled 1×1 BatchNorms amplify float rounding ~1e3× at this batch,
+    # which would hide a real difference behind noise (see test_gradient_accumulation...).
+    config.model.name, config.model.overrides = "fcn", {"stem": "torchvision"}
     config.num_train_steps, config.warmup_steps = 10, 0
     model, optimizer = train.create_model(config), train.create_optimizer(config)
     rng = np.random.default_rng(0)
@@ -214,11 +216,14 @@ SHARDED_SCRIPT = textwrap.dedent(
                             jax.random.key(1))
         return jax.device_get(state)
 
-    state = jax.device_get(jax.jit(lambda r: train.init_state(model, optimizer, r, 128))(jax.random.key(0)))
+    init = jax.jit(lambda r: train.init_state(model, optimizer, r, 128))
+    state = jax.device_get(init(jax.random.key(0)))
     eight, one = run(jax.devices()), run(jax.devices()[:1])
     assert len(jax.devices()) == 8
-    error = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves((eight.params, eight.batch_stats)),
-                                                            jax.tree.leaves((one.params, one.batch_stats))))
+    # Relative to each leaf's magnitude (running variances reach ~10).
+    error = max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1.0))
+                for a, b in zip(jax.tree.leaves((eight.params, eight.batch_stats)),
+                                jax.tree.leaves((one.params, one.batch_stats))))
     # SyncBN: after the first step the stem BN's running mean is 0.1 × the full-batch mean of
     # the stem conv's output (it started at 0).
     conv = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False)
@@ -226,8 +231,9 @@ SHARDED_SCRIPT = textwrap.dedent(
     mesh = sharding.create_mesh()
     first = jax.jit(lambda r: train.init_state(model, optimizer, r, 128),
                     out_shardings=sharding.replicated(mesh))(jax.random.key(0))
-    first, _ = train.make_train_step(model, optimizer, mesh, sharding.replicated(mesh))(
-        first, sharding.global_batch(batches[0], sharding.batch_sharding(mesh, 2)), jax.random.key(1))
+    first_batch = sharding.global_batch(batches[0], sharding.batch_sharding(mesh, 2))
+    step = train.make_train_step(model, optimizer, mesh, sharding.replicated(mesh))
+    first, _ = step(first, first_batch, jax.random.key(1))
     mean = np.asarray(first.batch_stats["backbone"]["stem_bn0"]["mean"])
     bn_error = float(np.max(np.abs(mean - 0.1 * np.asarray(stem).mean(axis=(0, 1, 2)))))
     print("RESULT", error, bn_error)
@@ -392,6 +398,6 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir
     other.model.overrides.decoder_channels = 24
     with pytest.raises(
         checkpointing.CheckpointMismatchError,
-        match="overrides.decoder_channels: checkpoint 16, config 24",
+        match=r"overrides\.decoder_channels: checkpoint 16, config 24",
     ):
         train.train_and_evaluate(other, workdir)
