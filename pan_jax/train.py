@@ -339,12 +339,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batch_sharding = sharding.batch_sharding(mesh, 2)
     images_per_step = config.batch_size
     pending: list[tuple[int, dict]] = []
-    timer = time.perf_counter()
-    timed_steps = 0
+    # (step, time) of the last completed step the rate was measured from; device_get of a
+    # step's metrics returns when that step is done, so rates are of finished work.
+    last_timed: tuple[int, float] | None = None
 
     def flush_metrics(step: int, force: bool = False) -> None:
         """Checks losses one step late, so the host never waits on the step in flight."""
-        nonlocal timer, timed_steps
+        nonlocal last_timed
         while pending and (force or pending[0][0] < step):
             done_step, metrics = pending.pop(0)
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -356,8 +357,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     f"{workdir_path} is kept."
                 )
             if done_step % config.log_every_steps == 0 or done_step == config.num_train_steps:
-                elapsed = time.perf_counter() - timer
-                rate = timed_steps * images_per_step / elapsed if timed_steps else float("nan")
+                now = time.perf_counter()
+                rate = float("nan")
+                if last_timed is not None and done_step > last_timed[0]:
+                    rate = (done_step - last_timed[0]) * images_per_step / (now - last_timed[1])
                 remaining = (config.num_train_steps - done_step) * images_per_step / rate
                 values.update(learning_rate=float(schedule(done_step - 1)), images_per_second=rate)
                 writer.write_scalars(done_step, {f"train/{k}": v for k, v in values.items()})
@@ -372,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     if math.isfinite(remaining)
                     else "?",
                 )
-                timer, timed_steps = time.perf_counter(), 0
+                last_timed = (done_step, now)
 
     with _Preemption() as preemption:
         step = start_step
@@ -388,10 +391,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             )
             state, metrics = step_fn(state, batch, step_rng)
             step += 1
-            timed_steps += 1 if step > start_step + 1 else 0
-            if step == start_step + 1:
+            if step == start_step + 1:  # compilation: not part of any rate
                 jax.block_until_ready(state)
-                timer = time.perf_counter()
+                last_timed = (step, time.perf_counter())
             pending.append((step, metrics))
             at_end = step == config.num_train_steps
             stop = preemption.requested or manager.reached_preemption(step)
@@ -426,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     report["miou"],
                     report["num_images"],
                 )
-                timer, timed_steps = time.perf_counter(), 0
+                last_timed = (step, time.perf_counter())  # evaluation is not throughput
         flush_metrics(step, force=True)
     manager.wait_until_finished()
     manager.close()

@@ -11,23 +11,9 @@ import pytest
 
 from pan_jax import checkpointing, evaluate, metrics, models
 from pan_jax.models.layers import resize_bilinear
+from tests.helpers import random_variables
 
 NUM_CLASSES = 5
-
-
-def random_variables(model, seed=0):
-    """He-initialised weights and identity BatchNorm, without compiling `model.init` (slow)."""
-    size = model.min_input_size
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        if path[-1].key == "kernel":
-            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-            return (rng.normal(size=leaf.shape) * std).astype(leaf.dtype)
-        return (np.ones if path[-1].key in ("var", "scale") else np.zeros)(leaf.shape, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +276,7 @@ def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys):
 
 
 MULTIHOST_WORKER = """
+import os
 import sys
 
 import jax
@@ -298,6 +285,7 @@ import numpy as np
 pid, port, tests_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 sys.path.insert(0, tests_dir)
+sys.path.insert(0, os.path.dirname(tests_dir))  # for tests.helpers
 from jax.sharding import NamedSharding, PartitionSpec as P
 from pan_jax import evaluate, models
 from test_evaluate import NUM_CLASSES, multihost_elements, random_variables
