@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Trains pan_jax on a Cloud TPU VM slice: every worker runs the same `python -m pan_jax.main`,
+# which finds the others by itself (jax.distributed auto-detection on Cloud TPU).
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/tpu_pod.sh [--dry-run] COMMAND [-- MAIN_FLAGS...]
+
+Commands (run in this order, or `all`):
+  create       request the slice as a queued resource (spot or reserved) and wait until ACTIVE
+  setup        copy this checkout (git HEAD) to every worker; install Python, jax[tpu], pan_jax
+  train        start `python -m pan_jax.main` on every worker, detached (same flags everywhere);
+               run it again to resume after a preemption: the workdir holds the checkpoints
+  logs         follow worker 0's training log until the run ends
+  maintenance  simulate a maintenance event: the run saves a checkpoint and exits; `train` resumes
+  status       the queued resource's state and the last log lines of every worker
+  delete       delete the queued resource and its TPU VMs
+  all          create, setup, train, logs, delete (the slice is deleted on any exit)
+
+--dry-run prints every command (gcloud, git) instead of running it.
+MAIN_FLAGS are passed to pan_jax.main after the defaults, e.g. `-- --config.batch_size=32`.
+
+Settings are environment variables (defaults in brackets):
+  PROJECT [gcloud's default]  ZONE [us-central2-b]  NAME [pan-jax]  QR_ID [$NAME-qr]
+  ACCELERATOR [v4-32]  RUNTIME [tpu-ubuntu2204-base]  PROVISIONING [spot | reserved | on-demand]
+  BUCKET [gs://my-bucket]  TFDS_DATA_DIR [$BUCKET/tensorflow_datasets]
+  WORKDIR [$BUCKET/runs/pan_voc]  CONFIG [configs/voc.py]  PYTHON [python3.11]
+  JAX_SPEC [jax[tpu]>=0.10,<0.12]  LOG [pan_jax_train.log, in each worker's home]
+EOF
+}
+
+# ----------------------------------------------------------------------------- settings
+PROJECT="${PROJECT:-}"
+ZONE="${ZONE:-us-central2-b}"
+NAME="${NAME:-pan-jax}"
+QR_ID="${QR_ID:-${NAME}-qr}"
+ACCELERATOR="${ACCELERATOR:-v4-32}"         # 16 v4 chips on 4 workers
+RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"   # v5e: v2-alpha-tpuv5-lite, v6e: v2-alpha-tpuv6e
+PROVISIONING="${PROVISIONING:-spot}"
+BUCKET="${BUCKET:-gs://my-bucket}"
+TFDS_DATA_DIR="${TFDS_DATA_DIR:-${BUCKET}/tensorflow_datasets}"
+WORKDIR="${WORKDIR:-${BUCKET}/runs/pan_voc}"
+CONFIG="${CONFIG:-configs/voc.py}"
+PYTHON="${PYTHON:-python3.11}"              # pan_jax needs Python >= 3.11 (Ubuntu 22.04 has 3.10)
+JAX_SPEC="${JAX_SPEC:-jax[tpu]>=0.10,<0.12}"
+LOG="${LOG:-pan_jax_train.log}"
+POLL_SECONDS="${POLL_SECONDS:-60}"
+
+REMOTE_SRC="pan_jax"                        # on the workers, relative to the home directory
+REMOTE_VENV="pan_jax_venv"
+TARBALL="${TMPDIR:-/tmp}/pan_jax_src.tar.gz"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DRY_RUN=0
+
+# ----------------------------------------------------------------------------- helpers
+die() {
+  echo "tpu_pod.sh: $*" >&2
+  exit 2
+}
+
+# Prints a command as one line that a shell can run again (arguments with spaces or shell
+# characters in single quotes).
+show() {
+  local arg line=""
+  for arg in "$@"; do
+    if [[ -z "$arg" || "$arg" =~ [^A-Za-z0-9_./:=,@%+-] ]]; then
+      arg="'${arg//\'/\'\\\'\'}'"
+    fi
+    line+="${line:+ }${arg}"
+  done
+  printf '%s\n' "$line"
+}
+
+# Runs a command, or only prints it with --dry-run.
+run() {
+  if ((DRY_RUN)); then
+    show "$@"
+  else
+    "$@"
+  fi
+}
+
+# Common gcloud flags.
+where() {
+  printf '%s\n' "--zone=${ZONE}"
+  if [[ -n "$PROJECT" ]]; then
+    printf '%s\n' "--project=${PROJECT}"
+  fi
+}
+
+# Runs a shell command on TPU workers: on_workers WORKERS COMMAND
+on_workers() {
+  local workers=$1 command=$2 flags
+  mapfile -t flags < <(where)
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${flags[@]}" --worker="$workers" \
+    --command="$command"
+}
+
+# ----------------------------------------------------------------------------- commands
+cmd_create() {
+  local flags provisioning=()
+  mapfile -t flags < <(where)
+  case "$PROVISIONING" in
+    spot) provisioning=(--spot) ;;
+    reserved) provisioning=(--reserved) ;;
+    on-demand) ;;
+    *) die "PROVISIONING=$PROVISIONING: expected spot, reserved or on-demand" ;;
+  esac
+  run gcloud compute tpus queued-resources create "$QR_ID" "${flags[@]}" --node-id="$NAME" \
+    --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME" "${provisioning[@]}"
+  local describe=(gcloud compute tpus queued-resources describe "$QR_ID" "${flags[@]}"
+    --format='value(state.state)')
+  if ((DRY_RUN)); then
+    show "${describe[@]}"
+    return
+  fi
+  local state
+  while true; do
+    state="$("${describe[@]}")"
+    echo "queued resource $QR_ID: $state"
+    case "$state" in
+      ACTIVE) return ;;
+      FAILED | SUSPENDED) die "queued resource $QR_ID is $state" ;;
+    esac
+    sleep "$POLL_SECONDS"
+  done
+}
+
+cmd_setup() {
+  local flags
+  mapfile -t flags < <(where)
+  run git -C "$REPO_ROOT" archive --format=tar.gz --output="$TARBALL" HEAD
+  run gcloud compute tpus tpu-vm scp "$TARBALL" "${NAME}:pan_jax_src.tar.gz" "${flags[@]}" \
+    --worker=all
+  on_workers all "set -e
+sudo apt-get update -qq && sudo apt-get install -y -qq ${PYTHON} ${PYTHON}-venv
+rm -rf ~/${REMOTE_SRC} && mkdir -p ~/${REMOTE_SRC} && tar -xzf ~/pan_jax_src.tar.gz -C ~/${REMOTE_SRC}
+${PYTHON} -m venv ~/${REMOTE_VENV} && ~/${REMOTE_VENV}/bin/pip install -q -U pip
+~/${REMOTE_VENV}/bin/pip install -q '${JAX_SPEC}' -e ~/${REMOTE_SRC}
+~/${REMOTE_VENV}/bin/python -c 'import jax; print(jax.process_index(), jax.devices())'"
+}
+
+# The main command, quoted for the workers' shell; MAIN_FLAGS come last so they win.
+main_command() {
+  local command arg
+  command="cd ~/${REMOTE_SRC} && TFDS_DATA_DIR=$(printf '%q' "$TFDS_DATA_DIR") PYTHONUNBUFFERED=1"
+  command+=" setsid nohup ~/${REMOTE_VENV}/bin/python -m pan_jax.main"
+  command+=" --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
+  command+=" --config.data.data_dir=$(printf '%q' "$TFDS_DATA_DIR")"
+  for arg in "$@"; do
+    command+=" $(printf '%q' "$arg")"
+  done
+  command+=" > ~/${LOG} 2>&1 < /dev/null &"
+  printf '%s' "$command"
+}
+
+cmd_train() {
+  on_workers all "$(main_command "$@")"
+}
+
+cmd_logs() {
+  # tail exits with the training process; without one, print what the log has.
+  on_workers 0 "pid=\$(pgrep -o -f 'python -m pan_jax.main' || true)
+if [ -n \"\$pid\" ]; then tail -n +1 --pid=\"\$pid\" -F ~/${LOG}; else cat ~/${LOG}; fi"
+}
+
+cmd_maintenance() {
+  local flags
+  mapfile -t flags < <(where)
+  run gcloud alpha compute tpus tpu-vm simulate-maintenance-event "$NAME" "${flags[@]}" \
+    --workers=all
+}
+
+cmd_status() {
+  local flags
+  mapfile -t flags < <(where)
+  run gcloud compute tpus queued-resources describe "$QR_ID" "${flags[@]}"
+  on_workers all "pgrep -a -f 'python -m pan_jax.main' || echo 'not running'; tail -n 3 ~/${LOG}"
+}
+
+cmd_delete() {
+  local flags
+  mapfile -t flags < <(where)
+  run gcloud compute tpus queued-resources delete "$QR_ID" "${flags[@]}" --force --quiet
+}
+
+cmd_all() {
+  trap cmd_delete EXIT
+  cmd_create
+  cmd_setup
+  cmd_train "$@"
+  cmd_logs
+}
+
+# ----------------------------------------------------------------------------- main
+main() {
+  if [[ "${1:-}" == "--dry-run" ]]; then
+    DRY_RUN=1
+    shift
+  fi
+  local command="${1:-}"
+  [[ -n "$command" ]] || {
+    usage
+    exit 2
+  }
+  shift
+  if [[ "${1:-}" == "--" ]]; then
+    shift
+  fi
+  case "$command" in
+    create | setup | logs | maintenance | status | delete)
+      (($# == 0)) || die "$command takes no MAIN_FLAGS"
+      "cmd_${command}"
+      ;;
+    train | all) "cmd_${command}" "$@" ;;
+    -h | --help | help) usage ;;
+    *)
+      usage >&2
+      die "unknown command: $command"
+      ;;
+  esac
+}
+
+main "$@"
