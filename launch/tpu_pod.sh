@@ -160,8 +160,9 @@ cmd_train() {
 }
 
 cmd_logs() {
-  # tail exits with the training process; without one, print what the log has.
-  on_workers 0 "pid=\$(pgrep -o -f 'python -m pan_jax.main' || true)
+  # tail exits with the training process; without one, print what the log has. '[p]ython'
+  # keeps pgrep from matching the shell that runs this very command.
+  on_workers 0 "pid=\$(pgrep -o -f '[p]ython -m pan_jax.main' || true)
 if [ -n \"\$pid\" ]; then tail -n +1 --pid=\"\$pid\" -F ~/${LOG}; else cat ~/${LOG}; fi"
 }
 
@@ -176,7 +177,7 @@ cmd_status() {
   local flags
   mapfile -t flags < <(where)
   run gcloud compute tpus queued-resources describe "$QR_ID" "${flags[@]}"
-  on_workers all "pgrep -a -f 'python -m pan_jax.main' || echo 'not running'; tail -n 3 ~/${LOG}"
+  on_workers all "pgrep -a -f '[p]ython -m pan_jax.main' || echo 'not running'; tail -n 3 ~/${LOG}"
 }
 
 cmd_delete() {

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Trains pan_jax on the GPUs of one machine.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/gpu_single_host.sh [--dry-run] [--processes=N] [MAIN_FLAGS...]
+
+  --processes=1 (default)  one process drives every visible GPU: the mesh spans them all,
+                           no jax.distributed needed. The simplest and usual choice.
+  --processes=N            one process per GPU (N = number of GPUs), as on a cluster: they
+                           meet through jax.distributed on localhost (JAX_COORDINATOR_ADDRESS,
+                           JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_LOCAL_DEVICE_IDS).
+  --dry-run                print the commands instead of running them.
+
+Ctrl-C or SIGTERM to this script makes every process save a checkpoint at the same step and
+exit; running the same command again resumes from WORKDIR. Logs: WORKDIR.process_<i>.log. Settings are environment variables: CONFIG
+[configs/voc.py], WORKDIR [runs/<config name>], TFDS_DATA_DIR [~/tensorflow_datasets],
+PYTHON [python3], NUM_WORKERS [grain decoding processes per training process], PORT [12355].
+EOF
+}
+
+CONFIG="${CONFIG:-configs/voc.py}"
+WORKDIR="${WORKDIR:-runs/$(basename "${CONFIG%.py}")}"
+TFDS_DATA_DIR="${TFDS_DATA_DIR:-${HOME}/tensorflow_datasets}"
+PYTHON="${PYTHON:-python3}"
+PORT="${PORT:-12355}"
+PROCESSES=1
+DRY_RUN=0
+
+while (($#)); do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --processes=*) PROCESSES="${1#--processes=}" ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    *) break ;;
+  esac
+  shift
+done
+[[ "$PROCESSES" =~ ^[1-9][0-9]*$ ]] || {
+  echo "--processes=$PROCESSES: expected a positive integer" >&2
+  exit 2
+}
+CORES="$(nproc)"
+NUM_WORKERS="${NUM_WORKERS:-$(((CORES / PROCESSES) > 2 ? CORES / PROCESSES - 2 : 1))}"
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export TFDS_DATA_DIR PYTHONUNBUFFERED=1
+main=("$PYTHON" -m pan_jax.main --config="$CONFIG" --workdir="$WORKDIR"
+  --config.data.num_workers="$NUM_WORKERS" "$@")
+
+pids=()
+# shellcheck disable=SC2317,SC2329  # called by the trap
+forward() { # Ctrl-C or SIGTERM: every process gets SIGTERM, saves at the same step and exits
+  if ((${#pids[@]})); then
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+  fi
+}
+trap forward INT TERM
+if ((!DRY_RUN)); then
+  mkdir -p "$(dirname "$WORKDIR")"
+fi
+for ((i = 0; i < PROCESSES; i++)); do
+  env_vars=()
+  if ((PROCESSES > 1)); then
+    env_vars=(JAX_COORDINATOR_ADDRESS="localhost:${PORT}" JAX_NUM_PROCESSES="$PROCESSES"
+      JAX_PROCESS_ID="$i" JAX_LOCAL_DEVICE_IDS="$i")
+  fi
+  log="${WORKDIR%/}.process_${i}.log"
+  if ((DRY_RUN)); then
+    echo "${env_vars[*]}${env_vars[*]:+ }${main[*]} > ${log} 2>&1 &"
+    continue
+  fi
+  # Its own session: Ctrl-C reaches only this script, which turns it into SIGTERM (a SIGINT
+  # would interrupt Python without a checkpoint).
+  setsid env "${env_vars[@]}" "${main[@]}" > "$log" 2>&1 &
+  pids+=("$!")
+done
+if ((DRY_RUN)); then
+  exit 0
+fi
+echo "started ${PROCESSES} process(es); logs: ${WORKDIR%/}.process_*.log (tail -f)"
+status=0
+for pid in "${pids[@]}"; do
+  while true; do
+    code=0
+    wait "$pid" || code=$?
+    # A trapped signal interrupts `wait` (code > 128) while the process is still saving.
+    if ((code > 128)) && kill -0 "$pid" 2>/dev/null; then
+      continue
+    fi
+    break
+  done
+  ((code == 0)) || status=$code
+done
+exit "$status"

