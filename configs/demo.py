@@ -19,7 +19,7 @@ def get_config():
     config.data = default_data_config("pan_synthetic")
     config.batch_size = 8
     config.num_train_steps = 400
-    config.learning_rate = 0.02
+    config.learning_rate = 0.05
     config.warmup_steps = 50
     config.log_every_steps = 50
     config.checkpoint_every_steps = 200
