@@ -106,15 +106,11 @@ def prepare_workdir(workdir: str, config: Any, spec: ModelSpec) -> epath.Path:
     return path
 
 
-def create_manager(
-    workdir: epath.Path, config: Any, read_only: bool = False
-) -> ocp.CheckpointManager:
+def create_manager(workdir: epath.Path, config: Any) -> ocp.CheckpointManager:
     """The run's manager: async saves, the last `config.keep_checkpoints` kept."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else int(config.keep_checkpoints),
-        save_interval_steps=1 if read_only else int(config.checkpoint_every_steps),
-        create=not read_only,
-        read_only=read_only,
+        max_to_keep=int(config.keep_checkpoints),
+        save_interval_steps=int(config.checkpoint_every_steps),
     )
     return ocp.CheckpointManager(
         epath.Path(workdir) / "checkpoints", options=options, item_names=CHECKPOINT_ITEMS

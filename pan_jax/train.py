@@ -291,7 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     from pan_jax.data import pipeline
 
     per_process_batch = _check_config(config)
-    workdir_path = checkpointing.prepare_workdir(workdir, config, model_spec(config))
+    spec = model_spec(config)
+    workdir_path = checkpointing.prepare_workdir(workdir, config, spec)
     # Process 0 builds the dataset first (a shared gs:// data_dir is built once); the others
     # then find it built, or build their own copy when data_dir is local to each host.
     if jax.process_index() == 0:
@@ -300,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("pan_jax: dataset prepared")
-        pipeline.prepare(config.data)
+        if jax.process_index() != 0:
+            pipeline.prepare(config.data)
 
     mesh = sharding.create_mesh()
     model = create_model(config)
@@ -317,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager = checkpointing.create_manager(workdir_path, config)
     abstract_state = jax.eval_shape(create, init_rng)
     state, train_iter = checkpointing.restore_or_none(
-        manager, abstract_state, state_sharding, train_iter, model_spec(config)
+        manager, abstract_state, state_sharding, train_iter, spec
     )
     if state is None:
         state = jax.jit(create, out_shardings=state_sharding)(init_rng)
@@ -379,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     with _Preemption() as preemption:
         step = start_step
-        if step == start_step and step < config.num_train_steps:
+        if step < config.num_train_steps:
             logging.info("compiling the train step (first step is slow) ...")
         while step < config.num_train_steps:
             host_batch = next(train_iter)
@@ -400,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             must_save = at_end or stop or step % config.checkpoint_every_steps == 0
             flush_metrics(step, force=must_save)  # never checkpoint a NaN state
             if must_save:
-                checkpointing.save(manager, step, state, train_iter, model_spec(config), force=True)
+                checkpointing.save(manager, step, state, train_iter, spec, force=True)
                 logging.info("saved checkpoint at step %d", step)
             if stop:
                 manager.wait_until_finished()

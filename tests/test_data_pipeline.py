@@ -18,6 +18,18 @@ from pan_jax.data import pipeline, synthetic
 NUM_TRAIN, NUM_VAL, SIZE = 32, 12, 48  # the registered 'tiny' config
 
 
+def reference_crop(image, label, size, origin, crop, flip):
+    """Resize the whole image, then crop and flip: what the pipeline must equal."""
+    (nh, nw), (y0, x0), (ch, cw) = size, origin, crop
+    ref = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)[y0 : y0 + ch, x0 : x0 + cw]
+    ref_label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)[
+        y0 : y0 + ch, x0 : x0 + cw
+    ]
+    if flip:
+        ref, ref_label = ref[:, ::-1], ref_label[:, ::-1]
+    return ref, ref_label
+
+
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     cfg = data.default_data_config("pan_synthetic/tiny")
@@ -260,14 +272,7 @@ def test_train_transform_equals_resize_then_crop_then_flip(crop_size):
         y0, x0 = rng.integers(0, nh - ch + 1), rng.integers(0, nw - cw + 1)
         flip = bool(rng.random() < 0.5)
         paths.add(nh * nw <= pipeline._RESIZE_AREA_RATIO * ch * cw)
-        ref = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)[
-            y0 : y0 + ch, x0 : x0 + cw
-        ]
-        ref_label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)[
-            y0 : y0 + ch, x0 : x0 + cw
-        ]
-        if flip:
-            ref, ref_label = ref[:, ::-1], ref_label[:, ::-1]
+        ref, ref_label = reference_crop(image, label, (nh, nw), (y0, x0), (ch, cw), flip)
         got = out["image"][:ch, :cw] * data.IMAGENET_STD + data.IMAGENET_MEAN
         assert np.abs(got - ref).max() <= 1.01  # fixed-point interpolation rounding
         np.testing.assert_array_equal(out["label"][:ch, :cw], ref_label)
@@ -303,14 +308,7 @@ def test_crop_matrix_equals_resize_then_crop_then_flip():
             flags=cv2.INTER_NEAREST | flags,
             borderMode=cv2.BORDER_REPLICATE,
         )
-        ref = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)[
-            y0 : y0 + ch, x0 : x0 + cw
-        ]
-        ref_label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)[
-            y0 : y0 + ch, x0 : x0 + cw
-        ]
-        if flip:
-            ref, ref_label = ref[:, ::-1], ref_label[:, ::-1]
+        ref, ref_label = reference_crop(image, label, (nh, nw), (y0, x0), (ch, cw), flip)
         assert np.abs(warped.astype(int) - ref).max() <= 1  # fixed-point interpolation rounding
         np.testing.assert_array_equal(warped_label, ref_label)
 
