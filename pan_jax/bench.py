@@ -14,6 +14,7 @@ fp32 on CPU, bf16 autocast with channels_last on GPU, eager and with torch.compi
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from pan_jax import models, sharding, train
+from pan_jax import models, op_profile, sharding, train, xla_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "pan_smp", "Model name (pan_jax.models).")
@@ -43,6 +44,15 @@ flags.DEFINE_integer("warmup", 3, "Untimed repetitions after compilation.")
 flags.DEFINE_float("peak_tflops", 0.0, "Device peak for MFU; 0 = measure a bf16 matmul.")
 flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
 flags.DEFINE_float("budget_s", 0.0, "Skip remaining measurements after this many seconds.")
+flags.DEFINE_bool(
+    "fast_cpu", True, "Use pan_jax.xla_flags' CPU kernels, as the training entry point does."
+)
+flags.DEFINE_string(
+    "profile_dir",
+    None,
+    "Trace 3 steps of each pan_jax measurement with jax.profiler into this directory and print "
+    "where the time goes (kinds of XLA op, Flax modules, the longest ops).",
+)
 
 NUM_CLASSES = 21
 
@@ -84,6 +94,17 @@ def _flops(lowered) -> float:
 def _peak_memory_gb() -> float:
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+def _maybe_profile(run: Callable[[], None], compiled, name: str) -> dict:
+    """{"profile": ...} when --profile_dir is set: a trace of 3 steps, reduced to op times."""
+    if not FLAGS.profile_dir:
+        return {}
+    directory = os.path.join(FLAGS.profile_dir, f"{FLAGS.model}_{FLAGS.backbone}_{name}")
+    report = op_profile.profile(run, compiled.as_text(), directory, steps=3)
+    print(op_profile.format_report(report), flush=True)
+    report["ops"] = report["ops"][:40]  # the JSON keeps the longest; the trace has them all
+    return {"profile": report}
 
 
 def measure_matmul_tflops(size: int = 8192) -> float:
@@ -135,6 +156,7 @@ def jax_train(
         "images_per_s": batch / seconds,
         "flops_per_image": _flops(lowered) / batch,
         "peak_memory_gb": _peak_memory_gb(),
+        **_maybe_profile(run, compiled, f"train_b{batch}"),
     }
 
 
@@ -154,12 +176,17 @@ def jax_forward(
     compiled = lowered.compile()
     compiled(variables, images).block_until_ready()
     compile_s = time.perf_counter() - start
-    seconds = median_time(lambda: compiled(variables, images).block_until_ready(), steps, warmup)
+
+    def run():
+        compiled(variables, images).block_until_ready()
+
+    seconds = median_time(run, steps, warmup)
     return {
         "compile_s": compile_s,
         "step_s": seconds,
         "images_per_s": batch / seconds,
         "flops_per_image": _flops(lowered) / batch,
+        **_maybe_profile(run, compiled, f"forward_b{batch}"),
     }
 
 
@@ -235,11 +262,14 @@ def machine() -> dict:
 
 def main(argv) -> None:
     del argv
+    fast_cpu = xla_flags.use_fast_cpu_kernels() if FLAGS.fast_cpu else False
     started = time.perf_counter()
     arg_names = ("model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup")
     report: dict[str, Any] = {
         "machine": machine(),
         "args": {name: FLAGS[name].value for name in arg_names},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "fast_cpu_kernels": fast_cpu,
         "results": [],
     }
     on_gpu = jax.devices()[0].platform == "gpu"

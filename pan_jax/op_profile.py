@@ -1,0 +1,180 @@
+"""Where the time of a compiled step goes: a `jax.profiler` trace reduced to a table of XLA ops.
+
+    report = op_profile.profile(run_one_step, compiled.as_text(), "prof/train", steps=3)
+    print(op_profile.format_report(report))
+
+The trace stays in the directory for TensorBoard's profile plugin or Perfetto; the report sums
+the time of every executed HLO instruction over the traced steps and names, for each, its kind
+(convolution, matmul, elementwise or reduction fusion, copy, collective) and the Flax module it
+came from (`backbone/layer3_4`, `decoder/fpa`; "bwd" marks the backward pass), read from the
+compiled HLO's metadata. On GPUs and TPUs the times are the device's kernels; on CPUs the
+thunks, which may run concurrently, so shares are of the summed op time, not of wall time.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_FUSION_KIND = re.compile(r"kind=k(\w+)")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_WRAPPER = re.compile(r"^(?:jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jvp_call)\(")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """Computation name -> its instruction lines (ENTRY included, under its own name)."""
+    bodies: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            header = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+            current = bodies.setdefault(header.lstrip("%"), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and _INSTRUCTION.match(line):
+            current.append(line)
+    return bodies
+
+
+def _category(name: str, definition: str, body: list[str]) -> str:
+    """The kind of work an HLO instruction does, from its line and the computation it calls."""
+    target = _CUSTOM_TARGET.search(definition)
+    code = " ".join([definition, *body])
+    text = (target.group(1) if target else name).lower()
+    if "conv" in text or " convolution(" in code:
+        return "convolution"
+    if any(word in text for word in ("gemm", "matmul", "cublas")) or " dot(" in code:
+        return "matmul"
+    if any(word in name for word in ("all-reduce", "all-gather", "reduce-scatter")):
+        return "collective"
+    if " reduce(" in code or " reduce-window(" in code:
+        return "reduction"
+    if name.startswith(("copy", "transpose")) or " copy(" in definition:
+        return "copy/transpose"
+    if " fusion(" in definition:
+        kind = _FUSION_KIND.search(definition)
+        return "reduction" if kind and kind.group(1) == "Input" else "elementwise fusion"
+    return "other"
+
+
+def _scope(op_name: str, depth: int = 2) -> str:
+    """`jit(step)/transpose(jvp(Model))/backbone/layer3_1/bn1/mul` -> `bwd backbone/layer3_1`."""
+    backward = "transpose(" in op_name
+    modules = [part for part in op_name.split("/") if part and not _WRAPPER.match(part)]
+    path = "/".join(modules[:-1][:depth]) or "(step)"  # the last part is the primitive
+    return f"bwd {path}" if backward else path
+
+
+def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (category, module scope), from a compiled module's text.
+
+    A fusion is classified by what it calls (a library fusion of a convolution is a
+    convolution) and, when its own line has no metadata, scoped by its body's.
+    """
+    bodies = _computations(hlo_text)
+    info = {}
+    for lines in bodies.values():
+        for line in lines:
+            name, definition = _INSTRUCTION.match(line).groups()
+            if " parameter(" in definition:
+                continue
+            called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", definition)
+            body = [inner for callee in called for inner in bodies.get(callee, [])]
+            op_names = _OP_NAME.findall(definition) or [
+                found for inner in body for found in _OP_NAME.findall(inner)
+            ]
+            scopes = collections.Counter(_scope(op) for op in op_names)
+            if scopes:
+                scope = scopes.most_common(1)[0][0]
+            else:  # e.g. a weight-gradient convolution: scoped by the operands it reads
+                operands = [info[o][1] for o in _OPERAND.findall(definition) if o in info]
+                scope = next((s for s in operands if s != "(step)"), "(step)")
+            info[name] = (_category(name, definition, body), scope)
+    return info
+
+
+def op_times(directory: str) -> dict[str, float]:
+    """Seconds per executed HLO instruction in the newest trace under `directory`."""
+    paths = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no *.xplane.pb trace under {directory}")
+    data = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
+    planes = list(data.planes)
+    # Accelerator kernels when there are any; the host's thunks otherwise (XLA:CPU). Host events
+    # of an accelerator run only launch the kernels, so they would count the work twice.
+    device = [p for p in planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
+    totals: dict[str, float] = collections.defaultdict(float)
+    for plane in device or [p for p in planes if p.name.startswith("/host:CPU")]:
+        lines = list(plane.lines)
+        # TPUs (and derived GPU traces) have one line of XLA ops; raw GPU and CPU traces tag
+        # each kernel or thunk with the `hlo_op` it runs.
+        xla_ops = [line for line in lines if line.name == "XLA Ops"]
+        for line in xla_ops or lines:
+            for event in line.events:
+                op = event.name if xla_ops else dict(event.stats or ()).get("hlo_op")
+                if op:
+                    totals[str(op)] += event.duration_ns * 1e-9
+    return dict(totals)
+
+
+def profile(
+    run_step: Callable[[], Any], hlo_text: str, directory: str, steps: int = 3
+) -> dict[str, Any]:
+    """Traces `steps` calls of `run_step` (each must block until done) and reduces the trace.
+
+    Returns {"steps", "ops": [{name, category, scope, ms_per_step, share}] (longest first),
+    "categories": {category: share}, "scopes": {scope: share}, "trace_dir"}.
+    """
+    os.makedirs(directory, exist_ok=True)
+    with jax.profiler.trace(directory):
+        for _ in range(steps):
+            run_step()
+    times = op_times(directory)
+    info = instruction_info(hlo_text)
+    total = sum(times.values()) or 1.0
+    ops, categories, scopes = [], collections.Counter(), collections.Counter()
+    for name, seconds in sorted(times.items(), key=lambda item: -item[1]):
+        category, scope = info.get(name, (_category(name, "", []), "(unknown)"))
+        ops.append(
+            {
+                "name": name,
+                "category": category,
+                "scope": scope,
+                "ms_per_step": seconds / steps * 1e3,
+                "share": seconds / total,
+            }
+        )
+        categories[category] += seconds / total
+        scopes[scope] += seconds / total
+    return {
+        "steps": steps,
+        "op_ms_per_step": total / steps * 1e3,
+        "ops": ops,
+        "categories": dict(categories.most_common()),
+        "scopes": dict(scopes.most_common()),
+        "trace_dir": directory,
+    }
+
+
+def format_report(report: dict[str, Any], top: int = 15) -> str:
+    """The report as text: time by kind of op, by module, and the longest ops."""
+    lines = [f"summed XLA op time: {report['op_ms_per_step']:.1f} ms per step"]
+    lines.append("by kind:   " + ", ".join(f"{k} {v:.0%}" for k, v in report["categories"].items()))
+    scopes = list(report["scopes"].items())[:top]
+    lines.append("by module: " + ", ".join(f"{k} {v:.0%}" for k, v in scopes))
+    lines.append(f"{'op':<40}{'kind':<20}{'module':<30}{'ms/step':>9}{'share':>7}")
+    for op in report["ops"][:top]:
+        lines.append(
+            f"{op['name'][:39]:<40}{op['category']:<20}{op['scope'][:29]:<30}"
+            f"{op['ms_per_step']:>9.2f}{op['share']:>7.1%}"
+        )
+    return "\n".join(lines)

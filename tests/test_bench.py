@@ -1,0 +1,130 @@
+"""`python -m pan_jax.bench` end to end on a tiny setting, and the op profile it can print."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pan_jax import op_profile
+from pan_jax.models.layers import ConvBN
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    command = [
+        sys.executable, "-m", "pan_jax.bench", "--model=pan_smp", "--backbone=resnet18",
+        "--batch=2", "--crop=128", "--dtype=float32", "--what=train,forward", "--peer=eager",
+        "--steps=2", "--warmup=1", f"--json={out / 'bench.json'}",
+        f"--profile_dir={out / 'profile'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()), result.stdout
+
+
+def test_bench_measures_ours_and_the_peer(bench_report):
+    report, stdout = bench_report
+    rows = {(r["impl"], r["what"]): r for r in report["results"]}
+    assert set(rows) == {
+        ("pan_jax pan_smp", "train"),
+        ("pan_jax pan_smp", "forward"),
+        ("smp torch eager", "train"),
+        ("smp torch eager", "forward"),
+    }
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["step_s"] > 0 and row["compile_s"] > 0
+        assert row["images_per_s"] == pytest.approx(2 / row["step_s"])
+    # XLA's FLOP count: backward ≈ 2× forward, so a train step is about 3× the forward pass.
+    train, forward = rows[("pan_jax pan_smp", "train")], rows[("pan_jax pan_smp", "forward")]
+    assert 2.5 < train["flops_per_image"] / forward["flops_per_image"] < 3.5
+    assert report["machine"]["jax"] == jax.__version__
+    assert "ratio pan_jax / smp torch eager (train, batch 2)" in stdout
+    assert "ratio pan_jax / smp torch eager (forward, batch 2)" in stdout
+
+
+def test_bench_profile_says_where_the_time_goes(bench_report):
+    report, stdout = bench_report
+    profile = next(r for r in report["results"] if r["what"] == "train" and "pan_jax" in r["impl"])
+    profile = profile["profile"]
+    assert profile["categories"]["convolution"] > 0.3  # a ResNet's time is mostly convolutions
+    assert sum(profile["categories"].values()) == pytest.approx(1.0)
+    scopes = set(profile["scopes"])
+    assert any(s.startswith("backbone/layer") for s in scopes), scopes
+    assert any(s.startswith("bwd backbone/layer") for s in scopes), scopes
+    assert any("decoder" in s for s in scopes), scopes
+    assert os.listdir(profile["trace_dir"])  # the trace stays for TensorBoard / Perfetto
+    assert "by kind:" in stdout and "by module:" in stdout
+
+
+class _ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = ConvBN(16, 3, name="block")(x, train=True)
+        return jnp.mean(x)
+
+
+def test_profile_names_kinds_and_modules(tmp_path):
+    model = _ConvNet()
+    x = jnp.ones((2, 32, 32, 8))
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return out
+
+    step = jax.jit(jax.grad(loss))
+    compiled = step.lower(variables["params"]).compile()
+    report = op_profile.profile(
+        lambda: jax.block_until_ready(compiled(variables["params"])),
+        compiled.as_text(),
+        str(tmp_path),
+        steps=2,
+    )
+    kinds = {op["category"] for op in report["ops"]}
+    assert "convolution" in kinds
+    convs = [op for op in report["ops"] if op["category"] == "convolution"]
+    scopes = {op["scope"] for op in convs}
+    assert "block/conv" in scopes
+    # The weight gradient has no metadata of its own; it is scoped by the gradient it reads.
+    assert any(scope.startswith("bwd block/") for scope in scopes), scopes
+    assert all(op["scope"] != "(unknown)" for op in report["ops"])
+    assert report["ops"] == sorted(report["ops"], key=lambda op: -op["ms_per_step"])
+    assert "block/conv" in op_profile.format_report(report)
+
+
+GPU_HLO = """\
+HloModule jit_step
+
+%fused_reduce (param_0: f32[8,4,4,16]) -> f32[16] {
+  ROOT %reduce.1 = f32[16]{0} reduce(%param_0, %c), dimensions={0,1,2}, to_apply=%add
+}
+
+ENTRY %main (p0: f32[8,4,4,16], p1: f32[3,3,16,16]) -> f32[16] {
+  %p0 = f32[8,4,4,16]{3,2,1,0} parameter(0)
+  %cudnn-conv.3 = (f32[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/jvp(PAN)/backbone/layer3_1/conv2/conv_general_dilated"}
+  %custom-call.7 = f32[16,16]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/transpose(jvp(PAN))/decoder/fpa/oh,nhwc->nowc/dot_general"}
+  %input_reduce_fusion = f32[16]{0} fusion(%cudnn-conv.3), kind=kInput, calls=%fused_reduce
+  %copy.2 = f32[16]{0} copy(%input_reduce_fusion)
+  ROOT %loop_add_fusion = f32[16]{0} fusion(%copy.2), kind=kLoop, calls=%fused_add
+}
+"""  # noqa: E501 (HLO lines are as long as XLA writes them)
+
+
+def test_instruction_info_reads_gpu_hlo():
+    info = op_profile.instruction_info(GPU_HLO)
+    assert info["cudnn-conv.3"] == ("convolution", "backbone/layer3_1")
+    assert info["custom-call.7"] == ("matmul", "bwd decoder/fpa")
+    # No metadata of its own: scoped by what it reads.
+    assert info["input_reduce_fusion"] == ("reduction", "backbone/layer3_1")
+    assert info["copy.2"][0] == "copy/transpose"
+    assert info["loop_add_fusion"][0] == "elementwise fusion"
+    assert "p0" not in info
