@@ -53,8 +53,10 @@ main=("$PYTHON" -m pan_jax.main --config="$CONFIG" --workdir="$WORKDIR"
   --config.data.num_workers="$NUM_WORKERS" "$@")
 
 pids=()
+stop_requested=0
 # shellcheck disable=SC2317,SC2329  # called by the trap
 forward() { # Ctrl-C or SIGTERM: every process gets SIGTERM, saves at the same step and exits
+  stop_requested=1
   if ((${#pids[@]})); then
     kill -TERM "${pids[@]}" 2>/dev/null || true
   fi
@@ -81,6 +83,10 @@ for ((i = 0; i < PROCESSES; i++)); do
 done
 if ((DRY_RUN)); then
   exit 0
+fi
+# A signal during the loop above reached only the processes whose pid was recorded by then.
+if ((stop_requested)); then
+  forward
 fi
 echo "started ${PROCESSES} process(es); logs: ${WORKDIR%/}.process_*.log (tail -f)"
 status=0

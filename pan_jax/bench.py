@@ -9,6 +9,7 @@ step), the median step time over `--steps` timed steps after `--warmup`, images/
 FLOPs per image, MFU against `--peak_tflops` or a measured bf16 matmul rate, and peak device
 memory. The peer is `segmentation_models_pytorch.PAN` with the same backbone, batch and crop:
 fp32 on CPU, bf16 autocast with channels_last on GPU, eager and with torch.compile.
+`--profile_dir` traces each of our measurements and prints where its time goes (op_profile).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from pan_jax import models, op_profile, sharding, train, xla_flags
+from pan_jax import models, op_profile, sharding, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "pan_smp", "Model name (pan_jax.models).")
@@ -44,9 +45,6 @@ flags.DEFINE_integer("warmup", 3, "Untimed repetitions after compilation.")
 flags.DEFINE_float("peak_tflops", 0.0, "Device peak for MFU; 0 = measure a bf16 matmul.")
 flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
 flags.DEFINE_float("budget_s", 0.0, "Skip remaining measurements after this many seconds.")
-flags.DEFINE_bool(
-    "fast_cpu", True, "Use pan_jax.xla_flags' CPU kernels, as the training entry point does."
-)
 flags.DEFINE_string(
     "profile_dir",
     None,
@@ -262,14 +260,12 @@ def machine() -> dict:
 
 def main(argv) -> None:
     del argv
-    fast_cpu = xla_flags.use_fast_cpu_kernels() if FLAGS.fast_cpu else False
     started = time.perf_counter()
     arg_names = ("model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup")
     report: dict[str, Any] = {
         "machine": machine(),
         "args": {name: FLAGS[name].value for name in arg_names},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "fast_cpu_kernels": fast_cpu,
         "results": [],
     }
     on_gpu = jax.devices()[0].platform == "gpu"

@@ -30,9 +30,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    from pan_jax import xla_flags
-
-    xla_flags.use_fast_cpu_kernels()  # before JAX starts its backends, which read XLA_FLAGS
     try:  # keep TensorFlow (tfds builds datasets with it) off the accelerators
         import tensorflow as tf
 

@@ -66,10 +66,16 @@ def _category(name: str, definition: str, body: list[str]) -> str:
     return "other"
 
 
+def _is_forward(scope: str) -> bool:
+    return not scope.startswith("bwd ")
+
+
 def _scope(op_name: str, depth: int = 2) -> str:
     """`jit(step)/transpose(jvp(Model))/backbone/layer3_1/bn1/mul` -> `bwd backbone/layer3_1`."""
     backward = "transpose(" in op_name
     modules = [part for part in op_name.split("/") if part and not _WRAPPER.match(part)]
+    if modules and modules[0][:1].isupper():  # the top module's class name, outside jvp(...)
+        modules = modules[1:]
     path = "/".join(modules[:-1][:depth]) or "(step)"  # the last part is the primitive
     return f"bwd {path}" if backward else path
 
@@ -95,9 +101,11 @@ def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
             scopes = collections.Counter(_scope(op) for op in op_names)
             if scopes:
                 scope = scopes.most_common(1)[0][0]
-            else:  # e.g. a weight-gradient convolution: scoped by the operands it reads
+            else:  # e.g. a weight-gradient convolution: scoped by the operands it reads,
+                # preferring the backward pass's (it also reads forward activations).
                 operands = [info[o][1] for o in _OPERAND.findall(definition) if o in info]
-                scope = next((s for s in operands if s != "(step)"), "(step)")
+                known = sorted((s for s in operands if s != "(step)"), key=_is_forward)
+                scope = known[0] if known else "(step)"
             info[name] = (_category(name, definition, body), scope)
     return info
 

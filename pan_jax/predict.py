@@ -37,7 +37,7 @@ from absl import app, flags, logging
 from etils import epath
 from PIL import Image, ImageOps
 
-from pan_jax import evaluate, xla_flags
+from pan_jax import evaluate
 
 FORMATS = ("voc", "cityscapes", "indices")
 # Cityscapes trainId colors, from cityscapesScripts `helpers/labels.py`.
@@ -311,7 +311,6 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError("give exactly one of --workdir and --model_dir")
     if not FLAGS.input or not FLAGS.output:
         raise app.UsageError("--input and --output are required")
-    xla_flags.use_fast_cpu_kernels()  # before the first JAX computation
     directory = FLAGS.workdir or FLAGS.model_dir
     run_config = read_run_config(directory)
     eval_config = dict(run_config.get("eval") or {})

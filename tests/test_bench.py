@@ -113,6 +113,8 @@ ENTRY %main (p0: f32[8,4,4,16], p1: f32[3,3,16,16]) -> f32[16] {
   %cudnn-conv.3 = (f32[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/jvp(PAN)/backbone/layer3_1/conv2/conv_general_dilated"}
   %custom-call.7 = f32[16,16]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/transpose(jvp(PAN))/decoder/fpa/oh,nhwc->nowc/dot_general"}
   %input_reduce_fusion = f32[16]{0} fusion(%cudnn-conv.3), kind=kInput, calls=%fused_reduce
+  %cudnn-conv.4 = (f32[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), custom_call_target="__cudnn$convForward", metadata={op_name="jit(forward)/PAN/decoder/gau1/conv/conv_general_dilated"}
+  %cudnn-conv-bw-filter.1 = (f32[3,3,16,16]{3,2,1,0}, u8[0]{0}) custom-call(%cudnn-conv.4, %custom-call.7), custom_call_target="__cudnn$convBackwardFilter"
   %copy.2 = f32[16]{0} copy(%input_reduce_fusion)
   ROOT %loop_add_fusion = f32[16]{0} fusion(%copy.2), kind=kLoop, calls=%fused_add
 }
@@ -125,6 +127,10 @@ def test_instruction_info_reads_gpu_hlo():
     assert info["custom-call.7"] == ("matmul", "bwd decoder/fpa")
     # No metadata of its own: scoped by what it reads.
     assert info["input_reduce_fusion"] == ("reduction", "backbone/layer3_1")
+    # Outside jvp(...) the top module's class name leads the path; it is dropped.
+    assert info["cudnn-conv.4"] == ("convolution", "decoder/gau1")
+    # A weight gradient reads a forward activation and a gradient: the backward scope wins.
+    assert info["cudnn-conv-bw-filter.1"] == ("convolution", "bwd decoder/fpa")
     assert info["copy.2"][0] == "copy/transpose"
     assert info["loop_add_fusion"][0] == "elementwise fusion"
     assert "p0" not in info
