@@ -124,11 +124,16 @@ def op_times(directory: str) -> dict[str, float]:
     for plane in device or [p for p in planes if p.name.startswith("/host:CPU")]:
         lines = list(plane.lines)
         # TPUs (and derived GPU traces) have one line of XLA ops; raw GPU and CPU traces tag
-        # each kernel or thunk with the `hlo_op` it runs.
+        # each kernel or thunk with the `hlo_op` it runs. A device event without the tag (a
+        # memcpy, say) is still device time: it counts under its own name.
         xla_ops = [line for line in lines if line.name == "XLA Ops"]
         for line in xla_ops or lines:
+            if line.name == "XLA Modules":
+                continue
             for event in line.events:
                 op = event.name if xla_ops else dict(event.stats or ()).get("hlo_op")
+                if not op and device:
+                    op = event.name
                 if op:
                     totals[str(op)] += event.duration_ns * 1e-9
     return dict(totals)

@@ -134,3 +134,42 @@ def test_instruction_info_reads_gpu_hlo():
     assert info["copy.2"][0] == "copy/transpose"
     assert info["loop_add_fusion"][0] == "elementwise fusion"
     assert "p0" not in info
+
+
+GPU_TRACE = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines { id: 1 name: "XLA Modules" events { metadata_id: 3 duration_ps: 9000000 } }
+  lines {
+    id: 2
+    name: "Stream #13(Compute)"
+    events { metadata_id: 1 duration_ps: 2000000 stats { metadata_id: 1 str_value: "cudnn-conv.3" } }
+    events { metadata_id: 1 offset_ps: 3000000 duration_ps: 1000000 stats { metadata_id: 1 str_value: "cudnn-conv.3" } }
+    events { metadata_id: 2 offset_ps: 5000000 duration_ps: 500000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "sm90_xmma_fprop_kernel" } }
+  event_metadata { key: 2 value { id: 2 name: "MemcpyD2D" } }
+  event_metadata { key: 3 value { id: 3 name: "jit_step" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+planes {
+  id: 2
+  name: "/host:CPU"
+  lines { id: 1 name: "launch" events { metadata_id: 1 duration_ps: 7000000 stats { metadata_id: 1 str_value: "cudnn-conv.3" } } }
+  event_metadata { key: 1 value { id: 1 name: "ThunkLaunch" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+"""  # noqa: E501 (one event per line reads best)
+
+
+def test_op_times_sums_gpu_kernels_per_hlo_op(tmp_path):
+    trace = tmp_path / "plugins" / "profile" / "run" / "host.xplane.pb"
+    trace.parent.mkdir(parents=True)
+    trace.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(GPU_TRACE))
+    times = op_profile.op_times(str(tmp_path))
+    # Two kernels of one convolution add up; the memcpy is device time under its own name; the
+    # module span and the host's launch events would count the same work twice.
+    assert times == pytest.approx({"cudnn-conv.3": 3e-6, "MemcpyD2D": 0.5e-6})
+    with pytest.raises(FileNotFoundError, match=r"no \*\.xplane\.pb trace"):
+        op_profile.op_times(str(tmp_path / "empty"))

@@ -260,6 +260,9 @@ def test_single_host_script_turns_a_signal_into_sigterm_for_every_process(tmp_pa
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As from a terminal: bash cannot trap a signal ignored on entry, and a test worker may
+        # have inherited SIGINT ignored (seen: the script never forwarded it, CI timed out).
+        preexec_fn=_default_signal_handlers,
     )
     deadline = time.time() + 30
     while time.time() < deadline and len(_lines(started)) < 2:
@@ -269,6 +272,11 @@ def test_single_host_script_turns_a_signal_into_sigterm_for_every_process(tmp_pa
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
     assert sorted(_lines(signalled)) == ["0", "1"]
+
+
+def _default_signal_handlers() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _lines(path: Path) -> list[str]:
