@@ -66,10 +66,6 @@ def _category(name: str, definition: str, body: list[str]) -> str:
     return "other"
 
 
-def _is_forward(scope: str) -> bool:
-    return not scope.startswith("bwd ")
-
-
 def _scope(op_name: str, depth: int = 2) -> str:
     """`jit(step)/transpose(jvp(Model))/backbone/layer3_1/bn1/mul` -> `bwd backbone/layer3_1`."""
     backward = "transpose(" in op_name
@@ -104,7 +100,9 @@ def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
             else:  # e.g. a weight-gradient convolution: scoped by the operands it reads,
                 # preferring the backward pass's (it also reads forward activations).
                 operands = [info[o][1] for o in _OPERAND.findall(definition) if o in info]
-                known = sorted((s for s in operands if s != "(step)"), key=_is_forward)
+                known = sorted(
+                    (s for s in operands if s != "(step)"), key=lambda s: not s.startswith("bwd ")
+                )
                 scope = known[0] if known else "(step)"
             info[name] = (_category(name, definition, body), scope)
     return info
@@ -156,7 +154,7 @@ def profile(
     total = sum(times.values()) or 1.0
     ops, categories, scopes = [], collections.Counter(), collections.Counter()
     for name, seconds in sorted(times.items(), key=lambda item: -item[1]):
-        category, scope = info.get(name, (_category(name, "", []), "(unknown)"))
+        category, scope = info.get(name) or (_category(name, "", []), "(unknown)")
         ops.append(
             {
                 "name": name,
