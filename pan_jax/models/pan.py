@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pan_jax.models.layers import ConvBN, Dtype, pool2x2, resize_bilinear
+from pan_jax.models.layers import Conv, ConvBN, Dtype, pool2x2, resize_bilinear
 
 # Below 8×8 at the top of the backbone the three 2×2 poolings of the pyramid run out of pixels.
 MIN_PYRAMID_INPUT = 8
@@ -81,12 +81,10 @@ class FPA(nn.Module):
         elif self.attention == "se":
             squeeze = jnp.mean(x, axis=(1, 2), keepdims=True)
             squeeze = nn.relu(
-                nn.Conv(max(x.shape[-1] // 16, 1), (1, 1), dtype=self.dtype, name="se_reduce")(
-                    squeeze
-                )
+                Conv(max(x.shape[-1] // 16, 1), (1, 1), dtype=self.dtype, name="se_reduce")(squeeze)
             )
             attention = nn.sigmoid(
-                nn.Conv(self.features, (1, 1), dtype=self.dtype, name="se_expand")(squeeze)
+                Conv(self.features, (1, 1), dtype=self.dtype, name="se_expand")(squeeze)
             )
         else:
             raise ValueError(f"FPA attention must be 'pyramid' or 'se', got {self.attention!r}")

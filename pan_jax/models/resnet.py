@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pan_jax.models.layers import BatchNorm, Dtype, kaiming_normal_fan_out
+from pan_jax.models.layers import BatchNorm, Conv, Dtype, kaiming_normal_fan_out, residual_relu
 
 STAGE_SIZES = {
     18: (2, 2, 2, 2),
@@ -45,7 +45,7 @@ def stage_dilations(output_stride: int) -> tuple[tuple[int, int], ...]:
 
 def _conv(features: int, kernel: int, stride: int, dilation: int, dtype: Dtype, name: str):
     pad = dilation * (kernel // 2)
-    return nn.Conv(
+    return Conv(
         features,
         (kernel, kernel),
         strides=stride,
@@ -109,7 +109,7 @@ class BasicBlock(nn.Module):
                 self.dtype,
                 name="downsample",
             )(x, train)
-        return nn.relu(y + shortcut)
+        return residual_relu(y + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -140,7 +140,7 @@ class Bottleneck(nn.Module):
                 self.dtype,
                 name="downsample",
             )(x, train)
-        return nn.relu(y + shortcut)
+        return residual_relu(y + shortcut)
 
 
 class ResNet(nn.Module):

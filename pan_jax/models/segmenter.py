@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pan_jax.models.layers import Dtype, resize_bilinear, xavier_uniform
+from pan_jax.models.layers import Conv, Dtype, resize_bilinear, xavier_uniform
 from pan_jax.models.resnet import ResNet
 
 # The pyramid pools the 1/output_stride map three times by 2, so it must be at least 8 pixels.
@@ -49,7 +49,7 @@ class SegmentationModel(nn.Module):
         features = self.backbone(images, train)
         x = features[-1] if self.decoder is None else self.decoder(features, train)
         pad = self.head_kernel // 2
-        x = nn.Conv(
+        x = Conv(
             self.num_classes,
             (self.head_kernel, self.head_kernel),
             padding=((pad, pad), (pad, pad)),
