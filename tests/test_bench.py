@@ -47,6 +47,11 @@ def test_bench_measures_ours_and_the_peer(bench_report):
     train, forward = rows[("pan_jax pan_smp", "train")], rows[("pan_jax pan_smp", "forward")]
     assert 2.5 < train["flops_per_image"] / forward["flops_per_image"] < 3.5
     assert report["machine"]["jax"] == jax.__version__
+    # MFU for every row, ours and the peer's (same network, our FLOP count), against the
+    # measured fp32 matmul rate of this CPU.
+    assert report["peak_source"] == "float32 matmul" and report["peak_tflops"] > 0
+    for row in rows.values():
+        assert 0 < row["mfu"] < 1, row
     assert "ratio pan_jax / smp torch eager (train, batch 2)" in stdout
     assert "ratio pan_jax / smp torch eager (forward, batch 2)" in stdout
 
