@@ -20,7 +20,10 @@ run smp 150 --model=pan_smp --batch=16 --what=train,forward --peer=eager \
   --profile_dir="$out/profile"
 # The paper's model (deep stem, 128-wide decoder).
 run pan 80 --model=pan --batch=16 --what=train --peer=none
-# Larger batches: one compile each; 64 is far below the H200's memory at 6.4 GB per 16 images.
-run batch 150 --model=pan_smp --batch=32,64 --what=train --peer=none
+# The largest batch: 64 is far below the H200's memory at 6.4 GB per 16 images.
+run batch 90 --model=pan_smp --batch=64 --what=train --peer=none
+# 1×1 convolutions as cuDNN convolutions instead of matmuls (the default since the first H200
+# run): the A/B of that choice on this GPU.
+run pointwise 80 --model=pan_smp --batch=16 --what=train --peer=none --pointwise_conv=conv
 # torch.compile peer (its compile is slow, so it runs last and alone).
 run compile 120 --model=pan_smp --batch=16 --what=train --peer=compile --nojax --peak_tflops=1

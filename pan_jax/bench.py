@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags
 
 from pan_jax import models, op_profile, sharding, train
+from pan_jax.models import layers
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "pan_smp", "Model name (pan_jax.models).")
@@ -46,6 +47,12 @@ flags.DEFINE_integer("warmup", 3, "Untimed repetitions after compilation.")
 flags.DEFINE_float("peak_tflops", 0.0, "Device peak for MFU; 0 = measure a bf16 matmul.")
 flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
 flags.DEFINE_float("budget_s", 0.0, "Skip remaining measurements after this many seconds.")
+flags.DEFINE_enum(
+    "pointwise_conv",
+    "matmul",
+    ["matmul", "conv"],
+    "How our 1×1 convolutions lower (models.layers.POINTWISE_AS_MATMUL): to compare them.",
+)
 flags.DEFINE_string(
     "profile_dir",
     None,
@@ -265,7 +272,10 @@ def machine() -> dict:
 def main(argv) -> None:
     del argv
     started = time.perf_counter()
-    arg_names = ("model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup")
+    arg_names = (
+        "model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup",
+        "pointwise_conv",
+    )  # fmt: skip
     report: dict[str, Any] = {
         "machine": machine(),
         "args": {name: FLAGS[name].value for name in arg_names},
@@ -276,6 +286,7 @@ def main(argv) -> None:
     # 8192³ saturates a GPU or TPU; on a CPU it would take minutes, and 2048³ is as fast per FLOP.
     peak = FLAGS.peak_tflops or measure_matmul_tflops(FLAGS.dtype, 2048 if on_cpu else 8192)
     report["peak_tflops"] = peak
+    layers.POINTWISE_AS_MATMUL = FLAGS.pointwise_conv == "matmul"
     report["peak_source"] = "--peak_tflops" if FLAGS.peak_tflops else f"{FLAGS.dtype} matmul"
     ours_flops: dict[tuple[str, int], float] = {}  # the peer computes the same FLOPs as pan_smp
 

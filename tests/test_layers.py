@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pan_jax.models import layers
 from pan_jax.models.layers import (
     BatchNorm,
     Conv,
@@ -120,6 +121,15 @@ def test_conv_matches_torch_conv2d_with_gradients(kernel, stride, dilation, use_
     # Pointwise convolutions are matmuls (fast weight gradients on CPU); the rest stay convs.
     jaxpr = str(jax.make_jaxpr(conv.apply)(variables, jnp.asarray(x)))
     assert ("conv_general_dilated" in jaxpr) == (kernel > 1)
+
+
+def test_pointwise_matmul_can_be_switched_off_for_benchmarks(monkeypatch):
+    conv = Conv(4, (1, 1), padding=((0, 0), (0, 0)))
+    x = jnp.ones((1, 5, 5, 3))
+    variables = conv.init(jax.random.key(0), x)
+    monkeypatch.setattr(layers, "POINTWISE_AS_MATMUL", False)
+    jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
+    assert "conv_general_dilated" in jaxpr and "dot_general" not in jaxpr
 
 
 def test_residual_relu_matches_torch_relu_with_gradients():

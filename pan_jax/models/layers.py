@@ -25,6 +25,11 @@ kaiming_uniform_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "unifor
 xavier_uniform = nn.initializers.xavier_uniform()
 
 
+# Read when a model is traced; `python -m pan_jax.bench --pointwise_conv=conv` sets it to
+# compare the two lowerings on a device.
+POINTWISE_AS_MATMUL = True
+
+
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -42,10 +47,12 @@ def conv_general_dilated(
     Equal to the convolution (a stride is a subsampling before the matmul). XLA:CPU runs the
     matmul and, above all, its weight gradient far faster than a 1×1 convolution: ResNet-101
     at 512² on 2 cores, forward 1.66 → 1.54 s, training step 8.8 → 7.9 s (docs/benchmarks.md).
-    On GPUs and TPUs both are the same tensor-core/MXU GEMM.
+    On GPUs and TPUs both are tensor-core/MXU GEMMs (cuBLAS/Triton instead of cuDNN on GPUs);
+    `python -m pan_jax.bench --pointwise_conv=conv` measures the convolution for comparison.
     """
     pointwise = (
-        lhs.ndim == 4
+        POINTWISE_AS_MATMUL
+        and lhs.ndim == 4
         and rhs.shape[:2] == (1, 1)
         and feature_group_count == 1
         and all(d == 1 for d in (lhs_dilation or (1, 1)))
