@@ -76,7 +76,13 @@ def conv_general_dilated(
     stride_h, stride_w = window_strides
     if (stride_h, stride_w) != (1, 1):
         lhs = lhs[:, ::stride_h, ::stride_w, :]
-    return jax.lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+    return jax.lax.dot_general(
+        lhs,
+        rhs[0, 0],
+        (((3,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=kwargs.get("preferred_element_type"),
+    )
 
 
 # flax's NHWC/HWIO convolution dimension numbers, as `lax.ConvDimensionNumbers` spells them.
