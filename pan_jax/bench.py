@@ -44,7 +44,7 @@ flags.DEFINE_bool("jax", True, "Measure pan_jax (--nojax: the PyTorch peers only
 flags.DEFINE_list("what", ["train", "forward"], "train and/or forward.")
 flags.DEFINE_integer("steps", 20, "Timed repetitions (median reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed repetitions after compilation.")
-flags.DEFINE_float("peak_tflops", 0.0, "Device peak for MFU; 0 = measure a bf16 matmul.")
+flags.DEFINE_float("peak_tflops", 0.0, "Device peak for MFU; 0 = measure a --dtype matmul.")
 flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
 flags.DEFINE_float("budget_s", 0.0, "Skip remaining measurements after this many seconds.")
 flags.DEFINE_enum(
@@ -282,11 +282,11 @@ def main(argv) -> None:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "results": [],
     }
+    layers.POINTWISE_AS_MATMUL = FLAGS.pointwise_conv == "matmul"
     on_cpu = jax.devices()[0].platform == "cpu"
     # 8192³ saturates a GPU or TPU; on a CPU it would take minutes, and 2048³ is as fast per FLOP.
     peak = FLAGS.peak_tflops or measure_matmul_tflops(FLAGS.dtype, 2048 if on_cpu else 8192)
     report["peak_tflops"] = peak
-    layers.POINTWISE_AS_MATMUL = FLAGS.pointwise_conv == "matmul"
     report["peak_source"] = "--peak_tflops" if FLAGS.peak_tflops else f"{FLAGS.dtype} matmul"
     ours_flops: dict[tuple[str, int], float] = {}  # the peer computes the same FLOPs as pan_smp
 

@@ -100,10 +100,11 @@ def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
             else:  # e.g. a weight-gradient convolution: scoped by the operands it reads,
                 # preferring the backward pass's (it also reads forward activations).
                 operands = [info[o][1] for o in _OPERAND.findall(definition) if o in info]
-                known = sorted(
-                    (s for s in operands if s != "(step)"), key=lambda s: not s.startswith("bwd ")
+                scope = min(
+                    (s for s in operands if s != "(step)"),
+                    key=lambda s: not s.startswith("bwd "),
+                    default="(step)",
                 )
-                scope = known[0] if known else "(step)"
             info[name] = (_category(name, definition, body), scope)
     return info
 

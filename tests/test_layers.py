@@ -98,12 +98,12 @@ def test_conv_matches_torch_conv2d_with_gradients(kernel, stride, dilation, use_
     variables = conv.init(jax.random.key(0), jnp.asarray(x))
     kernel_hwio = np.array(variables["params"]["kernel"])
     bias = np.array(variables["params"]["bias"]) if use_bias else None
-    cotangent = rng.standard_normal(conv.apply(variables, jnp.asarray(x)).shape).astype(np.float32)
+    ours = conv.apply(variables, jnp.asarray(x))
+    cotangent = rng.standard_normal(ours.shape).astype(np.float32)
 
     def loss(params, inputs):
         return jnp.sum(conv.apply({"params": params}, inputs) * cotangent)
 
-    ours = conv.apply(variables, jnp.asarray(x))
     grad_params, grad_x = jax.grad(loss, argnums=(0, 1))(variables["params"], jnp.asarray(x))
 
     tx = to_torch(x).requires_grad_()

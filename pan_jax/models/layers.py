@@ -29,6 +29,9 @@ xavier_uniform = nn.initializers.xavier_uniform()
 # compare the two lowerings on a device.
 POINTWISE_AS_MATMUL = True
 
+# flax's NHWC/HWIO convolution dimension numbers, as `lax.ConvDimensionNumbers` spells them.
+_NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
 
 def conv_general_dilated(
     lhs: jax.Array,
@@ -84,9 +87,6 @@ def conv_general_dilated(
         preferred_element_type=kwargs.get("preferred_element_type"),
     )
 
-
-# flax's NHWC/HWIO convolution dimension numbers, as `lax.ConvDimensionNumbers` spells them.
-_NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 # `nn.Conv` with 1×1 convolutions as matmuls; same parameters, same results.
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
