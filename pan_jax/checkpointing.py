@@ -92,6 +92,28 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict, ModelSpec]:
     return variables, spec
 
 
+def load_any(
+    directory: str | os.PathLike, step: int | None = None
+) -> tuple[dict, ModelSpec, int | None]:
+    """(variables, spec, step) of a model directory (`save_variables`; step None) or of a
+    training workdir (its latest or `step` checkpoint)."""
+    path = epath.Path(directory)
+    # A training workdir also holds a model.json (next to checkpoints/): its checkpoints win.
+    if (path / "model.json").exists() and not (path / "checkpoints").exists():
+        if step is not None:
+            raise ValueError(
+                f"{directory} holds one set of weights (model.json): step={step} needs a workdir"
+            )
+        variables, spec = load_variables(path)
+        return variables, spec, None
+    if not (path / "checkpoints").exists():
+        raise FileNotFoundError(
+            f"{directory} is neither a pan_jax model directory (model.json and variables/) nor "
+            "a training workdir (checkpoints/)"
+        )
+    return restore_for_inference(path, step)
+
+
 # ----------------------------------------------------------------------------- training runs
 
 

@@ -562,6 +562,10 @@ def report_markdown(report_json: Mapping[str, Any]) -> str:
         f"**mIoU {_percent(get('miou'))}** · pixel accuracy {_percent(get('pixel_accuracy'))} · "
         f"mean accuracy {_percent(get('mean_accuracy'))}",
         "",
+    ]
+    if get("paper_miou") is not None:
+        lines += [f"The paper reports mIoU {_percent(get('paper_miou'))} for this setting.", ""]
+    lines += [
         "| class | name | IoU (%) | accuracy (%) |",
         "|---:|---|---:|---:|",
     ]
@@ -622,21 +626,7 @@ def load_model(
 ) -> tuple[Any, Any, dict, int | None]:
     """(model, variables, spec, step) from a model directory (`model.json`, as written by
     `checkpointing.save_variables`) or a training workdir (its latest or `step` checkpoint)."""
-    path = epath.Path(directory)
-    # A training workdir also holds a model.json (next to checkpoints/): its checkpoints win.
-    if (path / "model.json").exists() and not (path / "checkpoints").exists():
-        if step is not None:
-            raise ValueError(
-                f"{directory} holds one set of weights (model.json): step={step} needs a workdir"
-            )
-        variables, spec = checkpointing.load_variables(path)
-    else:
-        restore = getattr(checkpointing, "restore_for_inference", None)
-        if restore is None:
-            raise FileNotFoundError(
-                f"{directory}: no model.json, and this pan_jax cannot read training workdirs yet"
-            )
-        variables, spec, step = restore(path, step)
+    variables, spec, step = checkpointing.load_any(directory, step)
     return checkpointing.model_from_spec(spec), variables, spec, step
 
 
@@ -698,6 +688,10 @@ def evaluate(config: Any, workdir: str | os.PathLike, *, step: int | None = None
         f"mean acc {100 * report['mean_accuracy']:.2f} | {report['num_images']} images, "
         f"{config.data.name}/{split}, step {step}"
     )
+    paper = _get(config, "paper_miou_percent", None)  # set by configs/voc_ablation.py
+    if paper is not None:
+        report["paper_miou"] = float(paper) / 100
+        message += f" | the paper: mIoU {float(paper):.2f}"
     logging.info(message)
     if jax.process_index() == 0:
         print(message, flush=True)

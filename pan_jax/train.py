@@ -360,22 +360,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 )
             if done_step % config.log_every_steps == 0 or done_step == config.num_train_steps:
                 now = time.perf_counter()
-                rate = float("nan")
+                values["learning_rate"] = float(schedule(done_step - 1))
+                speed = "? img/s  ETA ?"  # the first step (compilation) has no rate
                 if last_timed is not None and done_step > last_timed[0]:
                     rate = (done_step - last_timed[0]) * images_per_step / (now - last_timed[1])
-                remaining = (config.num_train_steps - done_step) * images_per_step / rate
-                values.update(learning_rate=float(schedule(done_step - 1)), images_per_second=rate)
+                    remaining = (config.num_train_steps - done_step) * images_per_step / rate
+                    values["images_per_second"] = rate
+                    speed = f"{rate:.1f} img/s  ETA {format_duration(remaining)}"
                 writer.write_scalars(done_step, {f"train/{k}": v for k, v in values.items()})
                 logging.info(
-                    "step %d/%d  loss %.4f  lr %.2e  %.1f img/s  ETA %s",
+                    "step %d/%d  loss %.4f  lr %.2e  %s",
                     done_step,
                     config.num_train_steps,
                     values["loss"],
                     values["learning_rate"],
-                    rate,
-                    time.strftime("%H:%M:%S", time.gmtime(remaining))
-                    if math.isfinite(remaining)
-                    else "?",
+                    speed,
                 )
                 last_timed = (done_step, now)
 
@@ -411,6 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if config.eval_every_steps and (step % config.eval_every_steps == 0 or at_end):
                 from pan_jax import evaluate
 
+                flush_metrics(step, force=True)  # this step's rate must not include the eval
+
                 report = evaluate.evaluate_dataset(
                     model,
                     state.variables,
@@ -436,6 +437,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager.close()
     writer.close()
     return state
+
+
+def format_duration(seconds: float) -> str:
+    """`H:MM:SS` with hours past 24 (a month-long ETA must not wrap around like a clock)."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def _digest(batch: dict[str, np.ndarray]) -> str:

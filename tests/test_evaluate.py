@@ -269,6 +269,13 @@ def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys):
         assert row["iou"] is None or 0 <= row["iou"] <= 1
     markdown = (workdir / evaluate.REPORT_MD).read_text()
     assert "| 1 | disk |" in markdown and "mIoU" in markdown
+    assert "paper" not in markdown and "paper_miou" not in saved
+
+    config.paper_miou_percent = 78.37  # configs/voc_ablation.py's rows carry the paper's figure
+    report = evaluate.evaluate(config, workdir)
+    assert report["paper_miou"] == pytest.approx(0.7837)
+    assert "the paper: mIoU 78.37" in capsys.readouterr().out
+    assert "The paper reports mIoU 78.37" in (workdir / evaluate.REPORT_MD).read_text()
 
     config.data.num_classes = 21
     with pytest.raises(ValueError, match="num_classes"):

@@ -1,6 +1,7 @@
 """Training: the optimizer equals PyTorch's, sharding changes nothing, runs resume exactly."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -390,6 +391,40 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, data_dir)
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert len(steps) == 1 and 2 <= steps[0] < 1000, steps
     assert f"checkpoint at step {steps[0]} written" in output
+
+
+def test_a_run_fine_tunes_from_another_runs_latest_checkpoint(tmp_path, data_dir):
+    """The paper's VOC test protocol: train on train_aug, then fine-tune that model on trainval."""
+    first = str(tmp_path / "first")
+    trained = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), first)
+    fine_tune = tiny_config(data_dir, num_train_steps=1, learning_rate=0.0)
+    fine_tune.model.pretrained, fine_tune.model.pretrained_kind = first, "pan_jax"
+    started = train.train_and_evaluate(fine_tune, str(tmp_path / "second"))
+    assert_trees_equal(started.params, trained.params)  # learning rate 0: the loaded weights
+
+    fine_tune.model.pretrained = str(tmp_path / "nothing_here")
+    with pytest.raises(FileNotFoundError, match=r"nothing_here is neither .* model directory"):
+        train.train_and_evaluate(fine_tune, str(tmp_path / "third"))
+
+
+def test_periodic_eval_is_logged_and_kept_out_of_the_training_rate(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    config = tiny_config(data_dir, num_train_steps=4, eval_every_steps=2, checkpoint_every_steps=4)
+    train.train_and_evaluate(config, str(workdir))
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval/miou" in r}
+    assert sorted(evals) == [2, 4]
+    assert all(0.0 <= r["eval/miou"] <= 1.0 for r in evals.values())
+    rows = {r["step"]: r for r in records if "train/loss" in r}
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert "train/images_per_second" not in rows[1]  # the compiling step has no rate
+    for step in (2, 3, 4):  # an eval right after a logged step must not void its rate
+        assert math.isfinite(rows[step]["train/images_per_second"]), rows[step]
+
+
+def test_eta_counts_hours_past_a_day():
+    assert train.format_duration(3 * 86400 + 61.4) == "72:01:01"
+    assert train.format_duration(59.6) == "0:01:00"
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):

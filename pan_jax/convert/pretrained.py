@@ -101,7 +101,7 @@ def _read(path: str | os.PathLike, kind: str) -> tuple[dict, Arch | None, list[s
         return from_smp(state_dict), arch, []
     from pan_jax import checkpointing  # orbax is only needed for this kind
 
-    variables, spec = checkpointing.load_variables(path)
+    variables, spec, _ = checkpointing.load_any(path)  # a model dir or a run's latest checkpoint
     backbone = checkpointing.model_from_spec(spec).backbone
     return variables, _backbone_arch(backbone), []
 
@@ -131,8 +131,9 @@ def load_pretrained(
     Args:
       variables: `{'params', 'batch_stats'}` of a `models.SegmentationModel` (params under
         'backbone', 'decoder', 'head').
-      path: a .safetensors/.pth/.pt/.bin file for kinds torchvision, timm and smp; a directory
-        written by `checkpointing.save_variables` for kind pan_jax. Local or gs://.
+      path: a .safetensors/.pth/.pt/.bin file for kinds torchvision, timm and smp; for kind
+        pan_jax a directory written by `checkpointing.save_variables` or a training workdir
+        (its latest checkpoint: fine-tuning). Local or gs://.
       kind: one of PRETRAINED_KINDS.
       model: the model `variables` belong to. Optional, but pass it: it lets the backbone's
         stem, depth and shortcut type be checked against the checkpoint's (timm's "d"

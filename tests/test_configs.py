@@ -1,0 +1,116 @@
+"""The config files: each loads through the command-line flag and builds its model; every row of
+configs/voc_ablation.py builds the network its table row describes."""
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from absl import flags
+from flax import traverse_util
+from ml_collections import config_flags
+
+from configs import voc_ablation
+from pan_jax import checkpointing, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(argument: str, *overrides: str):
+    """The config `--config=argument` gives, parsed by the same flag as pan_jax.main's."""
+    argv = ["prog", f"--config={REPO / argument}", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
+    )
+    values(argv)
+    return values.config
+
+
+def decoder_kernels(config) -> dict[str, tuple[int, ...]]:
+    """Shapes of the decoder's and head's conv kernels (ResNet-18 to keep it quick)."""
+    config = config.copy_and_resolve_references()
+    config.model.backbone = "resnet18"
+    model = train.create_model(config)
+    images = jnp.zeros((1, 128, 128, 3))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    flat = traverse_util.flatten_dict(shapes["params"], sep="/")
+    return {
+        name.removesuffix("/kernel").removesuffix("/conv"): leaf.shape
+        for name, leaf in flat.items()
+        if name.endswith("kernel") and not name.startswith("backbone")
+    }
+
+
+def fpa_max_pools(config) -> int:
+    """How many 2×2 max pools the forward runs (FPA's pyramid; the stem's 3×3 one is not 2×2)."""
+    config = config.copy_and_resolve_references()
+    config.model.backbone = "resnet18"
+    model = train.create_model(config)
+    images = jnp.zeros((1, 128, 128, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, images, train=False))(variables))
+    pools = jaxpr.split("reduce_window_max[")[1:]  # text: counts inside nested jaxprs too
+    return sum("window_dimensions=(1, 2, 2, 1)" in pool.split("]")[0] for pool in pools)
+
+
+@pytest.mark.parametrize("name", ["configs/voc.py", "configs/cityscapes.py", "configs/demo.py"])
+def test_each_config_file_loads_and_builds_its_model(name):
+    config = load(name, "--config.model.backbone=resnet18")
+    assert decoder_kernels(config)["head"][-1] == config.data.num_classes
+
+
+def test_an_ablation_row_is_chosen_after_the_colon_and_fields_still_override():
+    config = load("configs/voc_ablation.py:fpa_c333_max", "--config.batch_size=8")
+    assert config.model.name == "fpa" and config.batch_size == 8
+    assert config.paper_miou_percent == 77.13
+    with pytest.raises(ValueError, match=r"needs a row.*fpa_c357_ave_gp.*gau_gp_1x1"):
+        voc_ablation.get_config("fpa_c999")
+    with pytest.raises(ValueError, match=r"needs a row"):
+        voc_ablation.get_config()
+
+
+@pytest.mark.parametrize("row", list(voc_ablation.ROWS))
+def test_each_row_builds_the_network_of_its_table_row(row):
+    config = voc_ablation.get_config(row)
+    kernels = decoder_kernels(config)
+    fpa = {k.split("/")[2]: v for k, v in kernels.items() if k.startswith("decoder/fpa/")}
+    gau = {k: v for k, v in kernels.items() if k.startswith("decoder/gau")}
+    if row == "fcn":
+        assert list(kernels) == ["head"] and kernels["head"][:2] == (1, 1)
+    elif row.startswith("fpa_"):
+        assert not gau and kernels["head"][:2] == (1, 1)  # FPA with direct upsampling
+        if row == "fpa_se":
+            assert {"se_reduce", "se_expand"} <= set(fpa) and "down1" not in fpa
+        else:
+            sizes = "c357" if "c357" in row else "c333"
+            expected = (7, 5, 3) if sizes == "c357" else (3, 3, 3)
+            assert tuple(fpa[k][0] for k in ("down1", "down2", "down3_1")) == expected
+            assert fpa_max_pools(config) == (3 if "_max" in row else 0)
+        assert ("branch1" in fpa) == row.endswith("_gp")
+    elif row.startswith("gau_"):
+        assert not fpa and "decoder/top" in kernels  # GAU on a 1×1 projection of layer4
+        lows = [v for k, v in gau.items() if k.endswith("/low")]
+        gates = [k for k in gau if k.endswith("/attention")]
+        assert len(lows) == 3 and {v[0] for v in lows} == {1 if row == "gau_gp_1x1" else 3}
+        assert len(gates) == (0 if row == "gau_no_gp" else 3)
+    elif row.startswith("pan"):
+        assert fpa["down1"][0] == 7 and "branch1" in fpa and len(gau) == 6
+        assert fpa_max_pools(config) == 0
+    else:
+        assert row in ("psp", "aspp") and config.model.name == row
+
+
+def test_table5_rows_differ_only_in_evaluation_so_they_score_one_trained_pan():
+    specs = {row: train.model_spec(voc_ablation.get_config(row)) for row in ("pan", "pan_ms")}
+    checkpointing.check_spec(specs["pan"], specs["pan_ms"], "test")  # raises if they differ
+    ms_flip = voc_ablation.get_config("pan_ms_flip")
+    assert ms_flip.eval.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and ms_flip.eval.flip
+    assert voc_ablation.get_config("pan").eval.scales == (1.0,)
+
+
+def test_the_reproduction_doc_lists_every_row_with_the_papers_figure():
+    text = (REPO / "docs" / "reproduction.md").read_text()
+    listed = dict(re.findall(r"^\| `(\w+)` \|.*\| ([\d.]+) \| [^|]* \|$", text, re.MULTILINE))
+    assert listed == {row: f"{fields[-1]:.2f}" for row, fields in voc_ablation.ROWS.items()}
