@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 5000  # 0 = only with --mode=eval
     config.log_batch_digests = False  # log a hash of every batch (tests of exact resume)
 
-    # Evaluation protocol (--mode=eval): the paper's final numbers use multi-scale + flip.
+    # Evaluation protocol (--mode=eval): the paper's final numbers use multi-scale + flip. The
+    # periodic evaluation during training uses mode, crop and stride, single-scale without flip.
     config.eval = ml_collections.ConfigDict()
     config.eval.mode = "whole"  # whole | slide
     config.eval.scales = (1.0,)

@@ -411,12 +411,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 from pan_jax import evaluate
 
                 flush_metrics(step, force=True)  # this step's rate must not include the eval
-
+                # As mmseg: config.eval's whole/slide inference, single scale without flip;
+                # multi-scale + flip is for --mode=eval.
+                options = evaluate.eval_options(config.get("eval"))
+                options.update(scales=(1.0,), flip=False)
                 report = evaluate.evaluate_dataset(
                     model,
                     state.variables,
                     pipeline.eval_dataset(config.data),
                     num_classes=config.data.num_classes,
+                    **options,
                 )
                 writer.write_scalars(
                     step,

@@ -407,10 +407,25 @@ def test_a_run_fine_tunes_from_another_runs_latest_checkpoint(tmp_path, data_dir
         train.train_and_evaluate(fine_tune, str(tmp_path / "third"))
 
 
-def test_periodic_eval_is_logged_and_kept_out_of_the_training_rate(tmp_path, data_dir):
+def test_periodic_eval_is_logged_and_kept_out_of_the_training_rate(tmp_path, data_dir, monkeypatch):
+    from pan_jax import evaluate
+
+    calls = []
+
+    def evaluate_dataset(*args, **kwargs):
+        calls.append(kwargs)
+        return real_evaluate_dataset(*args, **kwargs)
+
+    real_evaluate_dataset = evaluate.evaluate_dataset
+    monkeypatch.setattr(evaluate, "evaluate_dataset", evaluate_dataset)
     workdir = tmp_path / "run"
     config = tiny_config(data_dir, num_train_steps=4, eval_every_steps=2, checkpoint_every_steps=4)
+    config.eval.update(mode="slide", crop_size=128, stride=96, scales=(0.5, 1.0), flip=True)
     train.train_and_evaluate(config, str(workdir))
+    assert len(calls) == 2  # config.eval's inference mode, but single-scale and no flip
+    assert {(c["mode"], c["crop_size"], c["stride"], c["scales"], c["flip"]) for c in calls} == {
+        ("slide", (128, 128), (96, 96), (1.0,), False)
+    }
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in records if "eval/miou" in r}
     assert sorted(evals) == [2, 4]
