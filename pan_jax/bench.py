@@ -102,6 +102,36 @@ def _peak_memory_gb() -> float:
     return stats.get("peak_bytes_in_use", float("nan")) / 2**30
 
 
+def largest_batch(
+    step_peak_bytes: float, state_bytes: float, batch: int, limit_bytes: float, multiple: int
+) -> int:
+    """The largest multiple of `multiple` whose train step fits `limit_bytes` with 10% to spare.
+
+    A linear fit through one compiled step: the train state is fixed, the rest (the batch, the
+    activations kept for the backward pass, the workspace) grows with the batch.
+    """
+    per_image = (step_peak_bytes - state_bytes) / batch
+    fits = int((0.9 * limit_bytes - state_bytes) // per_image)
+    return max(fits // multiple * multiple, 0)
+
+
+def _compiled_memory(compiled, state, batch: int) -> dict:
+    """XLA's own memory plan of the step, and from it the largest batch the device holds."""
+    try:
+        step_peak = float(compiled.memory_analysis().peak_memory_in_bytes)
+    except Exception:  # not every backend reports it
+        return {}
+    state_bytes = float(sum(leaf.nbytes for leaf in jax.tree.leaves(state)))
+    out = {"compiled_peak_gb": step_peak / 2**30, "state_gb": state_bytes / 2**30}
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if limit:  # None on CPUs: host memory is not the device's to plan with
+        devices = jax.device_count()  # the state is replicated, the batch split
+        per_device = largest_batch(step_peak, state_bytes, batch // devices, limit, 8)
+        out["device_memory_gb"] = limit / 2**30
+        out["largest_batch_estimate"] = per_device * devices
+    return out
+
+
 def _maybe_profile(run: Callable[[], None], compiled, name: str) -> dict:
     """{"profile": ...} when --profile_dir is set: a trace of 3 steps, reduced to op times."""
     if not FLAGS.profile_dir:
@@ -149,6 +179,7 @@ def jax_train(
     start = time.perf_counter()
     lowered = step.lower(state, device_batch, key)
     compiled = lowered.compile()
+    memory = _compiled_memory(compiled, state, batch)
     state, metrics = compiled(state, device_batch, key)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
@@ -165,6 +196,7 @@ def jax_train(
         "images_per_s": batch / seconds,
         "flops_per_image": _flops(lowered) / batch,
         "peak_memory_gb": _peak_memory_gb(),
+        **memory,
         **_maybe_profile(run, compiled, f"train_b{batch}"),
     }
 
@@ -391,6 +423,13 @@ def print_table(report: dict) -> None:
         if r["impl"].startswith("smp") and "error" not in r and key in ours:
             ratio = ours[key]["images_per_s"] / r["images_per_s"]
             print(f"ratio pan_jax / {r['impl']} ({r['what']}, batch {r['batch']}): {ratio:.2f}x")
+    for r in rows:
+        if r.get("largest_batch_estimate") is not None:
+            print(
+                f"{r['impl']} {r['what']}: XLA plans {r['compiled_peak_gb']:.2f} GB for batch "
+                f"{r['batch']}; the largest batch in {r['device_memory_gb']:.1f} GB is about "
+                f"{r['largest_batch_estimate']}"
+            )
     sys.stdout.flush()
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pan_jax import op_profile
+from pan_jax import bench, op_profile
 from pan_jax.models.layers import ConvBN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +54,18 @@ def test_bench_measures_ours_and_the_peer(bench_report):
         assert 0 < row["mfu"] < 1, row
     assert "ratio pan_jax / smp torch eager (train, batch 2)" in stdout
     assert "ratio pan_jax / smp torch eager (forward, batch 2)" in stdout
+    # XLA's memory plan of the train step holds the state; a CPU has no device memory limit to
+    # fit a batch into (on GPUs the JSON and the table give the largest batch).
+    assert train["compiled_peak_gb"] > train["state_gb"] > 0.04  # ResNet-18 PAN, fp32 + momentum
+    assert "largest_batch_estimate" not in train
+
+
+def test_largest_batch_fits_the_state_plus_a_linear_share_per_image():
+    gb = 2**30
+    # 4 GB of state and 16 images in 20 GB: 1 GB per image; 90% of 80 GB leaves room for 68.
+    assert bench.largest_batch(20 * gb, 4 * gb, 16, 80 * gb, 8) == 64
+    assert bench.largest_batch(20 * gb, 4 * gb, 16, 80 * gb, 1) == 68
+    assert bench.largest_batch(20 * gb, 4 * gb, 16, 4 * gb, 8) == 0
 
 
 def test_bench_profile_says_where_the_time_goes(bench_report):
