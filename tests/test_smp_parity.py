@@ -111,3 +111,72 @@ def test_conversion_errors_name_the_keys():
     assert "decoder/fpa/mid/bn/var" in message and "(7,)" in message  # shape mismatch
     with pytest.raises(convert.ConversionError, match=r"segmentation_head\.0\.weight"):
         convert.from_smp({"encoder.conv1.weight": torch.zeros(1)})
+
+
+def test_training_steps_equal_smp_trained_in_pytorch():
+    """Three steps of our train step (loss, gradients, SyncBN statistics, SGD with weight decay
+    and poly schedule) against SMP's PAN trained with torch.optim.SGD on the same batches.
+
+    Tolerances are those of float32 itself: SMP's pyramid ends in 1×1 maps whose BatchNorm
+    sees 4 values, and its gradients differ by percents between PyTorch in float32 and in
+    float64. They still catch a wrong loss normalisation, learning-rate schedule, gradient
+    scale or BatchNorm momentum.
+    """
+    from configs import demo
+    from pan_jax import train
+
+    steps, lr = 3, 1e-3
+    torch.manual_seed(0)
+    torch_model = smp.PAN(encoder_name="resnet18", encoder_weights=None, classes=5).train()
+    config = demo.get_config()
+    config.model.name, config.model.backbone = "pan_smp", "resnet18"
+    config.model.overrides = {}
+    config.data.num_classes = 5
+    config.num_train_steps, config.learning_rate, config.warmup_steps = steps, lr, 0
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    initial = convert.from_smp(torch_model.state_dict())
+    state = train.TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32),
+        params=initial["params"],
+        batch_stats=initial["batch_stats"],
+        opt_state=optimizer.init(initial["params"]),
+    )
+    step = jax.jit(
+        lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, optimizer=optimizer)
+    )
+    sgd = torch.optim.SGD(torch_model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    poly = torch.optim.lr_scheduler.LambdaLR(sgd, lambda i: (1 - i / steps) ** 0.9)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        images = rng.standard_normal((4, 192, 192, 3)).astype(np.float32)
+        labels = rng.integers(0, 5, (4, 192, 192)).astype(np.int32)
+        labels[:, :16] = 255  # ignored rows
+        state, metrics = step(state, {"image": images[None], "label": labels[None]})
+        sgd.zero_grad()
+        loss = torch.nn.functional.cross_entropy(
+            torch_model(torch.from_numpy(images).permute(0, 3, 1, 2)),
+            torch.from_numpy(labels).long(),
+            ignore_index=255,
+        )
+        loss.backward()
+        sgd.step()
+        poly.step()
+        np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=5e-3)
+    expected = convert.from_smp(torch_model.state_dict())
+
+    def flat(tree):
+        return np.concatenate(
+            [np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(tree)]
+        )
+
+    update, expected_update = (
+        flat(params) - flat(initial["params"]) for params in (state.params, expected["params"])
+    )
+    assert np.linalg.norm(update - expected_update) < 0.15 * np.linalg.norm(expected_update)
+    for (path, ours), reference in zip(
+        jax.tree_util.tree_flatten_with_path(state.batch_stats)[0],
+        jax.tree.leaves(expected["batch_stats"]),
+        strict=True,
+    ):
+        error = np.max(np.abs(np.asarray(ours) - reference)) / np.max(np.abs(reference))
+        assert error < 0.03, (jax.tree_util.keystr(path), error)
