@@ -306,7 +306,7 @@ def test_cross_entropy_ignores_255_and_averages_over_valid_pixels():
     labels = labels.at[0, 0].set(255)
     total, count = train.cross_entropy_sum(logits, labels)
     reference = torch.nn.functional.cross_entropy(
-        torch.from_numpy(np.asarray(logits)).permute(0, 3, 1, 2),
+        torch.from_numpy(np.array(logits)).permute(0, 3, 1, 2),
         torch.from_numpy(np.asarray(labels, np.int64)),
         ignore_index=255,
     )
