@@ -15,13 +15,15 @@ Usage: launch/gpu_single_host.sh [--dry-run] [--processes=N] [MAIN_FLAGS...]
 
 Ctrl-C or SIGTERM to this script makes every process save a checkpoint at the same step and
 exit; running the same command again resumes from WORKDIR. Logs: WORKDIR.process_<i>.log. Settings are environment variables: CONFIG
-[configs/voc.py], WORKDIR [runs/<config name>], TFDS_DATA_DIR [~/tensorflow_datasets],
+[configs/voc.py], WORKDIR [runs/<config name>, or <name>_<ROW> for file.py:ROW], TFDS_DATA_DIR [~/tensorflow_datasets],
 PYTHON [python3], NUM_WORKERS [grain decoding processes per training process], PORT [12355].
 EOF
 }
 
 CONFIG="${CONFIG:-configs/voc.py}"
-WORKDIR="${WORKDIR:-runs/$(basename "${CONFIG%.py}")}"
+config_name=$(basename "${CONFIG%%:*}" .py)  # configs/voc_ablation.py:ROW -> voc_ablation_ROW
+[[ $CONFIG == *:* ]] && config_name+="_${CONFIG#*:}"
+WORKDIR="${WORKDIR:-runs/${config_name}}"
 TFDS_DATA_DIR="${TFDS_DATA_DIR:-${HOME}/tensorflow_datasets}"
 PYTHON="${PYTHON:-python3}"
 PORT="${PORT:-12355}"

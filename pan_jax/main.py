@@ -26,6 +26,13 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or not noisy
 
 
+def default_workdir(config_argument: str) -> str:
+    """runs/<config name>, and for `file.py:ROW` runs/<config name>_<ROW>: one per row."""
+    path, _, row = config_argument.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{name}_{row}" if row else name)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -42,10 +49,7 @@ def main(argv):
     sharding.initialize_distributed()
     import jax
 
-    workdir = FLAGS.workdir or os.path.join(
-        "runs",
-        os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0],
-    )
+    workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
     logging.info(
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )

@@ -236,6 +236,22 @@ def test_single_host_script_layouts(tmp_path):
         assert command[4:7] == ["python3", "-m", "pan_jax.main"]
 
 
+def test_each_ablation_row_gets_its_own_default_workdir():
+    from pan_jax import main
+
+    assert main.default_workdir("configs/voc.py") == "runs/voc"
+    row = "configs/voc_ablation.py:fpa_c333_ave"
+    assert main.default_workdir(row) == "runs/voc_ablation_fpa_c333_ave"
+    for config, workdir in (
+        ("configs/cityscapes.py", "runs/cityscapes"),
+        (row, "runs/voc_ablation_fpa_c333_ave"),
+    ):
+        (command,) = printed_commands(
+            bash("gpu_single_host.sh", "--dry-run", env={"CONFIG": config}).stdout
+        )
+        assert f"--config={config}" in command and f"--workdir={workdir}" in command
+
+
 def test_single_host_script_turns_a_signal_into_sigterm_for_every_process(tmp_path):
     # A stand-in for python: reports its start, and exits 0 on SIGTERM as pan_jax.main does.
     fake = tmp_path / "fake_python"
