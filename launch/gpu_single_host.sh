@@ -14,9 +14,10 @@ Usage: launch/gpu_single_host.sh [--dry-run] [--processes=N] [MAIN_FLAGS...]
   --dry-run                print the commands instead of running them.
 
 Ctrl-C or SIGTERM to this script makes every process save a checkpoint at the same step and
-exit; running the same command again resumes from WORKDIR. Logs: WORKDIR.process_<i>.log. Settings are environment variables: CONFIG
-[configs/voc.py], WORKDIR [runs/<config name>, or <name>_<ROW> for file.py:ROW], TFDS_DATA_DIR [~/tensorflow_datasets],
-PYTHON [python3], NUM_WORKERS [grain decoding processes per training process], PORT [12355].
+exit; running the same command again resumes from WORKDIR. Logs: WORKDIR.process_<i>.log.
+Settings are environment variables: CONFIG [configs/voc.py], WORKDIR [runs/<config name>, or
+runs/<name>_<ROW> for file.py:ROW], TFDS_DATA_DIR [~/tensorflow_datasets], PYTHON [python3],
+NUM_WORKERS [grain decoding processes per training process], PORT [12355].
 EOF
 }
 
