@@ -117,6 +117,13 @@ def load_any(
 # ----------------------------------------------------------------------------- training runs
 
 
+def default_workdir(config_argument: str) -> str:
+    """runs/<config name>, and for `file.py:ROW` runs/<config name>_<ROW>: one per row."""
+    path, _, row = config_argument.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{name}_{row}" if row else name)
+
+
 def prepare_workdir(workdir: str, config: Any, spec: ModelSpec) -> epath.Path:
     """Creates the workdir and writes the resolved config (process 0 only)."""
     path = epath.Path(workdir)

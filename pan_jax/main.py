@@ -5,7 +5,6 @@ tests and notebooks call directly. Re-running the same command resumes from the 
 """
 
 import logging as std_logging
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,13 +25,6 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or not noisy
 
 
-def default_workdir(config_argument: str) -> str:
-    """runs/<config name>, and for `file.py:ROW` runs/<config name>_<ROW>: one per row."""
-    path, _, row = config_argument.partition(":")
-    name = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join("runs", f"{name}_{row}" if row else name)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -49,7 +41,10 @@ def main(argv):
     sharding.initialize_distributed()
     import jax
 
-    workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
+    from pan_jax import checkpointing
+
+    config_argument = config_flags.get_config_filename(FLAGS["config"])
+    workdir = FLAGS.workdir or checkpointing.default_workdir(config_argument)
     logging.info(
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )

@@ -237,11 +237,11 @@ def test_single_host_script_layouts(tmp_path):
 
 
 def test_each_ablation_row_gets_its_own_default_workdir():
-    from pan_jax import main
+    from pan_jax import checkpointing
 
-    assert main.default_workdir("configs/voc.py") == "runs/voc"
+    assert checkpointing.default_workdir("configs/voc.py") == "runs/voc"
     row = "configs/voc_ablation.py:fpa_c333_ave"
-    assert main.default_workdir(row) == "runs/voc_ablation_fpa_c333_ave"
+    assert checkpointing.default_workdir(row) == "runs/voc_ablation_fpa_c333_ave"
     for config, workdir in (
         ("configs/cityscapes.py", "runs/cityscapes"),
         (row, "runs/voc_ablation_fpa_c333_ave"),
