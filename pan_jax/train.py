@@ -336,6 +336,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
 
     step_fn = make_train_step(model, optimizer, mesh, state_sharding)
+    if config.eval_every_steps:  # checked now, not after the first eval_every_steps of training
+        from pan_jax import evaluate
+
+        # As mmseg: config.eval's whole/slide inference, single scale without flip; multi-scale
+        # + flip is for --mode=eval.
+        eval_options = {
+            **evaluate.eval_options(config.get("eval")),
+            "scales": (1.0,),
+            "flip": False,
+        }
     writer = summary.MetricWriter(workdir_path, enabled=jax.process_index() == 0)
     schedule = learning_rate_schedule(config)
     batch_sharding = sharding.batch_sharding(mesh, 2)
@@ -408,19 +418,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 logging.warning("preempted: checkpoint at step %d written, exiting", step)
                 break
             if config.eval_every_steps and (step % config.eval_every_steps == 0 or at_end):
-                from pan_jax import evaluate
-
                 flush_metrics(step, force=True)  # this step's rate must not include the eval
-                # As mmseg: config.eval's whole/slide inference, single scale without flip;
-                # multi-scale + flip is for --mode=eval.
-                options = evaluate.eval_options(config.get("eval"))
-                options.update(scales=(1.0,), flip=False)
                 report = evaluate.evaluate_dataset(
                     model,
                     state.variables,
                     pipeline.eval_dataset(config.data),
                     num_classes=config.data.num_classes,
-                    **options,
+                    **eval_options,
                 )
                 writer.write_scalars(
                     step,

@@ -28,14 +28,19 @@ def load(argument: str, *overrides: str):
     return values.config
 
 
-def decoder_kernels(config) -> dict[str, tuple[int, ...]]:
-    """Shapes of the decoder's and head's conv kernels (ResNet-18 to keep it quick)."""
+def resnet18_model(config):
+    """(model, images, abstract variables) of `config` on ResNet-18, to keep the checks quick."""
     config = config.copy_and_resolve_references()
     config.model.backbone = "resnet18"
     model = train.create_model(config)
     images = jnp.zeros((1, 128, 128, 3))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
-    flat = traverse_util.flatten_dict(shapes["params"], sep="/")
+    return model, images, jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+
+
+def decoder_kernels(config) -> dict[str, tuple[int, ...]]:
+    """Shapes of the decoder's and head's conv kernels."""
+    _, _, variables = resnet18_model(config)
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
     return {
         name.removesuffix("/kernel").removesuffix("/conv"): leaf.shape
         for name, leaf in flat.items()
@@ -45,11 +50,7 @@ def decoder_kernels(config) -> dict[str, tuple[int, ...]]:
 
 def fpa_max_pools(config) -> int:
     """How many 2×2 max pools the forward runs (FPA's pyramid; the stem's 3×3 one is not 2×2)."""
-    config = config.copy_and_resolve_references()
-    config.model.backbone = "resnet18"
-    model = train.create_model(config)
-    images = jnp.zeros((1, 128, 128, 3))
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    model, images, variables = resnet18_model(config)
     jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, images, train=False))(variables))
     pools = jaxpr.split("reduce_window_max[")[1:]  # text: counts inside nested jaxprs too
     return sum("window_dimensions=(1, 2, 2, 1)" in pool.split("]")[0] for pool in pools)
@@ -84,8 +85,7 @@ def test_each_row_builds_the_network_of_its_table_row(row):
         if row == "fpa_se":
             assert {"se_reduce", "se_expand"} <= set(fpa) and "down1" not in fpa
         else:
-            sizes = "c357" if "c357" in row else "c333"
-            expected = (7, 5, 3) if sizes == "c357" else (3, 3, 3)
+            expected = (7, 5, 3) if "c357" in row else (3, 3, 3)
             assert tuple(fpa[k][0] for k in ("down1", "down2", "down3_1")) == expected
             assert fpa_max_pools(config) == (3 if "_max" in row else 0)
         assert ("branch1" in fpa) == row.endswith("_gp")

@@ -426,6 +426,12 @@ def test_periodic_eval_is_logged_and_kept_out_of_the_training_rate(tmp_path, dat
     assert {(c["mode"], c["crop_size"], c["stride"], c["scales"], c["flip"]) for c in calls} == {
         ("slide", (128, 128), (96, 96), (1.0,), False)
     }
+    # A wrong config.eval fails before training, not after eval_every_steps of it.
+    config.eval.mode = "tiles"
+    config.checkpoint_every_steps = 1  # a late failure would leave checkpoints 1 and 2
+    with pytest.raises(ValueError, match=r"config\.eval\.mode='tiles'"):
+        train.train_and_evaluate(config, str(tmp_path / "bad_eval"))
+    assert not list((tmp_path / "bad_eval" / "checkpoints").glob("[0-9]*"))
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in records if "eval/miou" in r}
     assert sorted(evals) == [2, 4]
