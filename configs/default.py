@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.eval_every_steps = 5000  # 0 = only with --mode=eval
     config.log_batch_digests = False  # log a hash of every batch (tests of exact resume)
+    # XLA's persistent cache in WORKDIR/compilation_cache: a resumed run loads its compiled
+    # programs (JAX_COMPILATION_CACHE_DIR, when set, wins; see pan_jax/compile_cache.py).
+    config.compilation_cache = True
 
     # Evaluation protocol (--mode=eval): the paper's final numbers use multi-scale + flip. The
     # periodic evaluation during training uses mode, crop and stride, single-scale without flip.

@@ -41,14 +41,15 @@ def main(argv):
     sharding.initialize_distributed()
     import jax
 
-    from pan_jax import checkpointing
+    from pan_jax import checkpointing, compile_cache
 
     config_argument = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or checkpointing.default_workdir(config_argument)
+    cache_dir = compile_cache.enable(workdir, FLAGS.config.get("compilation_cache", True))
     logging.info(
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
-    logging.info("workdir: %s", workdir)
+    logging.info("workdir: %s, compilation cache: %s", workdir, cache_dir or "off")
     if FLAGS.mode == "train":
         from pan_jax import train
 
@@ -57,6 +58,8 @@ def main(argv):
         from pan_jax import evaluate
 
         evaluate.evaluate(FLAGS.config, workdir, step=FLAGS.step)
+    if cache_dir:
+        logging.info(compile_cache.summary())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from configs import demo
-from pan_jax import checkpointing, train
+from pan_jax import checkpointing, compile_cache, train
 from pan_jax.data import pipeline, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +84,7 @@ def run_main(workdir: Path, data_dir: str, *extra: str, wait: bool = True, **ove
         *extra,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the run's own cache, in its workdir
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -371,12 +373,62 @@ def test_main_writes_a_run_and_resumes_exactly_after_a_hard_kill(tmp_path, data_
     code, output = run_main(killed, data_dir, num_train_steps=6, checkpoint_every_steps=3)
     assert code == 0, output[-3000:]
     assert "start at step 3" in output
+    # The resumed run loaded the killed run's compiled programs from the workdir's cache.
+    assert any((killed / compile_cache.DIRECTORY_NAME).iterdir())
+    loaded = re.search(r"(\d+) programs loaded from the compilation cache", output)
+    assert loaded and int(loaded.group(1)) >= 1, output[-3000:]
 
     assert digests(killed) == digests(straight)
     assert len(digests(straight)) == 6
     a, _, _ = checkpointing.restore_for_inference(straight)
     b, _, _ = checkpointing.restore_for_inference(killed)
     assert_trees_equal(a, b)
+
+
+CACHE_SCRIPT = """
+import sys, jax, jax.numpy as jnp
+from pan_jax import compile_cache
+print("directory", compile_cache.enable(sys.argv[1], enabled=sys.argv[2] == "on"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()
+print(compile_cache.summary())
+"""
+
+
+@pytest.mark.parametrize(
+    "environment, switch, where",
+    [
+        (None, "on", "workdir"),  # the default
+        (None, "off", None),  # config.compilation_cache=False
+        ("", "on", None),  # JAX_COMPILATION_CACHE_DIR= turns it off
+        ("elsewhere", "on", "elsewhere"),  # and moves it
+    ],
+)
+def test_compilation_cache_location(tmp_path, environment, switch, where):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if environment is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = environment and str(tmp_path / environment)
+    command = [sys.executable, "-c", CACHE_SCRIPT, str(tmp_path / "workdir"), switch]
+    outputs = [
+        subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        for _ in range(2)
+    ]
+    for result in outputs:
+        assert result.returncode == 0, result.stderr[-3000:]
+    expected = {
+        "workdir": tmp_path / "workdir" / compile_cache.DIRECTORY_NAME,
+        "elsewhere": tmp_path / "elsewhere",
+        None: None,
+    }[where]
+    assert f"directory {expected}" in outputs[0].stdout
+    written = list(tmp_path.rglob("*-cache"))
+    if expected is None:
+        assert not written
+        assert "0 programs loaded" in outputs[1].stdout
+    else:
+        assert written and all(p.parent == expected for p in written)
+        assert "0 programs loaded" not in outputs[1].stdout  # the second run loaded them
 
 
 def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, data_dir):
