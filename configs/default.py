@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     # XLA's persistent cache in WORKDIR/compilation_cache: a resumed run loads its compiled
     # programs (JAX_COMPILATION_CACHE_DIR, when set, wins; see pan_jax/compile_cache.py).
     config.compilation_cache = True
+    # > 0: a jax.profiler trace of that many steps after the first (TensorBoard's profile tab),
+    # summarized in the log: time by kind of XLA op and Flax module, device busy vs wall time.
+    config.profile_steps = 0
 
     # Evaluation protocol (--mode=eval): the paper's final numbers use multi-scale + flip. The
     # periodic evaluation during training uses mode, crop and stride, single-scale without flip.

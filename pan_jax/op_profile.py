@@ -141,15 +141,21 @@ def op_times(directory: str) -> dict[str, float]:
 def profile(
     run_step: Callable[[], Any], hlo_text: str, directory: str, steps: int = 3
 ) -> dict[str, Any]:
-    """Traces `steps` calls of `run_step` (each must block until done) and reduces the trace.
-
-    Returns {"steps", "ops": [{name, category, scope, ms_per_step, share}] (longest first),
-    "categories": {category: share}, "scopes": {scope: share}, "trace_dir"}.
-    """
+    """Traces `steps` calls of `run_step` (each must block until done) and reduces the trace
+    (`summarize`)."""
     os.makedirs(directory, exist_ok=True)
     with jax.profiler.trace(directory):
         for _ in range(steps):
             run_step()
+    return summarize(directory, hlo_text, steps)
+
+
+def summarize(directory: str, hlo_text: str, steps: int) -> dict[str, Any]:
+    """The newest trace under `directory`, of `steps` runs of the program `hlo_text`, as a table.
+
+    Returns {"steps", "ops": [{name, category, scope, ms_per_step, share}] (longest first),
+    "categories": {category: share}, "scopes": {scope: share}, "trace_dir"}.
+    """
     times = op_times(directory)
     info = instruction_info(hlo_text)
     total = sum(times.values()) or 1.0

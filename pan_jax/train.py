@@ -11,6 +11,7 @@ train step on machines that have only jax, flax and optax.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import signal
@@ -30,6 +31,7 @@ from pan_jax import checkpointing, models, sharding
 
 if TYPE_CHECKING:  # the benchmark runs this module where ml_collections is not installed
     import ml_collections
+    from etils import epath
 
 IGNORE_LABEL = 255
 
@@ -258,6 +260,63 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _StepTrace:
+    """A `jax.profiler` trace of steps `first`..`last` of the real run, input pipeline included.
+
+    It goes where TensorBoard's profile tab finds it (`WORKDIR/tensorboard/plugins/profile`),
+    and process 0 logs it reduced as the benchmark does (`op_profile`): time by kind of XLA op
+    and by Flax module, and the summed op time against the wall time of the traced steps, whose
+    gap is the device waiting for the host or the input (on CPUs thunks overlap, so the sum can
+    exceed the wall time). A profiler that fails costs a warning, never the run.
+    """
+
+    def __init__(self, directory: epath.Path, first: int, steps: int) -> None:
+        self.directory, self.first, self.last = str(directory), first, first + steps - 1
+        self.started: float | None = None
+
+    def before_step(self, step: int) -> None:
+        if step != self.first or self.last < self.first:
+            return
+        try:
+            jax.profiler.start_trace(self.directory)
+            self.started = time.perf_counter()
+        except Exception as error:  # e.g. another trace is running
+            logging.warning("profile not taken: %s: %s", type(error).__name__, error)
+
+    def after_step(self, step: int, step_fn: Callable, *args: Any) -> None:
+        """After step `step` was dispatched with `args` (the new state, the batch, the rng)."""
+        if self.started is None or step != self.last:
+            return
+        jax.block_until_ready(args[0])
+        wall = (time.perf_counter() - self.started) / (self.last - self.first + 1)
+        self.stop()
+        if jax.process_index() != 0:
+            return
+        try:
+            from pan_jax import op_profile
+
+            hlo = step_fn.lower(*args).compile().as_text()  # the compiled step: no recompile
+            report = op_profile.summarize(self.directory, hlo, self.last - self.first + 1)
+        except Exception as error:
+            logging.warning("profile not summarized: %s: %s", type(error).__name__, error)
+            return
+        logging.info(
+            "profile of steps %d-%d in %s: %.1f ms wall per step, XLA ops %.1f ms (%.0f%%)\n%s",
+            self.first,
+            self.last,
+            self.directory,
+            wall * 1e3,
+            report["op_ms_per_step"],
+            100 * report["op_ms_per_step"] / 1e3 / wall,
+            op_profile.format_report(report),
+        )
+
+    def stop(self) -> None:
+        if self.started is not None:
+            self.started = None
+            jax.profiler.stop_trace()
+
+
 def _check_config(config: ml_collections.ConfigDict) -> int:
     devices = jax.device_count()
     if config.batch_size % devices:
@@ -388,7 +447,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 )
                 last_timed = (done_step, now)
 
-    with _Preemption() as preemption:
+    # After the step that compiles, so the trace holds steady-state steps only.
+    trace = _StepTrace(
+        workdir_path / "tensorboard", start_step + 2, int(config.get("profile_steps", 0))
+    )
+    with _Preemption() as preemption, contextlib.ExitStack() as cleanup:
+        cleanup.callback(trace.stop)  # a run that ends or fails inside the traced steps
         step = start_step
         if step < config.num_train_steps:
             logging.info("compiling the train step (first step is slow) ...")
@@ -400,8 +464,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             batch = sharding.global_batch(
                 host_batch_for_step(host_batch, config.grad_accum_steps), batch_sharding
             )
+            trace.before_step(step + 1)
             state, metrics = step_fn(state, batch, step_rng)
             step += 1
+            trace.after_step(step, step_fn, state, batch, step_rng)
             if step == start_step + 1:  # compilation: not part of any rate
                 jax.block_until_ready(state)
                 last_timed = (step, time.perf_counter())

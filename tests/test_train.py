@@ -445,6 +445,21 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, data_dir)
     assert f"checkpoint at step {steps[0]} written" in output
 
 
+def test_profile_steps_trace_the_real_run_and_log_where_the_time_goes(tmp_path, data_dir, caplog):
+    workdir = tmp_path / "run"
+    caplog.set_level("INFO")
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=5, profile_steps=2), workdir)
+    traces = list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1, traces  # where TensorBoard's profile tab looks
+    (message,) = [r.getMessage() for r in caplog.records if "profile of steps" in r.getMessage()]
+    assert message.startswith(f"profile of steps 2-3 in {workdir / 'tensorboard'}:"), message
+    wall, ops = re.search(r"([\d.]+) ms wall per step, XLA ops ([\d.]+) ms", message).groups()
+    assert float(wall) > 0 and float(ops) > 0
+    # The compiled step's HLO names the work: convolutions, forward and backward modules.
+    assert "convolution" in message.split("by kind:")[1].split("\n")[0]
+    assert "bwd " in message and "backbone/" in message
+
+
 def test_a_run_fine_tunes_from_another_runs_latest_checkpoint(tmp_path, data_dir):
     """The paper's VOC test protocol: train on train_aug, then fine-tune that model on trainval."""
     first = str(tmp_path / "first")
