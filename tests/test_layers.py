@@ -142,6 +142,47 @@ def test_residual_relu_matches_torch_relu_with_gradients():
     np.testing.assert_array_equal(grad, tx.grad.numpy())
 
 
+@pytest.mark.parametrize(
+    "shape, window, stride, padding",
+    [
+        ((2, 33, 30, 5), 3, 2, 1),  # the ResNet stem's pool, odd and even sizes
+        ((1, 8, 8, 3), 3, 2, 1),
+        ((2, 9, 7, 4), 2, 2, 0),  # FPA's 2×2 pool, odd sizes floored
+        ((1, 6, 6, 2), 3, 1, 1),  # overlapping windows, stride 1
+    ],
+)
+def test_max_pool_matches_torch_with_gradients(shape, window, stride, padding):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[0] = np.maximum(x[0], 0)  # post-ReLU: many windows tie at 0
+    x[-1, :3, :3] = 0.5  # a plateau: ties between positive values
+    grad = rng.standard_normal(
+        from_torch(F.max_pool2d(to_torch(x), window, stride, padding)).shape
+    ).astype(np.float32)
+
+    def ours(v):
+        return layers.max_pool(v, (window,) * 2, (stride,) * 2, ((padding,) * 2,) * 2)
+
+    out, vjp = jax.vjp(ours, jnp.asarray(x))
+    (ours_grad,) = vjp(jnp.asarray(grad))
+    xt = to_torch(x.copy()).requires_grad_()
+    reference = F.max_pool2d(xt, window, stride, padding)
+    reference.backward(to_torch(grad))
+    np.testing.assert_array_equal(out, from_torch(reference.detach()))
+    # torch gives each window's gradient to its first maximum; sums of overlapping windows
+    # may round differently.
+    np.testing.assert_allclose(ours_grad, from_torch(xt.grad), rtol=0, atol=1e-6)
+    # And XLA's own max-pool gradient (select-and-scatter) agrees; ours has none of it.
+    flax_grad = jax.grad(
+        lambda v: jnp.vdot(
+            nn.max_pool(v, (window,) * 2, (stride,) * 2, ((padding,) * 2,) * 2), grad
+        )
+    )(x)
+    np.testing.assert_allclose(ours_grad, flax_grad, rtol=0, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda v: jax.vjp(ours, v)[1](grad))(x))
+    assert "select_and" not in jaxpr and "scatter" not in jaxpr, jaxpr
+
+
 def test_resnet_block_outputs_are_computed_once():
     """No XLA fusion recomputes the residual stream of earlier blocks (it did with `nn.relu`).
 

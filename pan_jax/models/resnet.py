@@ -19,7 +19,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pan_jax.models.layers import BatchNorm, Conv, Dtype, kaiming_normal_fan_out, residual_relu
+from pan_jax.models.layers import (
+    BatchNorm,
+    Conv,
+    Dtype,
+    kaiming_normal_fan_out,
+    max_pool,
+    residual_relu,
+)
 
 STAGE_SIZES = {
     18: (2, 2, 2, 2),
@@ -180,7 +187,7 @@ class ResNet(nn.Module):
             kernel, stride = (7, 2) if self.stem == "torchvision" else (3, 2 if i == 0 else 1)
             x = _conv(width, kernel, stride, 1, self.dtype, f"stem_conv{i}")(x)
             x = nn.relu(BatchNorm(dtype=self.dtype, name=f"stem_bn{i}")(x, train))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         block_cls: Any = BasicBlock if self.depth < 50 else Bottleneck
         in_features = widths[-1]
