@@ -88,15 +88,6 @@ def median_time(fn: Callable[[], Any], steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _flops(lowered) -> float:
-    """FLOPs of the lowered (unoptimised) HLO. The compiled module's cost analysis misses work:
-    on GPU its convolutions are cuDNN custom calls, which it counts as zero."""
-    analysis = lowered.cost_analysis()
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0]
-    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
-
-
 def _peak_memory_gb() -> float:
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", float("nan")) / 2**30
@@ -194,7 +185,7 @@ def jax_train(
         "compile_s": compile_s,
         "step_s": seconds,
         "images_per_s": batch / seconds,
-        "flops_per_image": _flops(lowered) / batch,
+        "flops_per_image": train.lowered_flops(lowered) / batch,
         "peak_memory_gb": _peak_memory_gb(),
         **memory,
         **_maybe_profile(run, compiled, f"train_b{batch}"),
@@ -226,7 +217,7 @@ def jax_forward(
         "compile_s": compile_s,
         "step_s": seconds,
         "images_per_s": batch / seconds,
-        "flops_per_image": _flops(lowered) / batch,
+        "flops_per_image": train.lowered_flops(lowered) / batch,
         **_maybe_profile(run, compiled, f"forward_b{batch}"),
     }
 

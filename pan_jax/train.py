@@ -222,6 +222,16 @@ def make_train_step(
     )
 
 
+def lowered_flops(lowered: jax.stages.Lowered) -> float:
+    """XLA's FLOP count of a lowered (unoptimised, unpartitioned) program: the whole global
+    batch's work. The compiled module's count misses work: on GPUs its convolutions are cuDNN
+    custom calls, counted as zero, and with several devices it is one device's share."""
+    analysis = lowered.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
 def host_batch_for_step(batch: dict[str, np.ndarray], micro_steps: int) -> dict[str, np.ndarray]:
     """(B, ...) rows of this process → (micro_steps, B / micro_steps, ...)."""
     out = {}
@@ -258,6 +268,21 @@ class _Preemption:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _flops_per_image(
+    step_fn: Callable, args: tuple, config: ml_collections.ConfigDict
+) -> float | None:
+    """The train step's FLOPs per image (logged once); None where XLA cannot count them."""
+    try:
+        flops = lowered_flops(step_fn.lower(*args)) / config.batch_size
+    except Exception as error:  # a backend without cost analysis must not cost the run
+        logging.warning("no FLOP count: %s: %s", type(error).__name__, error)
+        return None
+    if not math.isfinite(flops) or flops <= 0:
+        return None
+    logging.info("train step: %.1f GFLOP per image (XLA's count)", flops / 1e9)
+    return flops
 
 
 class _StepTrace:
@@ -413,6 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # (step, time) of the last completed step the rate was measured from; device_get of a
     # step's metrics returns when that step is done, so rates are of finished work.
     last_timed: tuple[int, float] | None = None
+    flops_per_image: float | None = None  # XLA's count, known after the first step
 
     def flush_metrics(step: int, force: bool = False) -> None:
         """Checks losses one step late, so the host never waits on the step in flight."""
@@ -436,6 +462,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     remaining = (config.num_train_steps - done_step) * images_per_step / rate
                     values["images_per_second"] = rate
                     speed = f"{rate:.1f} img/s  ETA {format_duration(remaining)}"
+                    if flops_per_image:
+                        per_device = rate * flops_per_image / jax.device_count() / 1e12
+                        values["tflops_per_device"] = per_device
+                        speed = f"{rate:.1f} img/s  {per_device:.3g} TFLOP/s/device  " + (
+                            f"ETA {format_duration(remaining)}"
+                        )
                 writer.write_scalars(done_step, {f"train/{k}": v for k, v in values.items()})
                 logging.info(
                     "step %d/%d  loss %.4f  lr %.2e  %s",
@@ -471,6 +503,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step == start_step + 1:  # compilation: not part of any rate
                 jax.block_until_ready(state)
                 last_timed = (step, time.perf_counter())
+                flops_per_image = _flops_per_image(step_fn, (state, batch, step_rng), config)
             pending.append((step, metrics))
             at_end = step == config.num_train_steps
             stop = preemption.requested or manager.reached_preemption(step)

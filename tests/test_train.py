@@ -356,6 +356,15 @@ def test_main_writes_a_run_and_resumes_exactly_after_a_hard_kill(tmp_path, data_
         int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit()
     ) == [3, 6]
     assert "img/s" in output and "ETA" in output
+    # Honest throughput: XLA's FLOP count of the step, and the rate it gives per device.
+    gflop = float(re.search(r"train step: ([\d.]+) GFLOP per image", output).group(1))
+    assert gflop > 0
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if "train/images_per_second" in r]
+    assert timed and all("train/tflops_per_device" in r for r in timed)
+    for r in timed:  # one device: TFLOP/s = img/s × FLOPs per image
+        expected = r["train/images_per_second"] * gflop / 1e3
+        assert r["train/tflops_per_device"] == pytest.approx(expected, rel=0.05)
 
     killed = tmp_path / "killed"
     process = run_main(killed, data_dir, wait=False, num_train_steps=6, checkpoint_every_steps=3)
