@@ -295,8 +295,8 @@ class _StepTrace:
     exceed the wall time). A profiler that fails costs a warning, never the run.
     """
 
-    def __init__(self, directory: epath.Path, first: int, steps: int) -> None:
-        self.directory, self.first, self.last = str(directory), first, first + steps - 1
+    def __init__(self, directory: epath.Path, first: int, last: int) -> None:
+        self.directory, self.first, self.last = str(directory), first, last
         self.started: float | None = None
 
     def before_step(self, step: int) -> None:
@@ -481,7 +481,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # After the step that compiles, so the trace holds steady-state steps only.
     trace = _StepTrace(
-        workdir_path / "tensorboard", start_step + 2, int(config.get("profile_steps", 0))
+        workdir_path / "tensorboard",
+        first=start_step + 2,
+        last=min(start_step + 1 + int(config.get("profile_steps", 0)), config.num_train_steps),
     )
     with _Preemption() as preemption, contextlib.ExitStack() as cleanup:
         cleanup.callback(trace.stop)  # a run that ends or fails inside the traced steps
