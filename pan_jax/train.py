@@ -504,8 +504,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             trace.after_step(step, step_fn, state, batch, step_rng)
             if step == start_step + 1:  # compilation: not part of any rate
                 jax.block_until_ready(state)
-                last_timed = (step, time.perf_counter())
                 flops_per_image = _flops_per_image(step_fn, (state, batch, step_rng), config)
+                last_timed = (step, time.perf_counter())
             pending.append((step, metrics))
             at_end = step == config.num_train_steps
             stop = preemption.requested or manager.reached_preemption(step)
