@@ -229,7 +229,8 @@ def max_pool(
     torch's `max_pool2d` and XLA's select-and-scatter route it. XLA:CPU lowers
     select-and-scatter to a scatter with iota-built indices (the ResNet stem's 3×3/2 pool
     forward + backward took 346 ms at 2×256²×128); here the forward pass records which element
-    won (int8) and the backward pass is one fused loop of masked strided pads (80 ms).
+    won (int8) and the backward pass is one fused loop of masked strided pads (80 ms). A
+    `jax.custom_vjp`: reverse mode only (`jax.jvp` through it raises).
     """
     if padding == "VALID":
         padding = ((0, 0), (0, 0))
