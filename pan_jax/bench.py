@@ -159,9 +159,10 @@ def jax_train(
         out_shardings=state_sharding,
     )(jax.random.key(0))
     rng = np.random.default_rng(0)
-    host = {
-        "image": rng.standard_normal((1, batch, crop, crop, 3)).astype(np.float32),
-        "label": rng.integers(0, NUM_CLASSES, (1, batch, crop, crop)).astype(np.int32),
+    host = {  # what the input pipeline ships: uint8 crops, normalized in the step
+        "image": rng.integers(0, 256, (1, batch, crop, crop, 3), np.uint8),
+        "label": rng.integers(0, NUM_CLASSES, (1, batch, crop, crop), np.uint8),
+        "image_size": np.full((1, batch, 2), crop, np.int32),
     }
     device_batch = sharding.global_batch(host, sharding.batch_sharding(mesh, 2))
     step = train.make_train_step(model, optimizer, mesh, state_sharding)

@@ -38,6 +38,7 @@ from etils import epath
 from PIL import Image, ImageOps
 
 from pan_jax import evaluate
+from pan_jax.normalization import normalize
 
 FORMATS = ("voc", "cityscapes", "indices")
 # Cityscapes trainId colors, from cityscapesScripts `helpers/labels.py`.
@@ -175,8 +176,6 @@ def segment(model: Any, variables: Any, image: np.ndarray, **options: Any) -> np
 
     `options` are `evaluate.predict_scores`'s: mode, scales, flip, crop_size, stride, pad_multiple.
     """
-    from pan_jax.data import normalize
-
     return evaluate.predict_image(model, variables, normalize(np.asarray(image)), **options)
 
 

@@ -27,7 +27,7 @@ import optax
 from absl import logging
 from flax import traverse_util
 
-from pan_jax import checkpointing, models, sharding
+from pan_jax import checkpointing, models, normalization, sharding
 
 if TYPE_CHECKING:  # the benchmark runs this module where ml_collections is not installed
     import ml_collections
@@ -161,10 +161,11 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch of shape (micro_steps, batch, H, W, ...).
 
-    The loss is the cross-entropy averaged over the valid pixels of the whole global batch.
-    With micro_steps > 1 (gradient accumulation) gradients of the micro-batches are summed
-    before the update, so the update equals the full batch's, except that BatchNorm sees each
-    micro-batch on its own.
+    Images are normalized float32, or the input pipeline's uint8 crops with their `image_size`
+    (normalized here, on the device). The loss is the cross-entropy averaged over the valid
+    pixels of the whole global batch. With micro_steps > 1 (gradient accumulation) gradients of
+    the micro-batches are summed before the update, so the update equals the full batch's,
+    except that BatchNorm sees each micro-batch on its own.
     """
     rng = jax.random.fold_in(rng, state.step)
 
@@ -173,16 +174,19 @@ def train_step(
     grads, loss, count = None, jnp.zeros(()), jnp.zeros(())
     batch_stats = state.batch_stats
     for index in range(batch["image"].shape[0]):
+        images = batch["image"][index]
+        if images.dtype == jnp.uint8:  # the input pipeline's crops, normalized here
+            images = normalization.normalize_crops(images, batch["image_size"][index])
 
-        def loss_fn(params, batch_stats=batch_stats, index=index):
+        def loss_fn(params, batch_stats=batch_stats, images=images, index=index):
             logits, updates = model.apply(
                 {"params": params, "batch_stats": batch_stats},
-                batch["image"][index],
+                images,
                 train=True,
                 mutable=["batch_stats"],
                 rngs={"dropout": jax.random.fold_in(rng, index)},
             )
-            loss, count = cross_entropy_sum(logits, batch["label"][index])
+            loss, count = cross_entropy_sum(logits, batch["label"][index].astype(jnp.int32))
             return loss, (count, updates["batch_stats"])
 
         (micro_loss, (micro_count, batch_stats)), micro_grads = jax.value_and_grad(
@@ -235,7 +239,7 @@ def lowered_flops(lowered: jax.stages.Lowered) -> float:
 def host_batch_for_step(batch: dict[str, np.ndarray], micro_steps: int) -> dict[str, np.ndarray]:
     """(B, ...) rows of this process → (micro_steps, B / micro_steps, ...)."""
     out = {}
-    for key in ("image", "label"):
+    for key in batch:
         value = np.asarray(batch[key])
         if value.shape[0] % micro_steps:
             raise ValueError(

@@ -6,6 +6,7 @@ import shutil
 
 import cv2
 import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -14,6 +15,7 @@ from array_record.python import array_record_module
 
 from pan_jax import data
 from pan_jax.data import pipeline, synthetic
+from pan_jax.normalization import normalize_crops
 
 NUM_TRAIN, NUM_VAL, SIZE = 32, 12, 48  # the registered 'tiny' config
 
@@ -72,8 +74,10 @@ def test_train_batches_shapes_values_and_seed_determinism(cfg):
     ds = data.train_dataset(cfg, per_process_batch_size=4, seed=3, process_index=0, process_count=1)
     batches, _ = _take(ds, 6)
     for batch in batches:
-        assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
-        assert batch["label"].shape == (4, 32, 32) and batch["label"].dtype == np.int32
+        # uint8 crops (the train step normalizes on the device): a quarter of float32's bytes.
+        assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
+        assert batch["label"].shape == (4, 32, 32) and batch["label"].dtype == np.uint8
+        assert batch["image_size"].shape == (4, 2) and batch["image_size"].dtype == np.int32
         values = set(np.unique(batch["label"]).tolist())
         assert values <= set(range(synthetic.NUM_CLASSES)) | {255}
     again, _ = _take(
@@ -96,13 +100,20 @@ def test_padding_is_zero_image_and_ignore_label(cfg):
         ),
         1,
     )
-    assert (batch["image"][:, 24:] == 0).all() and (batch["image"][:, :, 24:] == 0).all()
     assert (batch["label"][:, 24:] == 255).all() and (batch["label"][:, :, 24:] == 255).all()
     assert (batch["label"][:, :24, :24] != 255).mean() > 0.5
+    np.testing.assert_array_equal(batch["image_size"], [[24, 24]] * 4)
+    # On the device the padding becomes 0, the mean pixel, as mmseg pads normalized images;
+    # inside each crop the values are the host normalization's (evaluation's) within one float32
+    # ulp (XLA divides by a constant through its reciprocal).
+    images = np.asarray(jax.jit(normalize_crops)(batch["image"], batch["image_size"]))
+    assert (images[:, 24:] == 0).all() and (images[:, :, 24:] == 0).all()
+    expected = data.normalize(batch["image"][:, :24, :24])
+    np.testing.assert_allclose(images[:, :24, :24], expected, rtol=0, atol=2.5e-7)
 
 
 def _identity_cfg(cfg):
-    """No augmentation: the batch images are the normalized source images, so they identify them."""
+    """No augmentation: the batch images are the source images, so they identify them."""
     return _copy(cfg, min_scale=1.0, max_scale=1.0, flip=False, crop_size=SIZE)
 
 
@@ -113,9 +124,7 @@ def _fingerprints(images):
 def test_process_shards_are_disjoint_and_cover_each_epoch(cfg):
     plain = _identity_cfg(cfg)
     source = data.load_source(plain, "train")
-    index_of = {
-        fp: i for i, fp in enumerate(_fingerprints(data.normalize(r["image"]) for r in source))
-    }
+    index_of = {fp: i for i, fp in enumerate(_fingerprints(r["image"] for r in source))}
     assert len(index_of) == NUM_TRAIN
     epochs = {0: [], 1: []}
     for process_index in (0, 1):
@@ -217,7 +226,7 @@ def test_scale_crop_flip_keep_image_and_label_aligned():
             record, rng, crop_size=64, min_scale=0.5, max_scale=2.0, flip=True, num_classes=13
         )
         label = out["label"]
-        image = out["image"] * data.IMAGENET_STD + data.IMAGENET_MEAN
+        image = out["image"].astype(np.float32)
         valid = label != 255
         sizes.add(int(valid.sum()))
         # Away from block edges (3x3 neighbourhood of one class) the pixel has its class' color.
@@ -273,7 +282,7 @@ def test_train_transform_equals_resize_then_crop_then_flip(crop_size):
         flip = bool(rng.random() < 0.5)
         paths.add(nh * nw <= pipeline._RESIZE_AREA_RATIO * ch * cw)
         ref, ref_label = reference_crop(image, label, (nh, nw), (y0, x0), (ch, cw), flip)
-        got = out["image"][:ch, :cw] * data.IMAGENET_STD + data.IMAGENET_MEAN
+        got = out["image"][:ch, :cw].astype(np.float32)
         assert np.abs(got - ref).max() <= 1.01  # fixed-point interpolation rounding
         np.testing.assert_array_equal(out["label"][:ch, :cw], ref_label)
         assert (out["label"][ch:] == 255).all() and (out["label"][:, cw:] == 255).all()

@@ -302,6 +302,39 @@ def _leaf(tree, path):
     return tree
 
 
+def test_the_step_normalizes_the_pipelines_uint8_crops_on_the_device():
+    # FCN: PAN's globally pooled BatchNorms would amplify the 1-ulp input differences.
+    config = tiny_config("unused", **{"model.name": "fcn"})
+    config.model.overrides = ml_collections.ConfigDict({"stem": "torchvision"})
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    state = train.init_state(model, optimizer, jax.random.key(0), 128)
+    record = {
+        "image": np.random.default_rng(0).integers(0, 256, (100, 90, 3), np.uint8),
+        "label": np.random.default_rng(1).integers(0, 13, (100, 90), np.uint8),
+        "file_name": "small",
+    }
+    crops = [
+        pipeline.train_transform(
+            record, np.random.default_rng(seed), crop_size=128, min_scale=0.75, max_scale=1.25,
+            flip=True, num_classes=13,
+        )
+        for seed in range(2)
+    ]  # fmt: skip
+    shipped = {key: np.stack([c[key] for c in crops])[None] for key in crops[0]}
+    assert shipped["image"].dtype == np.uint8 and (shipped["image_size"] < 128).any()
+    # What the host would have fed: normalized, padding 0 (the mean), int32 labels.
+    host = pipeline.normalize(shipped["image"])
+    for index, (h, w) in enumerate(shipped["image_size"][0]):
+        host[0, index, h:], host[0, index, :, w:] = 0.0, 0.0
+    fed = {"image": host, "label": shipped["label"].astype(np.int32)}
+    step = jax.jit(
+        lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, optimizer=optimizer)
+    )
+    (a, metrics_a), (b, metrics_b) = step(state, shipped), step(state, fed)
+    np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
+    assert_trees_equal(a.params, b.params, atol=1e-4)  # updates are ~1e-3; ulps move a few 1e-5
+
+
 def test_cross_entropy_ignores_255_and_averages_over_valid_pixels():
     logits = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 4, 5)), jnp.float32)
     labels = jnp.asarray(np.random.default_rng(3).integers(0, 5, (2, 3, 4)))

@@ -8,18 +8,16 @@ from pan_jax.data import cityscapes, synthetic, voc_aug
 from pan_jax.data.cityscapes import cityscapes_label_id_lut, cityscapes_train_id_lut
 from pan_jax.data.pipeline import (
     IGNORE_LABEL,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CorruptRecordError,
     class_names,
     default_data_config,
     eval_dataset,
     load_source,
-    normalize,
     num_examples,
     prepare,
     train_dataset,
 )
+from pan_jax.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 __all__ = [
     "IGNORE_LABEL",

@@ -1,8 +1,8 @@
-"""The grain input pipeline: tfds ArrayRecord sources -> augmented, normalized host batches.
+"""The grain input pipeline: tfds ArrayRecord sources -> augmented host batches.
 
     source (random access, decoded to numpy)
       -> seed(seed).shuffle().repeat()      global order, reshuffled every epoch, same on all hosts
-      -> random_map(scale/crop/flip/normalize)  RNG from (seed, global position): reproducible
+      -> random_map(scale/crop/flip)        RNG from (seed, global position): reproducible
       -> [process_index::process_count]     disjoint host shards that cover every epoch
       -> batch(per_process_batch_size)      in the MapDataset, so batches do not depend on workers
       -> to_iter_dataset(...) [-> mp_prefetch(num_workers)]
@@ -33,17 +33,9 @@ from absl import flags, logging
 from tensorflow_datasets.core.data_sources import base as tfds_data_sources
 
 from pan_jax.data import cityscapes, synthetic, voc_aug
+from pan_jax.normalization import normalize
 
-# ImageNet statistics in 0..255 pixel units, as torchvision/timm/mmseg backbones expect.
-IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-IMAGENET_STD = np.array([58.395, 57.12, 57.375], np.float32)
 IGNORE_LABEL = 255
-
-
-def normalize(images_uint8: Any) -> Any:
-    """(..., 3) uint8 RGB -> float32 (x - mean) / std; works on numpy and jax arrays."""
-    return (images_uint8.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
-
 
 # normalize() of every uint8 value as a (256, 1, 3) table: cv2.LUT applies it ~5x faster than
 # numpy arithmetic and gives bit-identical float32 results.
@@ -387,7 +379,14 @@ def train_transform(
     flip: bool,
     num_classes: int,
 ) -> dict[str, np.ndarray]:
-    """Random scale, random crop (padding: image 0 after normalization, label 255), random flip."""
+    """Random scale, random crop, random flip of a decoded record.
+
+    Returns {'image': uint8 (crop, crop, 3), 'label': uint8 (crop, crop), 'image_size': int32
+    (2,)}: a crop smaller than `crop_size` (a small image) is padded bottom/right with label 255
+    and image 0, and `image_size` = its (height, width) tells the train step, which normalizes
+    on the device (`normalization.normalize_crops`), to set the padding to 0 after normalizing
+    (the mean pixel, as mmseg pads).
+    """
     image, label = record["image"], record["label"]
     height, width = label.shape
     scale = rng.uniform(min_scale, max_scale)
@@ -416,15 +415,15 @@ def train_transform(
         image = warp(image, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
         label = warp(label, flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
     _check_labels(label, _invalid_label_table(num_classes), num_classes, record["file_name"])
-    normalized = cv2.LUT(image, _NORMALIZE_LUT)
     if (crop_h, crop_w) == (crop_size, crop_size):
-        out_image, out_label = normalized, label.astype(np.int32)
-    else:  # Pad bottom/right: image 0 (= the mean after normalizing), label 255.
-        out_image = np.zeros((crop_size, crop_size, 3), np.float32)
-        out_image[:crop_h, :crop_w] = normalized
-        out_label = np.full((crop_size, crop_size), IGNORE_LABEL, np.int32)
+        out_image, out_label = image, label
+    else:
+        out_image = np.zeros((crop_size, crop_size, 3), np.uint8)
+        out_image[:crop_h, :crop_w] = image
+        out_label = np.full((crop_size, crop_size), IGNORE_LABEL, np.uint8)
         out_label[:crop_h, :crop_w] = label
-    return {"image": out_image, "label": out_label}
+    image_size = np.array([crop_h, crop_w], np.int32)
+    return {"image": out_image, "label": out_label, "image_size": image_size}
 
 
 def eval_transform(record: dict[str, Any], *, num_classes: int) -> dict[str, Any]:
@@ -513,7 +512,8 @@ def train_dataset(
 ) -> grain.IterDataset:
     """Infinite per-host training batches.
 
-    Yields {'image': float32 (B, crop, crop, 3) normalized, 'label': int32 (B, crop, crop)}.
+    Yields {'image': uint8 (B, crop, crop, 3), 'label': uint8 (B, crop, crop), 'image_size':
+    int32 (B, 2)} (see `train_transform`; the train step normalizes on the device).
     process_index/count default to jax.process_index()/process_count().
     """
     process_index, process_count = _process(process_index, process_count)

@@ -1,0 +1,32 @@
+"""The models' input contract: RGB with ImageNet statistics, `(x − mean) / std` in float32.
+
+Evaluation and prediction normalize on the host. Training ships uint8 crops and normalizes on
+the device (`normalize_crops`): a quarter of the bytes through grain's shared memory and the
+host-to-device copy, and no per-pixel float work on the CPU cores that decode.
+"""
+
+from typing import Any
+
+import numpy as np
+
+# ImageNet statistics in 0..255 pixel units, as torchvision/timm/mmseg backbones expect.
+IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+IMAGENET_STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+
+def normalize(images_uint8: Any) -> Any:
+    """(..., 3) uint8 RGB -> float32 (x - mean) / std; works on numpy and jax arrays."""
+    return (images_uint8.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def normalize_crops(images_uint8: Any, image_size: Any) -> Any:
+    """Normalized (B, H, W, 3) float32 crops on the device, 0 (the mean) outside each crop's
+    `image_size` (B, 2) = (height, width): a crop of a smaller image is padded bottom/right.
+    Equals `normalize` within one float32 ulp (XLA divides by a constant via its reciprocal)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    shape = images_uint8.shape[:3]
+    rows = lax.broadcasted_iota(jnp.int32, shape, 1) < image_size[:, 0, None, None]
+    cols = lax.broadcasted_iota(jnp.int32, shape, 2) < image_size[:, 1, None, None]
+    return jnp.where((rows & cols)[..., None], normalize(images_uint8), 0.0)
