@@ -14,13 +14,13 @@ thunks, which may run concurrently, so shares are of the summed op time, not of 
 from __future__ import annotations
 
 import collections
-import glob
 import os
 import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
+from etils import epath
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -110,11 +110,14 @@ def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 
 def op_times(directory: str) -> dict[str, float]:
-    """Seconds per executed HLO instruction in the newest trace under `directory`."""
-    paths = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
+    """Seconds per executed HLO instruction in the newest trace under `directory` (local or
+    gs://: a training run's workdir may be a bucket)."""
+    # jax.profiler writes DIR/plugins/profile/<start time, YYYY_MM_DD_HH_MM_SS>/<host>.xplane.pb.
+    pattern = "plugins/profile/*/*.xplane.pb"
+    paths = sorted(epath.Path(directory).glob(pattern), key=lambda p: p.parent.name)
     if not paths:
         raise FileNotFoundError(f"no *.xplane.pb trace under {directory}")
-    data = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
+    data = jax.profiler.ProfileData.from_serialized_xspace(paths[-1].read_bytes())
     planes = list(data.planes)
     # Accelerator kernels when there are any; the host's thunks otherwise (XLA:CPU). Host events
     # of an accelerator run only launch the kernels, so they would count the work twice.
