@@ -23,6 +23,7 @@ def normalize_crops(images_uint8: Any, image_size: Any) -> Any:
     """Normalized (B, H, W, 3) float32 crops on the device, 0 (the mean) outside each crop's
     `image_size` (B, 2) = (height, width): a crop of a smaller image is padded bottom/right.
     Equals `normalize` within one float32 ulp (XLA divides by a constant via its reciprocal)."""
+    # jax only here: grain's worker processes import this module and need no jax.
     import jax.numpy as jnp
     from jax import lax
 

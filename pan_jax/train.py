@@ -11,7 +11,6 @@ train step on machines that have only jax, flax and optax.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import signal
@@ -141,8 +140,10 @@ def init_state(
 
 
 def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of per-pixel cross-entropy over valid pixels, number of valid pixels); 255 ignored."""
-    logits = logits.astype(jnp.float32)
+    """(sum of per-pixel cross-entropy over valid pixels, number of valid pixels); 255 ignored.
+
+    Labels of any integer type (the input pipeline ships uint8)."""
+    logits, labels = logits.astype(jnp.float32), labels.astype(jnp.int32)
     valid = labels != IGNORE_LABEL
     safe_labels = jnp.where(valid, labels, 0)
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -186,7 +187,7 @@ def train_step(
                 mutable=["batch_stats"],
                 rngs={"dropout": jax.random.fold_in(rng, index)},
             )
-            loss, count = cross_entropy_sum(logits, batch["label"][index].astype(jnp.int32))
+            loss, count = cross_entropy_sum(logits, batch["label"][index])
             return loss, (count, updates["batch_stats"])
 
         (micro_loss, (micro_count, batch_stats)), micro_grads = jax.value_and_grad(
@@ -345,6 +346,12 @@ class _StepTrace:
             self.started = None
             jax.profiler.stop_trace()
 
+    def __enter__(self) -> _StepTrace:
+        return self
+
+    def __exit__(self, *exc) -> None:  # a run that ends or fails inside the traced steps
+        self.stop()
+
 
 def _check_config(config: ml_collections.ConfigDict) -> int:
     devices = jax.device_count()
@@ -465,13 +472,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     rate = (done_step - last_timed[0]) * images_per_step / (now - last_timed[1])
                     remaining = (config.num_train_steps - done_step) * images_per_step / rate
                     values["images_per_second"] = rate
-                    speed = f"{rate:.1f} img/s  ETA {format_duration(remaining)}"
+                    speed = f"{rate:.1f} img/s  "
                     if flops_per_image:
                         per_device = rate * flops_per_image / jax.device_count() / 1e12
                         values["tflops_per_device"] = per_device
-                        speed = f"{rate:.1f} img/s  {per_device:.3g} TFLOP/s/device  " + (
-                            f"ETA {format_duration(remaining)}"
-                        )
+                        speed += f"{per_device:.3g} TFLOP/s/device  "
+                    speed += f"ETA {format_duration(remaining)}"
                 writer.write_scalars(done_step, {f"train/{k}": v for k, v in values.items()})
                 logging.info(
                     "step %d/%d  loss %.4f  lr %.2e  %s",
@@ -489,8 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         first=start_step + 2,
         last=min(start_step + 1 + int(config.get("profile_steps", 0)), config.num_train_steps),
     )
-    with _Preemption() as preemption, contextlib.ExitStack() as cleanup:
-        cleanup.callback(trace.stop)  # a run that ends or fails inside the traced steps
+    with _Preemption() as preemption, trace:
         step = start_step
         if step < config.num_train_steps:
             logging.info("compiling the train step (first step is slow) ...")
