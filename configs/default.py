@@ -17,7 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.backbone = "resnet101"
     config.model.dtype = "bfloat16"  # compute dtype; parameters and BN statistics stay float32
     config.model.overrides = ml_collections.ConfigDict()  # any models.create keyword
-    config.model.pretrained = ""  # a weights file or pan_jax model directory; "" = from scratch
+    # "imagenet" (the backbone variant's ImageNet weights from the Hugging Face Hub, downloaded
+    # once into ~/.cache/pan_jax), a weights file, "hf-hub:OWNER/REPO", a URL, or a pan_jax model
+    # directory or workdir; "" = from scratch.
+    config.model.pretrained = "imagenet"
     config.model.pretrained_kind = "timm"  # torchvision | timm | smp | pan_jax
 
     config.data = default_data_config("voc_aug")

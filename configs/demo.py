@@ -1,7 +1,8 @@
 """Minutes on a laptop CPU, no download: a small PAN on the embedded synthetic dataset.
 
 PAN as in the paper (FPA C357 + AVE + GP, GAU 3×3 with a ReLU gate) on a ResNet-18 with the 7×7
-stem (the deep stem doubles the cost at 128 px), 64 decoder channels, from scratch.
+stem (the deep stem doubles the cost at 128 px), 64 decoder channels, from scratch (no download;
+`--config.model.pretrained=imagenet` starts from torchvision's ImageNet ResNet-18 instead).
 """
 
 from configs import default
@@ -16,6 +17,7 @@ def get_config():
     config.model.overrides.stem = "torchvision"
     config.model.overrides.decoder_channels = 64
     config.model.overrides.pyramid_features = 64
+    config.model.pretrained = ""
     config.data = default_data_config("pan_synthetic")
     config.batch_size = 8
     config.num_train_steps = 400

@@ -388,6 +388,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     per_process_batch = _check_config(config)
     spec = model_spec(config)
     workdir_path = checkpointing.prepare_workdir(workdir, config, spec)
+    model = create_model(config)
+    manager = checkpointing.create_manager(workdir_path, config)
+    if manager.latest_step() is None and config.model.get("pretrained"):
+        # Before the dataset build (minutes for VOC): a bad name or no network fails now.
+        # A resumed run needs no weights, and so no network.
+        from pan_jax import convert
+
+        convert.fetch_pretrained(config.model.pretrained, config.model.pretrained_kind, model)
     # Process 0 builds the dataset first (a shared gs:// data_dir is built once); the others
     # then find it built, or build their own copy when data_dir is local to each host.
     if jax.process_index() == 0:
@@ -400,7 +408,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             pipeline.prepare(config.data)
 
     mesh = sharding.create_mesh()
-    model = create_model(config)
     optimizer = create_optimizer(config)
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
@@ -411,7 +418,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             config.data, per_process_batch_size=per_process_batch, seed=config.seed
         )
     )
-    manager = checkpointing.create_manager(workdir_path, config)
     abstract_state = jax.eval_shape(create, init_rng)
     state, train_iter = checkpointing.restore_or_none(
         manager, abstract_state, state_sharding, train_iter, spec
@@ -420,6 +426,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state = jax.jit(create, out_shardings=state_sharding)(init_rng)
         if config.model.get("pretrained"):
             state = _load_pretrained(state, model, config, state_sharding)
+        else:
+            logging.info("training from scratch: config.model.pretrained is empty")
     start_step = int(state.step)
     logging.info(
         "model %s/%s, %s parameters, start at step %d of %d",
@@ -590,7 +598,8 @@ def _load_pretrained(
     config: ml_collections.ConfigDict,
     state_sharding: Any,
 ) -> TrainState:
-    """Backbone (or whole-model) weights from a torchvision/timm/SMP file or a model directory."""
+    """Backbone (or whole-model) weights: a torchvision/timm/SMP file, a model directory, or
+    "imagenet" (the ImageNet weights of the backbone's variant, downloaded once)."""
     from pan_jax import convert
 
     variables, report = convert.load_pretrained(

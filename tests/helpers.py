@@ -1,8 +1,22 @@
 """Helpers shared by several test files."""
 
+import functools
+import hashlib
+import http.server
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.torch
+import torch
+
+# Imported here, at collection: importing torchvision (which loads triton's LLVM) after JAX has
+# compiled something crashes the process.
+import torchvision
+
+# Where the Hugging Face Hub serves timm's torchvision ResNet-18 ("imagenet" for resnet18).
+HUB_RESNET18 = "/timm/resnet18.tv_in1k/resolve/main/model.safetensors"
 
 
 def random_variables(model, seed=0):
@@ -18,3 +32,68 @@ def random_variables(model, seed=0):
         return (np.ones if path[-1].key in ("var", "scale") else np.zeros)(leaf.shape, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+class Hub:
+    """A local HTTP server standing in for the Hugging Face Hub (tests need no network):
+    `routes[path] = (status, headers, body)`; records every request."""
+
+    def __init__(self):
+        self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        self.requests: list[tuple[str, str]] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self._answer(body=False)
+
+            def do_GET(self):
+                self._answer(body=True)
+
+            def _answer(self, body):
+                hub.requests.append((self.command, self.path))
+                status, headers, data = hub.routes.get(self.path, (404, {}, b"not found"))
+                self.send_response(status)
+                headers = {"Content-Length": str(len(data)), **headers}
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def serve_like_the_hub(self, path, data, sha256=None, size=None):
+        """As huggingface.co serves LFS files: a 302 to storage, hash and size on the first hop."""
+        blob = "/storage/" + hashlib.sha256(path.encode()).hexdigest()
+        self.routes[path] = (
+            302,
+            {
+                "Location": self.url + blob,
+                "X-Linked-Etag": f'"{sha256 or hashlib.sha256(data).hexdigest()}"',
+                "X-Linked-Size": str(len(data) if size is None else size),
+            },
+            b"",
+        )
+        self.routes[blob] = (200, {}, data)
+
+    def downloads(self):
+        return [path for method, path in self.requests if method == "GET"]
+
+
+@functools.cache
+def resnet18_safetensors() -> bytes:
+    """A randomised torchvision ResNet-18 (timm's resnet18.tv_in1k is torchvision's file) as
+    .safetensors bytes."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    for module in model.modules():  # statistics unlike the defaults, so loading them shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    return safetensors.torch.save(model.state_dict())

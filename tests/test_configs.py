@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from configs import voc_ablation
 from pan_jax import checkpointing, train
+from pan_jax.convert import download
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,18 @@ def fpa_max_pools(config) -> int:
 def test_each_config_file_loads_and_builds_its_model(name):
     config = load(name, "--config.model.backbone=resnet18")
     assert decoder_kernels(config)["head"][-1] == config.data.num_classes
+
+
+def test_the_paper_configs_start_from_the_papers_imagenet_backbone_and_the_demo_from_scratch():
+    """Paper §3.3: ResNet-101 pretrained on ImageNet, with PSPNet's deep stem: Gluon's v1s."""
+    configs = [load(name) for name in ("configs/voc.py", "configs/cityscapes.py")]
+    configs += [voc_ablation.get_config(row) for row in voc_ablation.ROWS]
+    for config in configs:
+        assert config.model.pretrained == download.IMAGENET
+        backbone = train.create_model(config).backbone
+        arch = {"depth": backbone.depth, "stem": backbone.stem, "avg_down": backbone.avg_down}
+        assert download.imagenet_source(arch) == "hf-hub:timm/resnet101s.gluon_in1k"
+    assert load("configs/demo.py").model.pretrained == ""  # no download in the demo
 
 
 def test_an_ablation_row_is_chosen_after_the_colon_and_fields_still_override():

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from configs import demo
-from pan_jax import checkpointing, compile_cache, train
+from pan_jax import checkpointing, compile_cache, convert, train
 from pan_jax.data import pipeline, synthetic
+from tests.helpers import HUB_RESNET18, resnet18_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -515,6 +516,32 @@ def test_a_run_fine_tunes_from_another_runs_latest_checkpoint(tmp_path, data_dir
     fine_tune.model.pretrained = str(tmp_path / "nothing_here")
     with pytest.raises(FileNotFoundError, match=r"nothing_here is neither .* model directory"):
         train.train_and_evaluate(fine_tune, str(tmp_path / "third"))
+
+
+def test_a_run_starts_from_the_imagenet_weights_of_its_backbone(tmp_path, data_dir, hub, caplog):
+    """config.model.pretrained="imagenet" (the paper configs' default): the weights that fit the
+    backbone are fetched from the Hub before the dataset is built, and the run starts from them;
+    a resumed run needs neither the weights nor the network."""
+    config = tiny_config(data_dir, num_train_steps=1, learning_rate=0.0)
+    config.model.pretrained = "imagenet"
+    unbuilt = tiny_config(str(tmp_path / "unbuilt"), **{"model.pretrained": "imagenet"})
+    with pytest.raises(convert.DownloadError, match=r"resnet18\.tv_in1k.*HTTP 404"):
+        train.train_and_evaluate(unbuilt, str(tmp_path / "failed"))
+    assert not (tmp_path / "unbuilt").exists()  # failed in seconds, before the dataset build
+
+    hub.serve_like_the_hub(HUB_RESNET18, resnet18_safetensors())
+    caplog.set_level("INFO")
+    state = train.train_and_evaluate(config, str(tmp_path / "run"))
+    cache = tmp_path / "cache"
+    repo = HUB_RESNET18.split("/resolve")[0]
+    imagenet, _ = convert.from_imagenet(cache / f"weights/huggingface{repo}/model.safetensors")
+    assert_trees_equal(state.params["backbone"], imagenet["params"])  # learning rate 0
+    assert any("hf-hub:timm/resnet18.tv_in1k" in r.getMessage() for r in caplog.records)
+
+    shutil.rmtree(cache)
+    downloads = hub.downloads()
+    train.train_and_evaluate(config, str(tmp_path / "run"))  # resumes at its last step
+    assert hub.downloads() == downloads and not cache.exists()
 
 
 def test_periodic_eval_is_logged_and_kept_out_of_the_training_rate(tmp_path, data_dir, monkeypatch):

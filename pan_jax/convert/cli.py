@@ -3,6 +3,7 @@
     python -m pan_jax.convert --from=timm --input=resnet101s.safetensors --output=DIR \
         [--model=pan] [--num_classes=21] [--variant=resnet101s] [--override KEY=VALUE ...]
     python -m pan_jax.convert --from=smp --input=smp_pan.pth --output=DIR
+    python -m pan_jax.convert --from=timm --input=hf-hub:timm/resnet101s.gluon_in1k --output=DIR
 
 An ImageNet backbone (--from=torchvision or timm) goes into a full model (--model, default
 `pan`) whose decoder and head are freshly initialised (--seed). The backbone's depth, stem and
@@ -31,6 +32,7 @@ from flax import traverse_util
 
 from pan_jax import checkpointing, models
 from pan_jax.convert.core import ConversionError, read_state_dict
+from pan_jax.convert.download import DownloadError
 from pan_jax.convert.imagenet import convert_resnet, describe
 from pan_jax.convert.pretrained import merge_pretrained
 from pan_jax.convert.smp import from_smp, smp_spec
@@ -54,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--from", dest="source", required=True, choices=("torchvision", "timm", "smp")
     )
-    parser.add_argument("--input", required=True, help=".safetensors, .pth, .pt or .bin file")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help=".safetensors, .pth, .pt or .bin file, hf-hub:OWNER/REPO or a URL (downloaded once)",
+    )
     parser.add_argument("--output", required=True, help="directory to write (local or gs://)")
     parser.add_argument(
         "--model", help=f"one of {', '.join(models.MODEL_NAMES)}; default pan (pan_smp for smp)"
@@ -157,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=model,
         )
         merged = initialise_missing(model, merged, args.seed, size)
-    except (ConversionError, ValueError, FileNotFoundError) as error:
+    except (ConversionError, ValueError, FileNotFoundError, DownloadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     checkpointing.save_variables(args.output, merged, spec)

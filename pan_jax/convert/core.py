@@ -19,9 +19,12 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from pan_jax.convert import download
+
 # A rule is (torch module pattern, flax module pattern); {X} stands for one name component.
 Rules = tuple[tuple[str, str], ...]
-# What `read_state_dict` takes: a file (local or gs://) or an in-memory state dict.
+# What `read_state_dict` takes: a file (local or gs://), a remote source ("hf-hub:OWNER/REPO",
+# an http(s) URL; see `download`) or an in-memory state dict.
 Source = str | os.PathLike | Mapping[str, Any]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -128,13 +131,19 @@ def read_state_dict(source: Source) -> dict[str, np.ndarray]:
     `.safetensors` files are read with `safetensors.numpy` (no torch needed); `.pth`, `.pt`,
     `.bin`, `.ckpt` and `.tar` with `torch.load(weights_only=True)`. Training checkpoints that
     wrap the state dict under "state_dict", "model" or "module" are unwrapped, and DataParallel's
-    `module.` prefix is removed. Paths may be local or gs://. Raises ConversionError naming the
-    file when it cannot be read (truncated, corrupt, of another format).
+    `module.` prefix is removed. Paths may be local or gs://; "hf-hub:OWNER/REPO[/FILE]" and
+    http(s) URLs are downloaded into the local cache first (`download.fetch`). Raises
+    ConversionError naming the file when it cannot be read (truncated, corrupt, of another
+    format), `download.DownloadError` when it cannot be fetched.
     """
     name = source_name(source)
     if isinstance(source, Mapping):
         return {k: to_numpy(v) for k, v in _unwrap(source, name).items()}
-    path = epath.Path(source)
+    if download.is_remote(source):
+        path = epath.Path(download.fetch(source))
+        name = f"{source} (cached as {path})"
+    else:
+        path = epath.Path(source)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {name} not found")
     suffix = path.suffix.lower()

@@ -11,6 +11,11 @@ and "pan_jax" (a directory written by `checkpointing.save_variables`, e.g. by
 `python -m pan_jax.convert`). For the last two every top-level part of the model (backbone,
 decoder, head) whose names and shapes all match is loaded; a head for another number of classes
 or a decoder of other widths stays as initialised. The backbone must always fit.
+
+Files of the first three kinds may also be "hf-hub:OWNER/REPO" or URLs (downloaded once, see
+`download`), and "imagenet" picks the ImageNet weights that fit the model's backbone
+(`download.IMAGENET_WEIGHTS`, timm checkpoints on the Hugging Face Hub) as SMP's
+`encoder_weights="imagenet"` does.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from pan_jax.convert import download
 from pan_jax.convert.core import ConversionError, check_against, read_state_dict
 from pan_jax.convert.imagenet import Arch, convert_resnet, describe
 from pan_jax.convert.smp import from_smp, smp_spec
@@ -131,8 +137,10 @@ def load_pretrained(
     Args:
       variables: `{'params', 'batch_stats'}` of a `models.SegmentationModel` (params under
         'backbone', 'decoder', 'head').
-      path: a .safetensors/.pth/.pt/.bin file for kinds torchvision, timm and smp; for kind
-        pan_jax a directory written by `checkpointing.save_variables` or a training workdir
+      path: a .safetensors/.pth/.pt/.bin file for kinds torchvision, timm and smp (or a remote
+        source: "hf-hub:OWNER/REPO[/FILE]", a URL), "imagenet" (with `model`: the ImageNet
+        weights of its backbone variant, kind timm or torchvision); for kind pan_jax a
+        directory written by `checkpointing.save_variables` or a training workdir
         (its latest checkpoint: fine-tuning). Local or gs://.
       kind: one of PRETRAINED_KINDS.
       model: the model `variables` belong to. Optional, but pass it: it lets the backbone's
@@ -143,14 +151,36 @@ def load_pretrained(
     Raises:
       ConversionError: the checkpoint's backbone does not fit (naming the file, the keys and
         shapes), or it was trained for another backbone variant than `model`'s.
-      ValueError: unknown kind.
+      ValueError: unknown kind, or "imagenet" without a model or for a variant without weights.
+      download.DownloadError: a remote file could not be fetched.
     """
-    if kind not in PRETRAINED_KINDS:
-        raise ValueError(f"unknown pretrained kind {kind!r}; expected one of {PRETRAINED_KINDS}")
+    path = resolve_source(path, kind, model)
     loaded, arch, unused = _read(path, kind)
     return merge_pretrained(
         variables, loaded, source=os.fspath(path), kind=kind, arch=arch, unused=unused, model=model
     )
+
+
+def resolve_source(path: str | os.PathLike, kind: str, model: Any = None) -> str | os.PathLike:
+    """`path`, with "imagenet" replaced by the source of the model's backbone variant."""
+    if kind not in PRETRAINED_KINDS:
+        raise ValueError(f"unknown pretrained kind {kind!r}; expected one of {PRETRAINED_KINDS}")
+    if os.fspath(path) != download.IMAGENET:
+        return path
+    if model is None or kind not in ("torchvision", "timm"):
+        raise ValueError(
+            f"pretrained {download.IMAGENET!r} picks the ImageNet weights that fit the model's "
+            f"backbone: it needs model= and kind timm or torchvision, got kind {kind!r}"
+        )
+    return download.imagenet_source(_backbone_arch(model.backbone))
+
+
+def fetch_pretrained(path: str | os.PathLike, kind: str, model: Any = None) -> None:
+    """Downloads a remote or "imagenet" source into the cache now, if it is not there yet.
+    Training calls it before building its dataset, so that a bad name fails in seconds."""
+    source = resolve_source(path, kind, model)
+    if download.is_remote(source):
+        download.fetch(source)
 
 
 def merge_pretrained(

@@ -1,0 +1,121 @@
+"""Pretrained weights by name ("imagenet", "hf-hub:...", URLs): fetched once from a local stand-in
+for the Hugging Face Hub that answers as the Hub does (a redirect announcing sha256 and size),
+checked, cached, and loaded into the model; damaged downloads leave nothing behind."""
+
+import hashlib
+
+import jax
+import numpy as np
+import pytest
+import timm
+import torch
+
+from pan_jax import models
+from pan_jax.convert import download, from_imagenet, load_pretrained, read_state_dict
+from pan_jax.convert.imagenet import detect_resnet
+from tests.helpers import HUB_RESNET18, resnet18_safetensors
+
+REPO_FILE = HUB_RESNET18
+
+
+@pytest.fixture(scope="module")
+def resnet18_bytes():
+    return resnet18_safetensors()
+
+
+def cached_files(tmp_path):
+    return sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+
+
+def test_imagenet_weights_are_downloaded_once_checked_and_loaded(hub, resnet18_bytes, tmp_path):
+    hub.serve_like_the_hub(REPO_FILE, resnet18_bytes)
+    model = models.create("pan", num_classes=3, backbone="resnet18", stem="torchvision")
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 128, 128, 3))))
+
+    variables, report = load_pretrained(template, "imagenet", "timm", model=model)
+    assert report.source == "hf-hub:timm/resnet18.tv_in1k"
+    cached = tmp_path / "cache" / "weights" / "huggingface" / "timm" / "resnet18.tv_in1k"
+    assert cached_files(tmp_path) == ["model.safetensors"]
+    assert (cached / "model.safetensors").read_bytes() == resnet18_bytes
+    expected, _ = from_imagenet(cached / "model.safetensors")
+    for collection in ("params", "batch_stats"):
+        got = jax.tree.leaves(variables[collection]["backbone"])
+        want = jax.tree.leaves(expected[collection])
+        assert len(got) == len(want) > 0
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert report.not_loaded and all("/backbone/" not in n for n in report.not_loaded)
+
+    downloads = hub.downloads()  # the Hub's redirect, then its storage
+    assert (
+        len(downloads) == 2 and downloads[0] == REPO_FILE and downloads[1].startswith("/storage/")
+    )
+    load_pretrained(template, "imagenet", "timm", model=model)  # from the cache, not the server
+    assert hub.downloads() == downloads
+
+
+def test_other_sources_by_hub_repo_file_and_url(hub, resnet18_bytes):
+    hub.routes["/timm/x/resolve/main/weights/other.safetensors"] = (200, {}, resnet18_bytes)
+    digest = hashlib.sha256(resnet18_bytes).hexdigest()
+    hub.routes[f"/models/resnet18-{digest[:8]}.safetensors"] = (200, {}, resnet18_bytes)
+    sources = (
+        "hf-hub:timm/x/weights/other.safetensors",
+        f"{hub.url}/models/resnet18-{digest[:8]}.safetensors",
+    )
+    for source in sources:
+        state_dict = read_state_dict(source)
+        assert detect_resnet(state_dict)["depth"] == 18
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("sha256", r"damaged: sha256 [0-9a-f]{64}, the server announced 0{64}"),
+        ("size", r"damaged: \d+ bytes, the server announced \d+"),
+        ("name_hash", r"does not start with 00000000, as its name says"),
+        ("truncated", r"damaged: \d+ bytes, the server announced \d+|connection closed"),
+        ("missing", r"HTTP 404"),
+    ],
+)
+def test_a_failed_or_damaged_download_is_refused_and_leaves_nothing(
+    hub, resnet18_bytes, tmp_path, damage, message
+):
+    source = "hf-hub:timm/resnet18.tv_in1k"
+    if damage == "sha256":
+        hub.serve_like_the_hub(REPO_FILE, resnet18_bytes, sha256="0" * 64)
+    elif damage == "size":
+        hub.serve_like_the_hub(REPO_FILE, resnet18_bytes, size=len(resnet18_bytes) + 1)
+    elif damage == "name_hash":
+        source = f"{hub.url}/models/resnet18-00000000.safetensors"
+        hub.routes["/models/resnet18-00000000.safetensors"] = (200, {}, resnet18_bytes)
+    elif damage == "truncated":  # announces the whole length, sends half, closes
+        half = resnet18_bytes[: len(resnet18_bytes) // 2]
+        hub.routes[REPO_FILE] = (200, {"Content-Length": str(len(resnet18_bytes))}, half)
+    with pytest.raises(download.DownloadError, match=message) as raised:
+        read_state_dict(source)
+    assert source in str(raised.value) and "/resnet18" in str(raised.value)  # names the URL
+    assert cached_files(tmp_path) == []  # no partial file, nothing passing for the weights
+
+
+def test_imagenet_weights_name_real_timm_checkpoints_of_each_variant():
+    """Each entry is a timm checkpoint on the Hub whose keys and shapes are of that variant."""
+    for (depth, stem, avg_down), repo in download.IMAGENET_WEIGHTS.items():
+        name = repo.removeprefix("timm/")
+        assert timm.models.get_pretrained_cfg(name).hf_hub_id == repo
+        with torch.device("meta"):
+            model = timm.create_model(name.split(".")[0], pretrained=False)
+        shapes = {  # zero-stride arrays: nothing is allocated
+            k: np.broadcast_to(np.zeros((), np.float32), v.shape)
+            for k, v in model.state_dict().items()
+        }
+        assert detect_resnet(shapes, name) == {"depth": depth, "stem": stem, "avg_down": avg_down}
+
+
+def test_unknown_variants_and_sources_are_refused_with_what_is_known():
+    with pytest.raises(ValueError, match=r"no ImageNet weights .* resnet18 with stem 'deep64'"):
+        download.imagenet_source({"depth": 18, "stem": "deep64", "avg_down": False})
+    with pytest.raises(ValueError, match="expected hf-hub:OWNER/REPO"):
+        download.fetch("hf-hub:timm")
+    model = models.create("fcn", num_classes=3, backbone="resnet18")
+    with pytest.raises(ValueError, match="needs model= and kind timm or torchvision"):
+        load_pretrained({}, "imagenet", "smp", model=model)
