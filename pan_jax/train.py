@@ -454,6 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batch_sharding = sharding.batch_sharding(mesh, 2)
     images_per_step = config.batch_size
     pending: list[tuple[int, dict]] = []
+    interval_sums: dict[str, float] = {}  # of each metric over the steps since the last log
+    interval_steps = 0
     # (step, time) of the last completed step the rate was measured from; device_get of a
     # step's metrics returns when that step is done, so rates are of finished work.
     last_timed: tuple[int, float] | None = None
@@ -461,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     def flush_metrics(step: int, force: bool = False) -> None:
         """Checks losses one step late, so the host never waits on the step in flight."""
-        nonlocal last_timed
+        nonlocal last_timed, interval_steps
         while pending and (force or pending[0][0] < step):
             done_step, metrics = pending.pop(0)
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -472,7 +474,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     f"stopping. The last good checkpoint (step {manager.latest_step()}) in "
                     f"{workdir_path} is kept."
                 )
+            for key, value in values.items():
+                interval_sums[key] = interval_sums.get(key, 0.0) + value
+            interval_steps += 1
             if done_step % config.log_every_steps == 0 or done_step == config.num_train_steps:
+                # Means over the interval, as flax's examples log: one step's loss is noise.
+                values = {k: v / interval_steps for k, v in interval_sums.items()}
+                interval_sums.clear()
+                interval_steps = 0
                 now = time.perf_counter()
                 values["learning_rate"] = float(schedule(done_step - 1))
                 speed = "? img/s  ETA ?"  # the first step (compilation) has no rate

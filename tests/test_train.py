@@ -413,9 +413,19 @@ def test_main_writes_a_run_and_resumes_exactly_after_a_hard_kill(tmp_path, data_
     for later in checkpoints.iterdir():
         if not later.name.isdigit() or int(later.name) > 3:
             shutil.rmtree(later)
-    code, output = run_main(killed, data_dir, num_train_steps=6, checkpoint_every_steps=3)
+    code, output = run_main(
+        killed, data_dir, num_train_steps=6, checkpoint_every_steps=3, log_every_steps=3
+    )
     assert code == 0, output[-3000:]
     assert "start at step 3" in output
+    # Logged every 3 steps, the loss is the mean of the 3 steps' losses (exact resume: the
+    # straight run's steps 4-6), not the last step's.
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "train/loss" in r][-1]
+    straight_losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert last["step"] == 6
+    assert last["train/loss"] == pytest.approx(np.mean([straight_losses[s] for s in (4, 5, 6)]))
+    assert last["train/loss"] != pytest.approx(straight_losses[6])
     # The resumed run loaded the killed run's compiled programs from the workdir's cache.
     assert any((killed / compile_cache.DIRECTORY_NAME).iterdir())
     loaded = re.search(r"(\d+) programs loaded from the compilation cache", output)
