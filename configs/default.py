@@ -4,7 +4,9 @@ Any field can be overridden on the command line, e.g. `--config.batch_size=8`.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
+from pan_jax import models
 from pan_jax.data.pipeline import default_data_config
 
 
@@ -16,7 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.name = "pan"  # see pan_jax.models: pan, pan_smp, fcn, fpa, gau, psp, aspp
     config.model.backbone = "resnet101"
     config.model.dtype = "bfloat16"  # compute dtype; parameters and BN statistics stay float32
-    config.model.overrides = ml_collections.ConfigDict()  # any models.create keyword
+    # Any models.create keyword: all declared (None = the model's default), so the command line
+    # can set any, e.g. --config.model.overrides.output_stride=8.
+    config.model.overrides = ml_collections.ConfigDict(
+        {k: config_dict.placeholder(t) for k, t in models.OVERRIDE_TYPES.items()}
+    )
     # "imagenet" (the backbone variant's ImageNet weights from the Hugging Face Hub, downloaded
     # once into ~/.cache/pan_jax), a weights file, "hf-hub:OWNER/REPO", a URL, or a pan_jax model
     # directory or workdir; "" = from scratch.

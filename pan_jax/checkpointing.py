@@ -99,7 +99,8 @@ def load_any(
     training workdir (its latest or `step` checkpoint)."""
     path = epath.Path(directory)
     # A training workdir also holds a model.json (next to checkpoints/): its checkpoints win.
-    if (path / "model.json").exists() and not (path / "checkpoints").exists():
+    is_model_directory = (path / "model.json").exists() and (path / "variables").exists()
+    if is_model_directory and not (path / "checkpoints").exists():
         if step is not None:
             raise ValueError(
                 f"{directory} holds one set of weights (model.json): step={step} needs a workdir"
@@ -124,9 +125,20 @@ def default_workdir(config_argument: str) -> str:
     return os.path.join("runs", f"{name}_{row}" if row else name)
 
 
-def prepare_workdir(workdir: str, config: Any, spec: ModelSpec) -> epath.Path:
-    """Creates the workdir and writes the resolved config (process 0 only)."""
+def prepare_workdir(
+    workdir: str | os.PathLike, config: Any, spec: ModelSpec, manager: ocp.CheckpointManager
+) -> epath.Path:
+    """Writes the resolved config and model spec into the workdir (process 0 only), once the
+    workdir's latest checkpoint, if any, is known to be of the same model: a refused run leaves
+    the record of the run that owns the workdir as it was.
+
+    Raises CheckpointMismatchError if the latest checkpoint was written for another model.
+    """
     path = epath.Path(workdir)
+    step = manager.latest_step()
+    if step is not None:
+        where = f"checkpoint {step} in {manager.directory}"
+        check_spec(_read_meta(manager, step)["model"], spec, where)
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
         resolved = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

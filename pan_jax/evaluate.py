@@ -640,6 +640,14 @@ def evaluate(config: Any, workdir: str | os.PathLike, *, step: int | None = None
 
     options = eval_options(config.get("eval") if hasattr(config, "get") else None)
     model, variables, spec, step = load_model(workdir, step)
+    if step is not None and _get(config, "model", None) is not None:
+        # A training workdir's config describes its model (and, for an ablation row, the
+        # paper's figure in the report): the wrong config is refused as training refuses it.
+        # A model directory (step None) brings its own model to any config.
+        from pan_jax import train
+
+        where = f"checkpoint {step} in {workdir}"
+        checkpointing.check_spec(spec, train.model_spec(config), where)
     num_classes = int(config.data.num_classes)
     if spec["num_classes"] != num_classes:
         raise checkpointing.CheckpointMismatchError(

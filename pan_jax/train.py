@@ -53,8 +53,21 @@ class TrainState:
 
 
 def model_spec(config: ml_collections.ConfigDict) -> checkpointing.ModelSpec:
-    """The JSON-able description of the model a config trains (stored with every checkpoint)."""
+    """The JSON-able description of the model a config trains (stored with every checkpoint).
+
+    Overrides left None take the model's default. One that only other models take (a config
+    file's PAN widths after `--config.model.name=fcn`) is dropped with a warning; one that no
+    model takes stays, for `models.create` to refuse."""
     overrides = config.model.overrides.to_dict() if config.model.get("overrides") else {}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    applicable = models.valid_overrides(config.model.name)
+    ignored = sorted(k for k in overrides if k in models.OVERRIDE_TYPES and k not in applicable)
+    if ignored:
+        logging.warning(
+            "model %r does not take these config.model.overrides, ignored: %s",
+            config.model.name,
+            ", ".join(f"{k}={overrides.pop(k)!r}" for k in ignored),
+        )
     return {
         "name": config.model.name,
         "backbone": config.model.backbone,
@@ -255,24 +268,31 @@ def host_batch_for_step(batch: dict[str, np.ndarray], micro_steps: int) -> dict[
 
 
 class _Preemption:
-    """Remembers a SIGTERM so the loop can save at the current step and exit cleanly."""
+    """Remembers a SIGTERM or the first Ctrl-C (SIGINT), so the loop can save at the current
+    step and exit cleanly; a second Ctrl-C interrupts at once."""
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None  # the signal's name once one came
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Preemption:
         if jax.process_count() == 1:  # with several, JAX's preemption service owns SIGTERM
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
-        self.requested = True
+        name = signal.Signals(signum).name
+        again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+        logging.warning("%s: saving a checkpoint at the current step, then exiting%s", name, again)
+        self.requested = name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _flops_per_image(
@@ -354,6 +374,23 @@ class _StepTrace:
 
 
 def _check_config(config: ml_collections.ConfigDict) -> int:
+    """Checks the fields a run would otherwise trip over later, deep inside; returns the
+    per-process batch size."""
+    if config.batch_size < 1 or config.grad_accum_steps < 1:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} and config.grad_accum_steps="
+            f"{config.grad_accum_steps}: both must be at least 1"
+        )
+    if not 0 < config.data.min_scale <= config.data.max_scale:
+        raise ValueError(
+            f"config.data.min_scale={config.data.min_scale} and config.data.max_scale="
+            f"{config.data.max_scale}: expected 0 < min_scale <= max_scale"
+        )
+    if config.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(
+            f"config.model.dtype={config.model.dtype!r}: expected 'float32', 'bfloat16' or "
+            "'float16' (the compute dtype; parameters stay float32)"
+        )
     devices = jax.device_count()
     if config.batch_size % devices:
         raise ValueError(
@@ -387,9 +424,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     per_process_batch = _check_config(config)
     spec = model_spec(config)
-    workdir_path = checkpointing.prepare_workdir(workdir, config, spec)
-    model = create_model(config)
-    manager = checkpointing.create_manager(workdir_path, config)
+    model = create_model(config)  # unknown model options fail before the workdir is touched
+    manager = checkpointing.create_manager(workdir, config)
+    workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager)
     if manager.latest_step() is None and config.model.get("pretrained"):
         # Before the dataset build (minutes for VOC): a bad name or no network fails now.
         # A resumed run needs no weights, and so no network.
@@ -449,6 +486,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             "scales": (1.0,),
             "flip": False,
         }
+        logging.info(
+            "evaluating every %d steps on the %d images of %s",
+            config.eval_every_steps,
+            pipeline.num_examples(config.data, config.data.eval_split),  # a wrong split fails now
+            config.data.eval_split,
+        )
     writer = summary.MetricWriter(workdir_path, enabled=jax.process_index() == 0)
     schedule = learning_rate_schedule(config)
     batch_sharding = sharding.batch_sharding(mesh, 2)
@@ -512,63 +555,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         first=start_step + 2,
         last=min(start_step + 1 + int(config.get("profile_steps", 0)), config.num_train_steps),
     )
-    with _Preemption() as preemption, trace:
-        step = start_step
-        if step < config.num_train_steps:
-            logging.info("compiling the train step (first step is slow) ...")
-        while step < config.num_train_steps:
-            host_batch = next(train_iter)
-            if config.get("log_batch_digests"):
-                writer.write_json(step + 1, {"batch_digest": _digest(host_batch)})
-                _log_example_digests(workdir_path, step + 1, host_batch)
-            batch = sharding.global_batch(
-                host_batch_for_step(host_batch, config.grad_accum_steps), batch_sharding
-            )
-            trace.before_step(step + 1)
-            state, metrics = step_fn(state, batch, step_rng)
-            step += 1
-            trace.after_step(step, step_fn, state, batch, step_rng)
-            if step == start_step + 1:  # compilation: not part of any rate
-                jax.block_until_ready(state)
-                flops_per_image = _flops_per_image(step_fn, (state, batch, step_rng), config)
-                last_timed = (step, time.perf_counter())
-            pending.append((step, metrics))
-            at_end = step == config.num_train_steps
-            stop = preemption.requested or manager.reached_preemption(step)
-            must_save = at_end or stop or step % config.checkpoint_every_steps == 0
-            flush_metrics(step, force=must_save)  # never checkpoint a NaN state
-            if must_save:
-                checkpointing.save(manager, step, state, train_iter, spec, force=True)
-                logging.info("saved checkpoint at step %d", step)
-            if stop:
-                manager.wait_until_finished()
-                logging.warning("preempted: checkpoint at step %d written, exiting", step)
-                break
-            if config.eval_every_steps and (step % config.eval_every_steps == 0 or at_end):
-                flush_metrics(step, force=True)  # this step's rate must not include the eval
-                report = evaluate.evaluate_dataset(
-                    model,
-                    state.variables,
-                    pipeline.eval_dataset(config.data),
-                    num_classes=config.data.num_classes,
-                    **eval_options,
+    try:
+        with _Preemption() as preemption, trace:
+            step = start_step
+            if step < config.num_train_steps:
+                logging.info("compiling the train step (first step is slow) ...")
+            while step < config.num_train_steps:
+                host_batch = next(train_iter)
+                if config.get("log_batch_digests"):
+                    writer.write_json(step + 1, {"batch_digest": _digest(host_batch)})
+                    _log_example_digests(workdir_path, step + 1, host_batch)
+                batch = sharding.global_batch(
+                    host_batch_for_step(host_batch, config.grad_accum_steps), batch_sharding
                 )
-                writer.write_scalars(
-                    step,
-                    {
-                        "eval/miou": report["miou"],
-                        "eval/pixel_accuracy": report["pixel_accuracy"],
-                    },
-                )
-                logging.info(
-                    "eval at step %d: mIoU %.4f over %d images",
-                    step,
-                    report["miou"],
-                    report["num_images"],
-                )
-                last_timed = (step, time.perf_counter())  # evaluation is not throughput
-        flush_metrics(step, force=True)
-    manager.wait_until_finished()
+                trace.before_step(step + 1)
+                state, metrics = step_fn(state, batch, step_rng)
+                step += 1
+                trace.after_step(step, step_fn, state, batch, step_rng)
+                if step == start_step + 1:  # compilation: not part of any rate
+                    jax.block_until_ready(state)
+                    flops_per_image = _flops_per_image(step_fn, (state, batch, step_rng), config)
+                    last_timed = (step, time.perf_counter())
+                pending.append((step, metrics))
+                at_end = step == config.num_train_steps
+                stop = preemption.requested or manager.reached_preemption(step)
+                must_save = at_end or stop or step % config.checkpoint_every_steps == 0
+                flush_metrics(step, force=must_save)  # never checkpoint a NaN state
+                if must_save:
+                    checkpointing.save(manager, step, state, train_iter, spec, force=True)
+                    logging.info("saved checkpoint at step %d", step)
+                if stop:
+                    manager.wait_until_finished()
+                    logging.warning(
+                        "%s: checkpoint at step %d written, exiting",
+                        preemption.requested or "preempted",
+                        step,
+                    )
+                    break
+                if config.eval_every_steps and (step % config.eval_every_steps == 0 or at_end):
+                    flush_metrics(step, force=True)  # this step's rate must not include the eval
+                    report = evaluate.evaluate_dataset(
+                        model,
+                        state.variables,
+                        pipeline.eval_dataset(config.data),
+                        num_classes=config.data.num_classes,
+                        **eval_options,
+                    )
+                    writer.write_scalars(
+                        step,
+                        {
+                            "eval/miou": report["miou"],
+                            "eval/pixel_accuracy": report["pixel_accuracy"],
+                        },
+                    )
+                    logging.info(
+                        "eval at step %d: mIoU %.4f over %d images",
+                        step,
+                        report["miou"],
+                        report["num_images"],
+                    )
+                    last_timed = (step, time.perf_counter())  # evaluation is not throughput
+            flush_metrics(step, force=True)
+    finally:  # an error or a second Ctrl-C must not leave the last save half written
+        manager.wait_until_finished()
     manager.close()
     writer.close()
     return state

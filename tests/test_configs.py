@@ -12,7 +12,7 @@ from flax import traverse_util
 from ml_collections import config_flags
 
 from configs import voc_ablation
-from pan_jax import checkpointing, train
+from pan_jax import checkpointing, models, train
 from pan_jax.convert import download
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +73,42 @@ def test_the_paper_configs_start_from_the_papers_imagenet_backbone_and_the_demo_
         arch = {"depth": backbone.depth, "stem": backbone.stem, "avg_down": backbone.avg_down}
         assert download.imagenet_source(arch) == "hf-hub:timm/resnet101s.gluon_in1k"
     assert load("configs/demo.py").model.pretrained == ""  # no download in the demo
+
+
+def test_every_model_switch_is_settable_on_the_command_line():
+    """README: every switch is a keyword of models.create, and any field overrides."""
+    every_override = set().union(*(models.valid_overrides(n) for n in models.MODEL_NAMES))
+    assert set(models.OVERRIDE_TYPES) == every_override - {"dtype"}
+    config = load(
+        "configs/voc.py",
+        "--config.model.overrides.output_stride=8",
+        "--config.model.overrides.fpa_kernels=(3,3,3)",
+        "--config.model.overrides.fpa_pooling=max",
+        "--config.model.overrides.fpa_global_branch=False",
+    )
+    spec = train.model_spec(config)
+    assert spec["overrides"] == {
+        "output_stride": 8,
+        "fpa_kernels": [3, 3, 3],
+        "fpa_pooling": "max",
+        "fpa_global_branch": False,
+    }
+    model = train.create_model(config)
+    assert model.backbone.output_stride == 8 and model.decoder.fpa_kernels == (3, 3, 3)
+    assert train.model_spec(load("configs/voc.py"))["overrides"] == {}  # None: the default
+
+
+def test_switching_the_model_drops_the_config_files_options_it_does_not_take(caplog):
+    config = load("configs/demo.py", "--config.model.name=fcn")  # demo sets PAN's widths
+    spec = train.model_spec(config)
+    assert spec["name"] == "fcn" and "pyramid_features" not in spec["overrides"]
+    assert spec["overrides"]["stem"] == "torchvision"  # what fcn takes stays
+    assert "model 'fcn' does not take" in caplog.text and "pyramid_features=64" in caplog.text
+    train.create_model(config)
+    with config.unlocked():  # a key no model takes (in a config file) is not dropped: refused
+        config.model.overrides.unknown_switch = 1
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['unknown_switch'\]"):
+        train.create_model(config)
 
 
 def test_an_ablation_row_is_chosen_after_the_colon_and_fields_still_override():

@@ -305,8 +305,8 @@ def test_evaluation_across_two_processes_sums_the_confusion_matrices(tmp_path, s
         train.create_optimizer(config),
         train.model_spec(config),
     )
-    workdir = checkpointing.prepare_workdir(str(tmp_path / "run"), config, spec)
-    manager = checkpointing.create_manager(workdir, config)
+    manager = checkpointing.create_manager(str(tmp_path / "run"), config)
+    workdir = checkpointing.prepare_workdir(str(tmp_path / "run"), config, spec, manager)
     state = train.init_state(model, optimizer, jax.random.key(0), model.min_input_size)
     iterator = iter(pipeline.train_dataset(config.data, per_process_batch_size=8, seed=0))
     checkpointing.save(manager, 1, state, iterator, spec, force=True)
@@ -314,6 +314,10 @@ def test_evaluation_across_two_processes_sums_the_confusion_matrices(tmp_path, s
     manager.close()
     expected = pipeline.num_examples(config.data, config.data.eval_split)
     single = evaluate.evaluate(config, workdir)  # one process: this one
+    other = config.copy_and_resolve_references()
+    other.model.backbone = "resnet34"  # the config of another run: refused, as training does
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="backbone: checkpoint"):
+        evaluate.evaluate(other, workdir)
 
     logs = run(config_file, Path(workdir), data_dir, 2, "--mode=eval")
     report = json.loads((Path(workdir) / evaluate.REPORT_JSON).read_text())

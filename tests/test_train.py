@@ -484,18 +484,19 @@ def test_compilation_cache_location(tmp_path, environment, switch, where):
         assert "0 programs loaded" not in outputs[1].stdout  # the second run loaded them
 
 
-def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tmp_path, data_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_at_the_current_step_and_exits_cleanly(tmp_path, data_dir, signum):
     workdir = tmp_path / "run"
     process = run_main(
         workdir, data_dir, wait=False, num_train_steps=1000, checkpoint_every_steps=500
     )
     wait_for_line(process, "step 2/1000")
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert len(steps) == 1 and 2 <= steps[0] < 1000, steps
-    assert f"checkpoint at step {steps[0]} written" in output
+    assert f"{signum.name}: checkpoint at step {steps[0]} written" in output
 
 
 def test_profile_steps_trace_the_real_run_and_log_where_the_time_goes(tmp_path, data_dir, caplog):
@@ -579,6 +580,11 @@ def test_periodic_eval_is_logged_and_kept_out_of_the_training_rate(tmp_path, dat
     with pytest.raises(ValueError, match=r"config\.eval\.mode='tiles'"):
         train.train_and_evaluate(config, str(tmp_path / "bad_eval"))
     assert not list((tmp_path / "bad_eval" / "checkpoints").glob("[0-9]*"))
+    config.eval.mode = "whole"
+    config.data.eval_split = "validation"  # pan_synthetic has "val"
+    with pytest.raises(ValueError, match=r"no split 'validation'.*eval_split"):
+        train.train_and_evaluate(config, str(tmp_path / "bad_split"))
+    assert not list((tmp_path / "bad_split" / "checkpoints").glob("[0-9]*"))
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in records if "eval/miou" in r}
     assert sorted(evals) == [2, 4]
@@ -595,6 +601,22 @@ def test_eta_counts_hours_past_a_day():
     assert train.format_duration(59.6) == "0:01:00"
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("batch_size", 0, r"config\.batch_size=0 .* at least 1"),
+        ("data.min_scale", 2.5, r"config\.data\.min_scale=2\.5 and .*max_scale=2\.0"),
+        ("model.dtype", "bf16", r"config\.model\.dtype='bf16': expected 'float32', 'bfloat16'"),
+    ],
+)
+def test_bad_fields_are_named_before_the_workdir_is_touched(
+    tmp_path, data_dir, field, value, message
+):
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(tiny_config(data_dir, **{field: value}), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), workdir)
@@ -608,8 +630,15 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir
 
     other = tiny_config(data_dir, num_train_steps=4)
     other.model.overrides.decoder_channels = 24
+    record = {name: (Path(workdir) / name).read_text() for name in ("config.json", "model.json")}
     with pytest.raises(
         checkpointing.CheckpointMismatchError,
         match=r"overrides\.decoder_channels: checkpoint 16, config 24",
     ):
         train.train_and_evaluate(other, workdir)
+    other.model.overrides.decoder_channels = 16
+    other.model.overrides.unknown_switch = 1
+    with pytest.raises(ValueError, match="unknown_switch"):
+        train.train_and_evaluate(other, workdir)
+    # Neither refused run replaced the record of the run that owns the workdir.
+    assert record == {name: (Path(workdir) / name).read_text() for name in record}

@@ -39,6 +39,7 @@ __all__ = [
     "FPA",
     "GAU",
     "MODEL_NAMES",
+    "OVERRIDE_TYPES",
     "ASPPDecoder",
     "PANDecoder",
     "PyramidPoolingDecoder",
@@ -46,6 +47,7 @@ __all__ = [
     "SegmentationModel",
     "create",
     "parameter_count",
+    "valid_overrides",
 ]
 
 _PAPER_BACKBONE = dict(stem="deep64", dilation_rule="torchvision", output_stride=16)
@@ -109,6 +111,40 @@ def _valid_overrides(decoder: str) -> set[str]:
     if decoder == "aspp":
         valid |= {"rates"}
     return valid
+
+
+def valid_overrides(name: str) -> set[str]:
+    """The keyword overrides `create(name, ...)` accepts."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    return _valid_overrides(_PRESETS[name]["decoder"])
+
+
+# Every override of some model but dtype (configs have config.model.dtype), with its type:
+# configs/default.py declares them all, so any can be set on the command line.
+OVERRIDE_TYPES: dict[str, type] = {
+    "stem": str,
+    "output_stride": int,
+    "dilation_rule": str,
+    "avg_down": bool,
+    "head_kernel": int,
+    "align_corners": bool,
+    "decoder_channels": int,
+    "dropout_rate": float,
+    "pyramid_features": int,
+    "fpa_kernels": tuple,
+    "fpa_pooling": str,
+    "fpa_global_branch": bool,
+    "fpa_attention": str,
+    "gau_low_kernel": int,
+    "gau_global_attention": bool,
+    "gau_gate": str,
+    "conv_bias": bool,
+    "use_fpa": bool,
+    "use_gau": bool,
+    "bins": tuple,
+    "rates": tuple,
+}
 
 
 def create(
