@@ -245,6 +245,13 @@ def test_bfloat16_safetensors_read_without_torch(tmp_path):
     np.testing.assert_array_equal(read["b"], np.arange(4))
 
 
+def test_a_file_that_is_no_checkpoint_is_called_so(tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    with pytest.raises(convert.ConversionError, match=r"notes\.pth is not a PyTorch checkpoint"):
+        convert.read_state_dict(text)
+
+
 @pytest.mark.parametrize("name", ["resnet50c", "resnet50"])
 def test_truncated_file_is_named(checkpoint, tmp_path, name):
     path, _ = checkpoint(name)

@@ -160,6 +160,12 @@ def read_state_dict(source: Source) -> dict[str, np.ndarray]:
         import torch  # only .pth and friends need torch
 
     data = path.read_bytes()
+    # torch.save writes a zip archive (since torch 1.6) or a pickle (protocol 2+: 0x80 first).
+    if kind != "safetensors" and not data.startswith((b"PK\x03\x04", b"\x80")):
+        raise ConversionError(
+            f"{name} is not a PyTorch checkpoint: torch.save writes a zip archive or a pickle, "
+            f"this file starts with {data[:16]!r} ({len(data)} bytes)"
+        )
     try:
         if kind == "safetensors":
             loaded: Any = _read_safetensors(data)
