@@ -11,6 +11,9 @@ compute dtype (`--dtype`), and peak device memory. The peer is `segmentation_mod
 with the same backbone, batch and crop: fp32 on CPU, bf16 autocast with channels_last on GPU,
 eager and with torch.compile; for `pan_smp` its MFU uses our FLOP count (the same network).
 `--profile_dir` traces each of our measurements and prints where its time goes (op_profile).
+Flag values are checked when parsed (--what, --peer and --batch are comma lists); a measurement
+that fails is reported as an error row and the others still run, and the exit status is 1 when
+none succeeded.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,31 +37,118 @@ from pan_jax import models, op_profile, sharding, train
 from pan_jax.models import layers
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "pan_smp", "Model name (pan_jax.models).")
-flags.DEFINE_string("backbone", "resnet101", "Backbone.")
-flags.DEFINE_list("batch", ["16"], "Batch sizes (global).")
-flags.DEFINE_integer("crop", 512, "Square input size.")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
-flags.DEFINE_list("peer", ["eager"], "PyTorch peers: eager, compile, none.")
-flags.DEFINE_bool("jax", True, "Measure pan_jax (--nojax: the PyTorch peers only).")
-flags.DEFINE_list("what", ["train", "forward"], "train and/or forward.")
-flags.DEFINE_integer("steps", 20, "Timed repetitions (median reported).")
-flags.DEFINE_integer("warmup", 3, "Untimed repetitions after compilation.")
-flags.DEFINE_float("peak_tflops", 0.0, "Device peak for MFU; 0 = measure a --dtype matmul.")
-flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
-flags.DEFINE_float("budget_s", 0.0, "Skip remaining measurements after this many seconds.")
-flags.DEFINE_enum(
-    "pointwise_conv",
-    "matmul",
-    ["matmul", "conv"],
-    "How our 1×1 convolutions lower (models.layers.POINTWISE_AS_MATMUL): to compare them.",
-)
-flags.DEFINE_string(
-    "profile_dir",
-    None,
-    "Trace 3 steps of each pan_jax measurement with jax.profiler into this directory and print "
-    "where the time goes (kinds of XLA op, Flax modules, the longest ops).",
-)
+WHATS = ("train", "forward")
+PEERS = ("eager", "compile", "none")
+
+
+def _comma_list_of(name: str, choices: Sequence[str]) -> Callable[[list[str]], bool]:
+    """A validator for the list flag --`name`: one or more of `choices`."""
+
+    def check(values: list[str]) -> bool:
+        unknown = [value for value in values if value not in choices]
+        if not values or unknown:
+            # absl puts "flag --NAME=VALUE: " in front of the message.
+            raise flags.ValidationError(
+                f"expected a comma list of {', '.join(choices)}"
+                + (f", not {', '.join(unknown)}" if unknown else "")
+            )
+        return True
+
+    return check
+
+
+def _check_batches(values: list[str]) -> bool:
+    if not values or not all(value.isdigit() and int(value) > 0 for value in values):
+        raise flags.ValidationError("expected positive integers, e.g. 16 or 8,16")
+    return True
+
+
+def _something_to_measure(values: dict[str, Any]) -> bool:
+    if not values["jax"] and all(peer == "none" for peer in values["peer"]):
+        raise flags.ValidationError("--nojax with --peer=none measures nothing")
+    return True
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines the bench's flags in `flag_values` (tests parse them into a FlagValues of their own).
+
+    --what, --peer and --batch stay comma lists (`--what=train,forward`, as launch/bench_gpu.sh
+    passes them) and are checked when parsed: a typo must not measure something else under its
+    name, or nothing at all.
+    """
+    flags.DEFINE_enum(
+        "model",
+        "pan_smp",
+        list(models.MODEL_NAMES),
+        "Model name (pan_jax.models).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string("backbone", "resnet101", "Backbone.", flag_values=flag_values)
+    flags.DEFINE_list(
+        "batch", ["16"], "Batch sizes (global): N or a comma list.", flag_values=flag_values
+    )
+    flags.DEFINE_integer("crop", 512, "Square input size.", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_enum(
+        "dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.", flag_values=flag_values
+    )
+    flags.DEFINE_list(
+        "peer", ["eager"], f"PyTorch peers: {', '.join(PEERS)}.", flag_values=flag_values
+    )
+    flags.DEFINE_bool(
+        "jax", True, "Measure pan_jax (--nojax: the PyTorch peers only).", flag_values=flag_values
+    )
+    flags.DEFINE_list(
+        "what", list(WHATS), f"A comma list of: {', '.join(WHATS)}.", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "steps", 20, "Timed repetitions (median reported).", lower_bound=1, flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "warmup",
+        3,
+        "Untimed repetitions after compilation.",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_float(
+        "peak_tflops",
+        0.0,
+        "Device peak for MFU; 0 = measure a --dtype matmul.",
+        lower_bound=0.0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "json", None, "Write every figure to this JSON file.", flag_values=flag_values
+    )
+    flags.DEFINE_float(
+        "budget_s",
+        0.0,
+        "Skip remaining measurements after this many seconds.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_enum(
+        "pointwise_conv",
+        "matmul",
+        ["matmul", "conv"],
+        "How our 1×1 convolutions lower (models.layers.POINTWISE_AS_MATMUL): to compare them.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "profile_dir",
+        None,
+        "Trace 3 steps of each pan_jax measurement with jax.profiler into this directory and "
+        "print where the time goes (kinds of XLA op, Flax modules, the longest ops).",
+        flag_values=flag_values,
+    )
+    flags.register_validator("what", _comma_list_of("what", WHATS), flag_values=flag_values)
+    flags.register_validator("peer", _comma_list_of("peer", PEERS), flag_values=flag_values)
+    flags.register_validator("batch", _check_batches, flag_values=flag_values)
+    flags.register_multi_flags_validator(
+        ["jax", "peer"], _something_to_measure, flag_values=flag_values
+    )
+
+
+define_flags()
 
 NUM_CLASSES = 21
 
@@ -293,8 +383,10 @@ def machine() -> dict:
     }
 
 
-def main(argv) -> None:
-    del argv
+def main(argv) -> int:
+    """Runs the measurements; exit status 1 when none of them succeeded."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Compile times are part of the report: never load them from a persistent cache.
     jax.config.update("jax_enable_compilation_cache", False)
     started = time.perf_counter()
@@ -374,6 +466,15 @@ def main(argv) -> None:
                 )
     print_table(report)
     save()
+    if not any("error" not in r for r in report["results"]):
+        # A bench that measured nothing must not pass for one that did (scripts, CI).
+        print(
+            "error: no measurement succeeded: each one failed or was skipped (see above)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    return 0
 
 
 def print_table(report: dict) -> None:

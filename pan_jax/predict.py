@@ -15,13 +15,15 @@ path and stem:
 The dataset is read from the workdir's `config.json` (`data.name`), else guessed from the number
 of classes (21 → VOC, 19 → Cityscapes); --dataset overrides. --overlay also writes
 `<stem>_overlay.png`, the image blended with class colors. Mode, crop and stride default to the
-workdir config's `eval` section.
+workdir config's `eval` section; a --crop_size without --stride slides by 2/3 of that crop.
 
 Inputs: a file, a directory (every file with an image extension PIL knows, recursively) or a glob.
 Images are read with PIL in any mode: EXIF orientation is applied, grayscale/palette/CMYK are
 converted to RGB, alpha is dropped, 16-bit samples are scaled to 8 bits. A file that cannot be
 read as an image is reported by name and skipped; the others are still processed, and the exit
-status is 1 if any file failed.
+status is 1 if any file failed. A directory or glob skips the files inside --output (a previous
+run's masks). Inputs and options are checked before the model loads: no inputs, or a mask or
+overlay that would overwrite an input file, is a one-line `error: ...` and exit status 1.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,8 +182,30 @@ def segment(model: Any, variables: Any, image: np.ndarray, **options: Any) -> np
     return evaluate.predict_image(model, variables, normalize(np.asarray(image)), **options)
 
 
-def list_inputs(pattern: str) -> list[tuple[str, str]]:
-    """(path, name for outputs) of every input: a file, a directory (recursive) or a glob."""
+def _is_inside(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or below it, after resolving links and `..`."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def _glob_root(pattern: str) -> str:
+    """The directory a glob searches: its leading directories without wildcards."""
+    literal = []
+    for part in pattern.split(os.sep)[:-1]:  # the last part names the files
+        if any(char in part for char in "*?["):
+            break
+        literal.append(part)
+    return os.sep.join(literal) or (os.sep if pattern.startswith(os.sep) else os.curdir)
+
+
+def list_inputs(pattern: str, exclude_dir: str | None = None) -> list[tuple[str, str]]:
+    """(path, name for outputs) of every input: a file, a directory (recursive) or a glob.
+
+    A directory or glob skips the files inside `exclude_dir` (the --output directory), so that
+    a second run does not take the first one's masks and overlays for images; unless the whole
+    directory searched is inside `exclude_dir`, which would leave nothing (then the check that
+    no output overwrites an input, `check_outputs_spare_inputs`, guards the inputs).
+    """
     if os.path.isfile(pattern):
         return [(pattern, os.path.splitext(os.path.basename(pattern))[0])]
     if os.path.isdir(pattern):
@@ -191,14 +216,28 @@ def list_inputs(pattern: str) -> list[tuple[str, str]]:
             for name in sorted(files):
                 if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
                     paths.append(os.path.join(root, name))
-        base = pattern
+        searched = pattern
     else:
         paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+        searched = _glob_root(pattern)
+    skipped = 0
+    if exclude_dir is not None and not _is_inside(searched, exclude_dir):
+        kept = [p for p in paths if not _is_inside(p, exclude_dir)]
+        skipped = len(paths) - len(kept)
+        paths = kept
     if not paths:
+        also = f" (besides {skipped} file(s) inside --output={exclude_dir})" if skipped else ""
         raise FileNotFoundError(
-            f"--input={pattern}: no such file, no images in such a directory, no glob match"
+            f"--input={pattern}: no such file, no images in such a directory, no glob match" + also
         )
+    if skipped:
+        logging.info(
+            "--input=%s: skipped %d file(s) inside --output=%s", pattern, skipped, exclude_dir
+        )
+    if os.path.isdir(pattern):
+        base = pattern
+    else:
+        base = os.path.commonpath([os.path.dirname(p) for p in paths])
     named = []
     seen: set[str] = set()
     for path in paths:
@@ -209,6 +248,30 @@ def list_inputs(pattern: str) -> list[tuple[str, str]]:
         seen.add(stem)
         named.append((path, stem))
     return named
+
+
+def output_paths(output_dir: str | os.PathLike, name: str, write_overlay: bool) -> list[epath.Path]:
+    """The files written for the input named `name`: its mask, then its overlay (if asked)."""
+    mask = epath.Path(output_dir) / f"{name}.png"
+    return [mask, mask.parent / f"{mask.stem}_overlay.png"] if write_overlay else [mask]
+
+
+def check_outputs_spare_inputs(
+    inputs: Sequence[tuple[str, str]], output_dir: str | os.PathLike, *, write_overlay: bool
+) -> None:
+    """Raises ValueError when a mask or overlay would be written over one of the input files."""
+    by_resolved = {os.path.realpath(path): path for path, _ in inputs}
+    for path, name in inputs:
+        for kind, target in zip(
+            ("mask", "overlay"), output_paths(output_dir, name, write_overlay), strict=False
+        ):
+            clash = by_resolved.get(os.path.realpath(os.fspath(target)))
+            if clash is not None:
+                raise ValueError(
+                    f"--output={os.fspath(output_dir)}: the {kind} of {path} would be written to "
+                    f"{target}, overwriting the input {clash}; give another --output directory, "
+                    "one that holds no inputs"
+                )
 
 
 def predict_files(
@@ -237,12 +300,13 @@ def predict_files(
             errors.append(str(e))
             continue
         classes = segment(model, variables, image, **options)
-        target = epath.Path(output_dir) / f"{name}.png"
+        targets = output_paths(output_dir, name, write_overlay)
+        target = targets[0]
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("wb") as f:
             mask_image(classes, output_format, model.num_classes).save(f, format="PNG")
         if write_overlay:
-            with (target.parent / f"{target.stem}_overlay.png").open("wb") as f:
+            with targets[1].open("wb") as f:
                 Image.fromarray(overlay(image, classes, palette)).save(f, format="PNG")
         written.append(os.fspath(target))
         logging.info("[%d/%d] %s -> %s", index + 1, len(inputs), path, target)
@@ -283,7 +347,10 @@ flags.DEFINE_list(
     "crop_size", None, "Slide mode window: N or H,W (default: the workdir's eval.crop_size)."
 )
 flags.DEFINE_list(
-    "stride", None, "Slide mode stride: N or H,W (default: eval.stride, else 2/3 of the crop)."
+    "stride",
+    None,
+    "Slide mode stride: N or H,W (default: 2/3 of --crop_size if given, else eval.stride, else "
+    "2/3 of the crop).",
 )
 flags.DEFINE_integer(
     "pad_multiple", None, "Pad inputs to multiples of this (bounded compilations)."
@@ -303,6 +370,63 @@ def _int_pair(values: list[str] | None, name: str) -> int | tuple[int, ...] | No
     return ints[0] if len(ints) == 1 else ints
 
 
+def inference_options(
+    eval_config: dict[str, Any],
+    *,
+    mode: str | None = None,
+    crop_size: int | tuple[int, ...] | None = None,
+    stride: int | tuple[int, ...] | None = None,
+    pad_multiple: int | None = None,
+    multiscale: bool = False,
+    flip: bool = False,
+    config_path: str = "config.json",
+) -> dict[str, Any]:
+    """`segment`'s options: the flags given (not None) over the workdir's `eval` config section.
+
+    A --crop_size without --stride slides by 2/3 of that crop: the config's stride was chosen
+    for the config's crop and may not fit another. Raises ValueError naming the flags (and
+    `config_path` for the values that came from the config).
+    """
+    given = {
+        name: value
+        for name, value in (
+            ("mode", mode),
+            ("crop_size", crop_size),
+            ("stride", stride),
+            ("pad_multiple", pad_multiple),
+        )
+        if value is not None
+    }
+    config = {name: value for name, value in eval_config.items() if value is not None}
+    if "crop_size" in given and "stride" not in given:
+        config.pop("stride", None)
+    merged = {**config, **given}
+    try:
+        options = evaluate.check_options(
+            mode=merged.get("mode", "whole"),
+            scales=evaluate.MS_SCALES if multiscale else (1.0,),
+            crop_size=merged.get("crop_size"),
+            stride=merged.get("stride"),
+            pad_multiple=merged.get("pad_multiple", evaluate.PAD_MULTIPLE),
+            where="--",  # errors name the flags that set (or override) each value
+        )
+    except ValueError as error:
+        # The message names each value by its flag; say which of them the config set instead.
+        from_config = [
+            name
+            for name in ("mode", "crop_size", "stride", "pad_multiple")
+            if name in config and name not in given and f"--{name}" in str(error)
+        ]
+        if not from_config:
+            raise
+        raise ValueError(
+            f"{error} ({', '.join(from_config)} from the eval section of {config_path}; "
+            "the flags override it)"
+        ) from None
+    options["flip"] = flip
+    return options
+
+
 def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -311,26 +435,33 @@ def main(argv: Sequence[str]) -> int:
     if not FLAGS.input or not FLAGS.output:
         raise app.UsageError("--input and --output are required")
     directory = FLAGS.workdir or FLAGS.model_dir
-    run_config = read_run_config(directory)
-    eval_config = dict(run_config.get("eval") or {})
-    for name, value in (
-        ("mode", FLAGS.mode),
-        ("crop_size", _int_pair(FLAGS.crop_size, "crop_size")),
-        ("stride", _int_pair(FLAGS.stride, "stride")),
-        ("pad_multiple", FLAGS.pad_multiple),
-    ):
-        if value is not None:
-            eval_config[name] = value
-    eval_config["scales"] = evaluate.MS_SCALES if FLAGS.multiscale else (1.0,)
-    eval_config["flip"] = FLAGS.flip
-    options = evaluate.eval_options(eval_config)
+    crop_size = _int_pair(FLAGS.crop_size, "crop_size")
+    stride = _int_pair(FLAGS.stride, "stride")
+    # Everything that can be checked without the model is checked before loading it (slow):
+    # a mistake costs a one-line error, not a traceback minutes later.
+    try:
+        run_config = read_run_config(directory)
+        options = inference_options(
+            dict(run_config.get("eval") or {}),
+            mode=FLAGS.mode,
+            crop_size=crop_size,
+            stride=stride,
+            pad_multiple=FLAGS.pad_multiple,
+            multiscale=FLAGS.multiscale,
+            flip=FLAGS.flip,
+            config_path=os.fspath(epath.Path(directory) / "config.json"),
+        )
+        inputs = list_inputs(FLAGS.input, exclude_dir=FLAGS.output)
+        check_outputs_spare_inputs(inputs, FLAGS.output, write_overlay=FLAGS.overlay)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
 
     model, variables, spec, step = evaluate.load_model(directory, FLAGS.step)
     dataset_name = (run_config.get("data") or {}).get("name")
     output_format = FLAGS.dataset
     if output_format == "auto":
         output_format = output_format_for(dataset_name, model.num_classes)
-    inputs = list_inputs(FLAGS.input)
     logging.info(
         "%s (%s, %d classes, step %s): %d inputs -> %s as %s, %s",
         directory,

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from absl import flags
 
 from pan_jax import bench, op_profile
 from pan_jax.models.layers import ConvBN
@@ -74,6 +77,101 @@ def test_largest_batch_fits_the_state_plus_a_linear_share_per_image():
     assert bench.largest_batch(20 * gb, 4 * gb, 16, 80 * gb, 8) == 64
     assert bench.largest_batch(20 * gb, 4 * gb, 16, 80 * gb, 1) == 68
     assert bench.largest_batch(20 * gb, 4 * gb, 16, 4 * gb, 8) == 0
+
+
+def parse_bench_flags(*args):
+    """The bench's flags parsed from `args` into a FlagValues of their own (not the global one)."""
+    flag_values = flags.FlagValues()
+    bench.define_flags(flag_values)
+    flag_values(["bench", *args])
+    return flag_values
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--what=trian"], r"--what=.*expected a comma list of train, forward, not trian"),
+        (["--what=train,forwad"], r"--what=.*not forwad"),
+        (["--what="], r"--what=.*expected a comma list"),
+        (["--peer=eagr"], r"--peer=.*expected a comma list of eager, compile, none, not eagr"),
+        (["--model=panx"], r"--model=panx.*pan_smp"),
+        (["--batch=abc"], r"--batch=.*expected positive integers"),
+        (["--batch=16,0"], r"--batch=.*expected positive integers"),
+        (["--steps=0"], r"--steps=0"),
+        (["--nojax", "--peer=none"], r"--nojax with --peer=none measures nothing"),
+    ],
+)
+def test_bench_flags_refuse_values_it_cannot_measure(args, message):
+    # Before, --what=trian measured the forward pass labelled "trian" and --batch=abc failed in
+    # int() after setting up: a typo must stop the bench before anything runs.
+    with pytest.raises(flags.IllegalFlagValueError, match=message):
+        parse_bench_flags(*args)
+
+
+def test_bench_flags_keep_their_comma_lists():
+    parsed = parse_bench_flags("--what=train,forward", "--peer=eager,compile", "--batch=8,16")
+    assert parsed.what == ["train", "forward"] and parsed.peer == ["eager", "compile"]
+    assert parsed.batch == ["8", "16"]
+    defaults = parse_bench_flags()
+    assert defaults.what == ["train", "forward"] and defaults.peer == ["eager"]
+    assert defaults.batch == ["16"] and defaults.model == "pan_smp"
+
+
+def bench_gpu_commands():
+    """The flags every `run NAME SECONDS ARGS...` of launch/bench_gpu.sh passes to the bench."""
+    with open(os.path.join(ROOT, "launch", "bench_gpu.sh")) as f:
+        script = f.read().replace("\\\n", " ")  # join continued lines
+    common = re.search(r"python3 -m pan_jax\.bench (.*?) \"\$@\"", script).group(1)
+    commands = []
+    for line in script.splitlines():
+        if line.strip().startswith("run "):
+            args = shlex.split(line)[3:]  # after run NAME SECONDS
+            commands.append([*shlex.split(common), *args])
+    return [[arg.replace("$batch", "64").replace("$out", "out") for arg in c] for c in commands]
+
+
+def test_bench_gpu_script_flags_still_parse():
+    commands = bench_gpu_commands()
+    assert len(commands) == 6, commands
+    for command in commands:
+        parse_bench_flags(*command)
+    first = parse_bench_flags(*commands[0])
+    assert first.what == ["train", "forward"] and first.peer == ["eager"]
+    assert first.batch == ["16"] and first.model == "pan_smp"
+
+
+def run_bench(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pan_jax.bench", *args],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+# Tiny and quick, in case a check below lets the measurement run after all.
+TINY = ("--backbone=resnet18", "--crop=64", "--batch=1", "--steps=1", "--warmup=0",
+        "--dtype=float32", "--peak_tflops=1", "--peer=none")  # fmt: skip
+
+
+def test_bench_cli_exits_non_zero_on_a_misspelt_flag_value():
+    result = run_bench(*TINY, "--what=trian")
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "--what=" in result.stderr and "not trian" in result.stderr, result.stderr[-2000:]
+    assert "trian" not in result.stdout  # nothing measured under the typo
+
+
+def test_bench_exits_non_zero_when_every_measurement_failed(tmp_path):
+    # A backbone it does not know fails every measurement: the rows say why, the status says so.
+    result = run_bench(
+        *TINY, "--backbone=resnet7", "--what=forward", f"--json={tmp_path / 'b.json'}"
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: no measurement succeeded" in result.stderr
+    (row,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert "resnet7" in row["error"]
 
 
 def test_bench_profile_says_where_the_time_goes(bench_report):

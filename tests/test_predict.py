@@ -1,7 +1,9 @@
 """`python -m pan_jax.predict`: odd image formats, a bad file among good ones, mask formats."""
 
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -121,30 +123,34 @@ def test_palettes_and_label_ids():
     assert predict.output_format_for(None, 7) == "indices"
 
 
-def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, tmp_path):
-    root, expected = inputs
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """(model, variables, model directory) of a small random FCN, saved once for every CLI test."""
     model = models.create("fcn", num_classes=NUM_CLASSES, backbone="resnet18")
     variables = random_variables(model)
-    model_dir = tmp_path / "model"
+    model_dir = tmp_path_factory.mktemp("model")
     spec = {"name": "fcn", "backbone": "resnet18", "num_classes": NUM_CLASSES, "overrides": {}}
     checkpointing.save_variables(model_dir, variables, spec)
-    out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "pan_jax.predict",
-        f"--model_dir={model_dir}",
-        f"--input={root}",
-        f"--output={out}",
-        "--overlay",
-        "--flip",
-    ]
-    result = subprocess.run(
-        command,
+    return model, variables, model_dir
+
+
+def run_predict(*args):
+    """`python -m pan_jax.predict ARGS` on the CPU: the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "pan_jax.predict", *args],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, saved_model, tmp_path):
+    root, expected = inputs
+    model, variables, model_dir = saved_model
+    out = tmp_path / "out"
+    result = run_predict(
+        f"--model_dir={model_dir}", f"--input={root}", f"--output={out}", "--overlay", "--flip"
     )
     assert result.returncode == 1, result.stderr[-3000:]  # one file failed
     assert "notes.jpg" in result.stdout and "notes.jpg" in result.stderr
@@ -160,3 +166,132 @@ def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, tmp_path):
     image = predict.load_image(root / "rgb.jpg")
     classes = predict.segment(model, variables, image, flip=True)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "rgb.png")), classes)
+
+
+def test_predict_refuses_to_overwrite_its_inputs(saved_model, tmp_path):
+    # The reviewer's data loss: --output=--input wrote photos/rgb.png's mask over photos/rgb.png.
+    _, _, model_dir = saved_model
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(smooth_rgb(40, 40)).save(photos / "rgb.png")
+    original = (photos / "rgb.png").read_bytes()
+    result = run_predict(
+        f"--model_dir={model_dir}", f"--input={photos}", f"--output={photos}", "--overlay"
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (photos / "rgb.png").read_bytes() == original
+    assert sorted(os.listdir(photos)) == ["rgb.png"]  # no overlay written either
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert f"input {photos / 'rgb.png'}" in message and f"--output={photos}" in message
+    assert "Wrote" not in result.stdout
+
+
+def test_outputs_must_spare_inputs_by_resolved_path_masks_and_overlays(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(smooth_rgb(16, 16)).save(photos / "rgb.png")
+    single = predict.list_inputs(str(photos / "rgb.png"))
+    # The output directory spelled another way still resolves to the input's directory.
+    with pytest.raises(ValueError, match=r"mask of .*rgb\.png .*overwriting the input"):
+        predict.check_outputs_spare_inputs(single, photos / "x" / "..", write_overlay=False)
+    predict.check_outputs_spare_inputs(single, tmp_path / "masks", write_overlay=True)
+    # street.jpg's overlay, street_overlay.png, is also an input (whose own mask is itself).
+    Image.fromarray(smooth_rgb(16, 16)).save(tmp_path / "street.jpg")
+    Image.fromarray(smooth_rgb(16, 16)).save(tmp_path / "street_overlay.png")
+    street = predict.list_inputs(str(tmp_path / "street*"))
+    with pytest.raises(ValueError, match=r"the overlay of .*street\.jpg would be written to"):
+        predict.check_outputs_spare_inputs(street, tmp_path, write_overlay=True)
+    with pytest.raises(ValueError, match=r"the mask of .*street_overlay\.png would be written"):
+        predict.check_outputs_spare_inputs(street, tmp_path, write_overlay=False)
+
+
+def test_list_inputs_skips_files_inside_the_output_directory(tmp_path):
+    photos = tmp_path / "photos2"
+    (photos / "masks" / "masks").mkdir(parents=True)
+    for name in ("rgb.png", "masks/rgb.png", "masks/rgb_overlay.png", "masks/masks/rgb.png"):
+        Image.fromarray(smooth_rgb(16, 16)).save(photos / name)
+    masks = str(photos / "masks")
+    assert predict.list_inputs(str(photos), exclude_dir=masks) == [(str(photos / "rgb.png"), "rgb")]
+    globbed = predict.list_inputs(str(photos / "**" / "*.png"), exclude_dir=masks)
+    assert globbed == [(str(photos / "rgb.png"), "rgb")]
+    # Spelled with "..", the output directory is still recognised.
+    spelled = os.path.join(masks, "..", "masks")
+    assert len(predict.list_inputs(str(photos), exclude_dir=spelled)) == 1
+    # Every match is an output: the error says where they went.
+    with pytest.raises(FileNotFoundError, match=r"besides 1 file\(s\) inside --output="):
+        predict.list_inputs(str(photos / "**" / "*_overlay.png"), exclude_dir=masks)
+    # --output is the input directory itself: skipping would leave nothing, so all are inputs
+    # (and check_outputs_spare_inputs refuses what would overwrite them).
+    assert len(predict.list_inputs(str(photos), exclude_dir=str(photos))) == 4
+    assert len(predict.list_inputs(str(photos / "*.png"), exclude_dir=str(photos))) == 1
+
+
+def test_predict_does_not_read_its_own_masks_back(saved_model, tmp_path):
+    # The reviewer's second run of --input=photos2 --output=photos2/masks --overlay segmented the
+    # first run's masks and overlays into masks/masks/*_overlay_overlay.png.
+    _, _, model_dir = saved_model
+    photos = tmp_path / "photos2"
+    (photos / "masks").mkdir(parents=True)
+    Image.fromarray(smooth_rgb(40, 40)).save(photos / "rgb.png")
+    for left_by_a_first_run in ("rgb.png", "rgb_overlay.png"):
+        Image.fromarray(smooth_rgb(40, 40, 1)).save(photos / "masks" / left_by_a_first_run)
+    output = photos / "masks"
+    result = run_predict(
+        f"--model_dir={model_dir}", f"--input={photos}", f"--output={output}", "--overlay"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Wrote 1 masks" in result.stdout
+    assert sorted(os.listdir(output)) == ["rgb.png", "rgb_overlay.png"]
+
+
+def test_predict_checks_the_inputs_before_loading_the_model(tmp_path):
+    # The model directory does not exist: the inputs must be refused before anything reads it.
+    result = run_predict(
+        f"--model_dir={tmp_path / 'no_model'}",
+        f"--input={tmp_path / 'nothing_here*.png'}",
+        f"--output={tmp_path / 'out'}",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --input=") and "nothing_here*.png" in lines[-1], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_crop_flag_without_stride_slides_by_two_thirds_of_that_crop():
+    # A workdir evaluated with crop 512, stride 341: its stride does not fit --crop_size=256.
+    config = {"mode": "slide", "crop_size": [512, 512], "stride": [341, 341]}
+    options = predict.inference_options(config, crop_size=256)
+    assert options["crop_size"] == (256, 256) and options["stride"] == (171, 171)
+    assert predict.inference_options(config)["stride"] == (341, 341)
+    assert predict.inference_options(config, crop_size=256, stride=128)["stride"] == (128, 128)
+    assert predict.inference_options(config, mode="whole", crop_size=256)["mode"] == "whole"
+    with pytest.raises(ValueError, match=r"^--stride=\(300, 300\) is larger than --crop_size="):
+        predict.inference_options(config, crop_size=256, stride=300)
+    # Both from the config: the message says so, and that the flags override it.
+    bad = {**config, "stride": 600}
+    with pytest.raises(ValueError, match=r"crop_size, stride from the eval section .*config\.json"):
+        predict.inference_options(bad)
+    with pytest.raises(ValueError, match=r"--crop_size is required with mode='slide'"):
+        predict.inference_options({}, mode="slide")
+
+
+def test_predict_slide_with_a_smaller_crop_than_the_workdir_config(saved_model, tmp_path):
+    _, _, model_dir = saved_model
+    workdir = tmp_path / "workdir"
+    shutil.copytree(model_dir, workdir)
+    eval_config = {"mode": "slide", "crop_size": [512, 512], "stride": [341, 341]}
+    (workdir / "config.json").write_text(json.dumps({"eval": eval_config}))
+    Image.fromarray(smooth_rgb(40, 60)).save(tmp_path / "rgb.png")
+    out = tmp_path / "out"
+    result = run_predict(
+        f"--model_dir={workdir}",
+        f"--input={tmp_path / 'rgb.png'}",
+        f"--output={out}",
+        "--mode=slide",
+        "--crop_size=256",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'stride': (171, 171)" in result.stderr  # the options, logged
+    assert Image.open(out / "rgb.png").size == (60, 40)
