@@ -76,8 +76,12 @@ def model_spec(config: ml_collections.ConfigDict) -> checkpointing.ModelSpec:
     }
 
 
-def create_model(config: ml_collections.ConfigDict) -> models.SegmentationModel:
-    return checkpointing.model_from_spec(model_spec(config), dtype=jnp.dtype(config.model.dtype))
+def create_model(
+    config: ml_collections.ConfigDict, spec: checkpointing.ModelSpec | None = None
+) -> models.SegmentationModel:
+    """The model of `config` (or of its already computed `model_spec`), in its compute dtype."""
+    spec = model_spec(config) if spec is None else spec
+    return checkpointing.model_from_spec(spec, dtype=jnp.dtype(config.model.dtype))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -424,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     per_process_batch = _check_config(config)
     spec = model_spec(config)
-    model = create_model(config)  # unknown model options fail before the workdir is touched
+    model = create_model(config, spec)  # unknown options fail before the workdir is touched
     manager = checkpointing.create_manager(workdir, config)
     workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager)
     if manager.latest_step() is None and config.model.get("pretrained"):
