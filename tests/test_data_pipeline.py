@@ -305,7 +305,7 @@ def test_crop_matrix_equals_resize_then_crop_then_flip():
         ch, cw = min(64, nh), min(64, nw)
         y0, x0 = rng.integers(0, nh - ch + 1), rng.integers(0, nw - cw + 1)
         flip = bool(rng.random() < 0.5)
-        matrix = pipeline.crop_matrix(h, w, nh, nw, y0, x0, ch, cw, flip)
+        matrix = pipeline.crop_matrix(h, w, nh, nw, y0, x0, cw, flip)
         flags = cv2.WARP_INVERSE_MAP
         warped = cv2.warpAffine(
             image, matrix, (cw, ch), flags=cv2.INTER_LINEAR | flags, borderMode=cv2.BORDER_REPLICATE

@@ -352,7 +352,6 @@ def crop_matrix(
     scaled_width: int,
     y0: int,
     x0: int,
-    crop_height: int,
     crop_width: int,
     flip: bool,
 ) -> np.ndarray:
@@ -408,7 +407,7 @@ def train_transform(
         if flipped:
             image, label = cv2.flip(image, 1), cv2.flip(label, 1)
     else:  # Large rescaled image (e.g. Cityscapes at 2x): compute only the crop window.
-        matrix = crop_matrix(height, width, scaled_h, scaled_w, y0, x0, crop_h, crop_w, flipped)
+        matrix = crop_matrix(height, width, scaled_h, scaled_w, y0, x0, crop_w, flipped)
         warp = functools.partial(
             cv2.warpAffine, M=matrix, dsize=(crop_w, crop_h), borderMode=cv2.BORDER_REPLICATE
         )
