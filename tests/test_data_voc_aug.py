@@ -303,16 +303,6 @@ def test_missing_archives_error_names_both_files_and_sources(tmp_path, monkeypat
     assert not tfds.builder("voc_aug", data_dir=cfg.data_dir).is_prepared()
 
 
-def test_an_unreachable_host_fails_at_once_not_after_tfds_retries():
-    class DownloadManager:  # tfds' would retry for minutes; it must not even be asked
-        def download(self, urls):
-            raise AssertionError(f"download called for {urls}")
-
-    closed_port = "http://127.0.0.1:9/VOCtrainval_11-May-2012.tar"  # discard: nothing listens
-    with pytest.raises(OSError):
-        voc_aug._download(DownloadManager(), {"voc": closed_port})
-
-
 def _as_official(monkeypatch, archive_dir):
     """Makes the tiny archives count as the official ones (md5) with their own split sizes."""
     official = {

@@ -14,12 +14,9 @@ colors. Images keep their original JPEG bytes unless they are not RGB (grayscale
 are converted to RGB once, here, and stored losslessly as PNG, so every reader gets 3 channels.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import io
-import urllib.error
-import urllib.request
 from typing import ClassVar
 
 import cv2
@@ -158,13 +155,7 @@ def _manual_dir(dl_manager: tfds.download.DownloadManager) -> epath.Path | None:
 def _download(
     dl_manager: tfds.download.DownloadManager, urls: dict[str, str]
 ) -> dict[str, epath.Path]:
-    """Fetches missing archives with tfds' download manager (checksums verified by tfds).
-
-    Each host is asked first, once: offline, tfds' own retries take minutes to give up."""
-    for url in urls.values():
-        # An HTTP error is an answer: the host is there, and tfds deals with what it says.
-        with contextlib.suppress(urllib.error.HTTPError):
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=20).close()
+    """Fetches missing archives with tfds' download manager (checksums verified by tfds)."""
     return dl_manager.download(urls)
 
 
