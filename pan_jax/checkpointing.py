@@ -147,7 +147,13 @@ def prepare_workdir(
     return path
 
 
-def create_manager(workdir: epath.Path, config: Any) -> ocp.CheckpointManager:
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+    """Whether a training workdir holds a finished checkpoint (a `checkpoints/<step>` folder)."""
+    directory = epath.Path(workdir) / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def create_manager(workdir: str | os.PathLike, config: Any) -> ocp.CheckpointManager:
     """The run's manager: async saves, the last `config.keep_checkpoints` kept."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(config.keep_checkpoints),

@@ -642,12 +642,18 @@ def evaluate(config: Any, workdir: str | os.PathLike, *, step: int | None = None
     model, variables, spec, step = load_model(workdir, step)
     if step is not None and _get(config, "model", None) is not None:
         # A training workdir's config describes its model (and, for an ablation row, the
-        # paper's figure in the report): the wrong config is refused as training refuses it.
-        # A model directory (step None) brings its own model to any config.
+        # paper's figure in the report): another model's config is refused, as training
+        # refuses it. Options the config leaves unset are not compared, so the run's
+        # command-line switches need not be repeated. A model directory (step None) brings
+        # its own model to any config.
         from pan_jax import train
 
-        where = f"checkpoint {step} in {workdir}"
-        checkpointing.check_spec(spec, train.model_spec(config), where)
+        expected = train.model_spec(config)
+        saved = dict(
+            spec,
+            overrides={k: v for k, v in spec["overrides"].items() if k in expected["overrides"]},
+        )
+        checkpointing.check_spec(saved, expected, f"checkpoint {step} in {workdir}")
     num_classes = int(config.data.num_classes)
     if spec["num_classes"] != num_classes:
         raise checkpointing.CheckpointMismatchError(

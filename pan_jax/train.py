@@ -273,7 +273,7 @@ def host_batch_for_step(batch: dict[str, np.ndarray], micro_steps: int) -> dict[
 
 class _Preemption:
     """Remembers a SIGTERM or the first Ctrl-C (SIGINT), so the loop can save at the current
-    step and exit cleanly; a second Ctrl-C interrupts at once."""
+    step and exit cleanly; a second Ctrl-C interrupts (a save in flight is still finished)."""
 
     _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -288,7 +288,7 @@ class _Preemption:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+        again = " (Ctrl-C again stops sooner)" if signum == signal.SIGINT else ""
         logging.warning("%s: saving a checkpoint at the current step, then exiting%s", name, again)
         self.requested = name
         if signum == signal.SIGINT:
@@ -429,14 +429,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     per_process_batch = _check_config(config)
     spec = model_spec(config)
     model = create_model(config, spec)  # unknown options fail before the workdir is touched
+    if config.model.get("pretrained") and not checkpointing.has_checkpoints(workdir):
+        # Before the workdir is written and the dataset built (minutes for VOC): a bad name or
+        # no network fails now. A resumed run needs no weights, and so no network.
+        _fetch_pretrained(config, model)
     manager = checkpointing.create_manager(workdir, config)
     workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager)
-    if manager.latest_step() is None and config.model.get("pretrained"):
-        # Before the dataset build (minutes for VOC): a bad name or no network fails now.
-        # A resumed run needs no weights, and so no network.
-        from pan_jax import convert
-
-        convert.fetch_pretrained(config.model.pretrained, config.model.pretrained_kind, model)
     # Process 0 builds the dataset first (a shared gs:// data_dir is built once); the others
     # then find it built, or build their own copy when data_dir is local to each host.
     if jax.process_index() == 0:
@@ -652,6 +650,24 @@ def _log_example_digests(workdir: Any, step: int, batch: dict[str, np.ndarray]) 
     digests = [_digest({k: v[i] for k, v in batch.items()}) for i in range(rows)]
     with (workdir / f"example_digests.{jax.process_index()}.jsonl").open("a") as f:
         f.write(json.dumps({"step": step, "examples": digests}) + "\n")
+
+
+def _fetch_pretrained(config: ml_collections.ConfigDict, model: models.SegmentationModel) -> None:
+    """Checks the pretrained source and downloads it into the cache, process 0 first: the
+    others then find it cached (a shared cache) or fetch their own copy (a cache per host)."""
+    from pan_jax import convert
+
+    def fetch():
+        convert.fetch_pretrained(config.model.pretrained, config.model.pretrained_kind, model)
+
+    if jax.process_index() == 0:
+        fetch()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pan_jax: pretrained weights fetched")
+        if jax.process_index() != 0:
+            fetch()
 
 
 def _load_pretrained(

@@ -3,6 +3,8 @@
 import hashlib
 import logging
 import shutil
+import subprocess
+import sys
 
 import cv2
 import grain
@@ -430,3 +432,17 @@ def test_default_data_config_has_the_interface_fields(name):
     cfg.data_dir = "/some/dir"  # placeholders accept a string override
     expected_crop = {"voc_aug": 512, "cityscapes": 768, "pan_synthetic": 128}[name]
     assert cfg.crop_size == expected_crop
+
+
+def test_input_workers_outlive_a_ctrl_c_to_the_process_group():
+    """Ctrl-C reaches the workers too; they must live until the trainer has saved and stopped."""
+    code = (
+        "import os, signal, time\n"
+        "from pan_jax.data import pipeline\n"
+        "pipeline._worker_init(0, 1)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.1)\n"
+        "print('alive')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "alive" in result.stdout, result.stderr[-2000:]

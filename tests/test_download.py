@@ -11,7 +11,13 @@ import timm
 import torch
 
 from pan_jax import models
-from pan_jax.convert import download, from_imagenet, load_pretrained, read_state_dict
+from pan_jax.convert import (
+    ConversionError,
+    download,
+    from_imagenet,
+    load_pretrained,
+    read_state_dict,
+)
 from pan_jax.convert.imagenet import detect_resnet
 from tests.helpers import HUB_RESNET18, resnet18_safetensors
 
@@ -78,14 +84,15 @@ def test_other_sources_by_hub_repo_file_and_url(hub, resnet18_bytes):
     ],
 )
 def test_a_failed_or_damaged_download_is_refused_and_leaves_nothing(
-    hub, resnet18_bytes, tmp_path, damage, message
+    hub, resnet18_bytes, tmp_path, monkeypatch, damage, message
 ):
     source = "hf-hub:timm/resnet18.tv_in1k"
     if damage == "sha256":
         hub.serve_like_the_hub(REPO_FILE, resnet18_bytes, sha256="0" * 64)
     elif damage == "size":
         hub.serve_like_the_hub(REPO_FILE, resnet18_bytes, size=len(resnet18_bytes) + 1)
-    elif damage == "name_hash":
+    elif damage == "name_hash":  # as download.pytorch.org names its files
+        monkeypatch.setattr(download, "HASHED_NAME_HOSTS", {"127.0.0.1"})
         source = f"{hub.url}/models/resnet18-00000000.safetensors"
         hub.routes["/models/resnet18-00000000.safetensors"] = (200, {}, resnet18_bytes)
     elif damage == "truncated":  # announces the whole length, sends half, closes
@@ -95,6 +102,25 @@ def test_a_failed_or_damaged_download_is_refused_and_leaves_nothing(
         read_state_dict(source)
     assert source in str(raised.value) and "/resnet18" in str(raised.value)  # names the URL
     assert cached_files(tmp_path) == []  # no partial file, nothing passing for the weights
+
+
+def test_urls_never_share_a_cache_file_and_names_stay_inside_the_cache(hub, resnet18_bytes):
+    first, second = (f"{hub.url}/v{i}/model.safetensors" for i in (1, 2))
+    hub.routes["/v1/model.safetensors"] = (200, {}, resnet18_bytes)
+    hub.routes["/v2/model.safetensors"] = (200, {}, b"another file")
+    assert download.fetch(first).read_bytes() == resnet18_bytes
+    assert download.fetch(second).read_bytes() == b"another file"
+    # A date in a name is no hash: outside torch.hub's hosts the name is not checked.
+    hub.routes["/pan-20240101.safetensors"] = (200, {}, resnet18_bytes)
+    download.fetch(f"{hub.url}/pan-20240101.safetensors")
+    with pytest.raises(ValueError, match="expected hf-hub:OWNER/REPO"):
+        download.fetch("hf-hub:../../tmp/x")
+    user = download.source_url("https://user:token@example.com/w/x.pth")[1]
+    assert "token" not in str(user) and user.parts[:2] == ("urls", "example.com")
+    # A name of no checkpoint format is refused before anything is downloaded.
+    with pytest.raises(ConversionError, match="unknown checkpoint format"):
+        read_state_dict(f"{hub.url}/get?file=a.pth")
+    assert not any(path.startswith("/get") for path in hub.downloads())
 
 
 def test_imagenet_weights_name_real_timm_checkpoints_of_each_variant():

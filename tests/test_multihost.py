@@ -318,6 +318,13 @@ def test_evaluation_across_two_processes_sums_the_confusion_matrices(tmp_path, s
     other.model.backbone = "resnet34"  # the config of another run: refused, as training does
     with pytest.raises(checkpointing.CheckpointMismatchError, match="backbone: checkpoint"):
         evaluate.evaluate(other, workdir)
+    other = config.copy_and_resolve_references()
+    other.model.overrides.decoder_channels = 8  # set, and unlike the checkpoint's: refused
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="decoder_channels"):
+        evaluate.evaluate(other, workdir)
+    # Options the config leaves unset are the run's: not repeated on the command line.
+    other.model.overrides = {}
+    assert evaluate.evaluate(other, workdir)["miou"] == single["miou"]
 
     logs = run(config_file, Path(workdir), data_dir, 2, "--mode=eval")
     report = json.loads((Path(workdir) / evaluate.REPORT_JSON).read_text())

@@ -125,6 +125,17 @@ def _read_safetensors_raw(data: bytes) -> dict[str, np.ndarray]:
     return out
 
 
+def _file_format(suffix: str, name: str) -> str:
+    if suffix.lower() == ".safetensors":
+        return "safetensors"
+    if suffix.lower() in TORCH_SUFFIXES:
+        return "PyTorch (torch.save)"
+    raise ConversionError(
+        f"{name}: unknown checkpoint format {suffix!r}; expected .safetensors or one of "
+        f"{', '.join(TORCH_SUFFIXES)}"
+    )
+
+
 def read_state_dict(source: Source) -> dict[str, np.ndarray]:
     """A checkpoint file or in-memory state dict → `{torch key: float32/int numpy array}`.
 
@@ -140,22 +151,14 @@ def read_state_dict(source: Source) -> dict[str, np.ndarray]:
     if isinstance(source, Mapping):
         return {k: to_numpy(v) for k, v in _unwrap(source, name).items()}
     if download.is_remote(source):
+        kind = _file_format(download.source_url(source)[1].suffix, name)  # before downloading
         path = epath.Path(download.fetch(source))
         name = f"{source} (cached as {path})"
     else:
         path = epath.Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {name} not found")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        kind = "safetensors"
-    elif suffix in TORCH_SUFFIXES:
-        kind = "PyTorch (torch.save)"
-    else:
-        raise ConversionError(
-            f"{name}: unknown checkpoint format {suffix!r}; expected .safetensors or one of "
-            f"{', '.join(TORCH_SUFFIXES)}"
-        )
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {name} not found")
+        kind = _file_format(path.suffix, name)
     if kind != "safetensors":
         import torch  # only .pth and friends need torch
 

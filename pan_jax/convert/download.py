@@ -29,8 +29,10 @@ from absl import logging
 
 HF_PREFIX = "hf-hub:"
 _HF_DEFAULT_FILE = "model.safetensors"
-# torch.hub's convention: "resnet101-63fe2227.pth" carries a prefix of the file's sha256.
+# torch.hub's convention: "resnet101-63fe2227.pth" carries a prefix of the file's sha256. Only
+# trusted on the hosts that follow it: elsewhere "-20240101." may be a date.
 _URL_HASH = re.compile(r"-([a-f0-9]{8,64})\.")
+HASHED_NAME_HOSTS = {"download.pytorch.org", "github.com"}
 _TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
 
@@ -79,7 +81,7 @@ def source_url(source: str) -> tuple[str, Path]:
     """(URL to download, path in the cache relative to `cache_dir()`) of a remote source."""
     if source.startswith(HF_PREFIX):
         parts = source.removeprefix(HF_PREFIX).strip("/").split("/")
-        if len(parts) < 2 or not all(parts):
+        if len(parts) < 2 or any(part in ("", ".", "..") for part in parts):
             raise ValueError(
                 f"{source!r}: expected hf-hub:OWNER/REPO or hf-hub:OWNER/REPO/FILE, e.g. "
                 "hf-hub:timm/resnet101s.gluon_in1k"
@@ -89,9 +91,12 @@ def source_url(source: str) -> tuple[str, Path]:
         return f"{endpoint}/{repo}/resolve/main/{file}", Path("huggingface", repo, file)
     parsed = urllib.parse.urlparse(source)
     name = Path(parsed.path).name
-    if not name:
-        raise ValueError(f"{source!r}: the URL names no file")
-    return source, Path("urls", parsed.netloc.replace(":", "_"), name)
+    if not name or not parsed.hostname:
+        raise ValueError(f"{source!r}: expected a URL that names a file, e.g. https://host/x.pth")
+    # One folder per URL (path and query), so that two URLs of one name never share a file;
+    # the host without credentials, so that no token lands in a path or a log.
+    folder = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return source, Path("urls", parsed.hostname, folder, name)
 
 
 def fetch(source: str) -> Path:
@@ -102,14 +107,17 @@ def fetch(source: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{socket.gethostname()}-{os.getpid()}.partial")
-    logging.info("downloading %s from %s into %s", source, url, target)
+    logging.info("downloading %s into %s", source, target)
     try:
         expected_sha256, expected_size = _announced(url)
         sha256, size, sent_size = _download(url, partial)
         problem = _check(url, sha256, size, (sent_size, expected_size), expected_sha256)
         if problem:
             raise DownloadError(f"{source}: the download from {url} is damaged: {problem}")
-        os.replace(partial, target)  # atomic: readers see no file or the whole file
+        # Atomic: readers see no file or the whole file. A file another process published
+        # meanwhile is left alone (replacing it could break a reader on NFS).
+        if not target.exists():
+            os.replace(partial, target)
     except (OSError, http.client.HTTPException) as error:  # URLError is an OSError
         raise DownloadError(
             f"cannot download {source} from {url} ({_reason(error)}). Without access to it, "
@@ -133,9 +141,12 @@ def _announced(url: str) -> tuple[str | None, int | None]:
         with urllib.request.build_opener(_NoRedirect).open(request, timeout=_TIMEOUT_S) as reply:
             headers = reply.headers
     except urllib.error.HTTPError as error:
+        error.close()
         if error.code not in (301, 302, 303, 307, 308):
             return None, None  # no HEAD here, or an error the download itself will report
         headers = error.headers
+    except (OSError, http.client.HTTPException):
+        return None, None  # the download itself says what is wrong, or succeeds
     etag = headers.get("X-Linked-Etag") or headers.get("ETag") or ""
     etag = etag.removeprefix("W/").strip('"').lower()
     size = headers.get("X-Linked-Size")
@@ -171,8 +182,9 @@ def _check(
             return f"{size} bytes, the server announced {expected}"
     if expected_sha256 is not None and sha256 != expected_sha256:
         return f"sha256 {sha256}, the server announced {expected_sha256}"
-    match = _URL_HASH.search(Path(urllib.parse.urlparse(url).path).name)
-    if match and not sha256.startswith(match.group(1)):
+    parsed = urllib.parse.urlparse(url)
+    match = _URL_HASH.search(Path(parsed.path).name)
+    if match and parsed.hostname in HASHED_NAME_HOSTS and not sha256.startswith(match.group(1)):
         return f"sha256 {sha256} does not start with {match.group(1)}, as its name says"
     return ""
 

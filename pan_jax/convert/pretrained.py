@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
 from pan_jax.convert import download
@@ -176,11 +177,14 @@ def resolve_source(path: str | os.PathLike, kind: str, model: Any = None) -> str
 
 
 def fetch_pretrained(path: str | os.PathLike, kind: str, model: Any = None) -> None:
-    """Downloads a remote or "imagenet" source into the cache now, if it is not there yet.
-    Training calls it before building its dataset, so that a bad name fails in seconds."""
+    """Downloads a remote or "imagenet" source into the cache now, if it is not there yet, or
+    checks that a local one exists. Training calls it before it writes anything, so that a bad
+    name fails in seconds."""
     source = resolve_source(path, kind, model)
     if download.is_remote(source):
         download.fetch(source)
+    elif not epath.Path(source).exists():
+        raise FileNotFoundError(f"pretrained weights {os.fspath(source)} not found ({kind})")
 
 
 def merge_pretrained(

@@ -21,6 +21,7 @@ the same pixel centers, so image and mask stay aligned (tests check both paths).
 
 import dataclasses
 import functools
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -451,6 +452,9 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 def _worker_init(worker_index: int, worker_count: int) -> None:
     del worker_index, worker_count
     cv2.setNumThreads(1)  # One core per worker: cv2's own thread pool would oversubscribe.
+    # Ctrl-C reaches the whole process group: the training process saves a checkpoint and
+    # stops, which needs its workers alive until then.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _read_and_prefetch(ds: grain.MapDataset, data_config: Any) -> grain.IterDataset:
