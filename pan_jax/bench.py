@@ -41,11 +41,13 @@ WHATS = ("train", "forward")
 PEERS = ("eager", "compile", "none")
 
 
-def _comma_list_of(name: str, choices: Sequence[str]) -> Callable[[list[str]], bool]:
-    """A validator for the list flag --`name`: one or more of `choices`."""
+def _comma_list_of(choices: Sequence[str]) -> Callable[[list[str]], bool]:
+    """A validator for a list flag: one or more of `choices`, each once."""
 
     def check(values: list[str]) -> bool:
         unknown = [value for value in values if value not in choices]
+        if len(set(values)) != len(values):
+            raise flags.ValidationError(f"each of {', '.join(choices)} at most once")
         if not values or unknown:
             # absl puts "flag --NAME=VALUE: " in front of the message.
             raise flags.ValidationError(
@@ -58,7 +60,7 @@ def _comma_list_of(name: str, choices: Sequence[str]) -> Callable[[list[str]], b
 
 
 def _check_batches(values: list[str]) -> bool:
-    if not values or not all(value.isdigit() and int(value) > 0 for value in values):
+    if not values or not all(v.isascii() and v.isdigit() and int(v) > 0 for v in values):
         raise flags.ValidationError("expected positive integers, e.g. 16 or 8,16")
     return True
 
@@ -123,7 +125,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float(
         "budget_s",
         0.0,
-        "Skip remaining measurements after this many seconds.",
+        "Skip remaining measurements after this many seconds (0: no limit).",
+        lower_bound=0.0,
         flag_values=flag_values,
     )
     flags.DEFINE_enum(
@@ -140,8 +143,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "print where the time goes (kinds of XLA op, Flax modules, the longest ops).",
         flag_values=flag_values,
     )
-    flags.register_validator("what", _comma_list_of("what", WHATS), flag_values=flag_values)
-    flags.register_validator("peer", _comma_list_of("peer", PEERS), flag_values=flag_values)
+    flags.register_validator("what", _comma_list_of(WHATS), flag_values=flag_values)
+    flags.register_validator("peer", _comma_list_of(PEERS), flag_values=flag_values)
     flags.register_validator("batch", _check_batches, flag_values=flag_values)
     flags.register_multi_flags_validator(
         ["jax", "peer"], _something_to_measure, flag_values=flag_values

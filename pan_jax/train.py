@@ -506,8 +506,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     last_timed: tuple[int, float] | None = None
     flops_per_image: float | None = None  # XLA's count, known after the first step
 
-    def flush_metrics(step: int, force: bool = False) -> None:
-        """Checks losses one step late, so the host never waits on the step in flight."""
+    def flush_metrics(step: int, force: bool = False, final: bool = False) -> None:
+        """Checks losses one step late, so the host never waits on the step in flight. `final`
+        (a stop before the end) also logs the steps since the last log line."""
         nonlocal last_timed, interval_steps
         while pending and (force or pending[0][0] < step):
             done_step, metrics = pending.pop(0)
@@ -522,7 +523,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             for key, value in values.items():
                 interval_sums[key] = interval_sums.get(key, 0.0) + value
             interval_steps += 1
-            if done_step % config.log_every_steps == 0 or done_step == config.num_train_steps:
+            if (
+                done_step % config.log_every_steps == 0
+                or done_step == config.num_train_steps
+                or (final and not pending)
+            ):
                 # Means over the interval, as flax's examples log: one step's loss is noise.
                 values = {k: v / interval_steps for k, v in interval_sums.items()}
                 interval_sums.clear()
@@ -582,7 +587,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 at_end = step == config.num_train_steps
                 stop = preemption.requested or manager.reached_preemption(step)
                 must_save = at_end or stop or step % config.checkpoint_every_steps == 0
-                flush_metrics(step, force=must_save)  # never checkpoint a NaN state
+                flush_metrics(step, force=must_save, final=bool(stop))  # never checkpoint a NaN state
                 if must_save:
                     checkpointing.save(manager, step, state, train_iter, spec, force=True)
                     logging.info("saved checkpoint at step %d", step)

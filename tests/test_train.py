@@ -501,9 +501,10 @@ def test_sigterm_or_ctrl_c_saves_at_the_current_step_and_exits_cleanly(tmp_path,
         wait=False,
         num_train_steps=1000,
         checkpoint_every_steps=500,
+        log_every_steps=7,
         **{"data.num_workers": workers},
     )
-    wait_for_line(process, "step 2/1000")
+    wait_for_line(process, "step 7/1000")
     if signum == signal.SIGINT:
         os.killpg(process.pid, signum)
     else:
@@ -511,8 +512,11 @@ def test_sigterm_or_ctrl_c_saves_at_the_current_step_and_exits_cleanly(tmp_path,
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert len(steps) == 1 and 2 <= steps[0] < 1000, steps
+    assert len(steps) == 1 and 7 <= steps[0] < 1000, steps
     assert f"{signum.name}: checkpoint at step {steps[0]} written" in output
+    # The steps since the last log line are logged too (not lost with the stop).
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if "train/loss" in r][-1]["step"] == steps[0]
 
 
 def test_profile_steps_trace_the_real_run_and_log_where_the_time_goes(tmp_path, data_dir, caplog):
