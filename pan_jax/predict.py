@@ -15,7 +15,8 @@ path and stem:
 The dataset is read from the workdir's `config.json` (`data.name`), else guessed from the number
 of classes (21 → VOC, 19 → Cityscapes); --dataset overrides. --overlay also writes
 `<stem>_overlay.png`, the image blended with class colors. Mode, crop and stride default to the
-workdir config's `eval` section; a --crop_size without --stride slides by 2/3 of that crop.
+workdir config's `eval` section; in slide mode (--mode=slide or the config's) a --crop_size
+without --stride slides by 2/3 of that crop (whole mode uses no crop).
 
 Inputs: a file, a directory (every file with an image extension PIL knows, recursively) or a glob.
 Images are read with PIL in any mode: EXIF orientation is applied, grayscale/palette/CMYK are
@@ -259,19 +260,29 @@ def output_paths(output_dir: str | os.PathLike, name: str, write_overlay: bool) 
 def check_outputs_spare_inputs(
     inputs: Sequence[tuple[str, str]], output_dir: str | os.PathLike, *, write_overlay: bool
 ) -> None:
-    """Raises ValueError when a mask or overlay would be written over one of the input files."""
+    """Raises ValueError when a mask or overlay would be written over one of the input files,
+    or over another input's output (the overlay of a.jpg and the mask of a_overlay.jpg)."""
     by_resolved = {os.path.realpath(path): path for path, _ in inputs}
+    written: dict[str, str] = {}  # resolved output path -> what writes it
     for path, name in inputs:
         for kind, target in zip(
             ("mask", "overlay"), output_paths(output_dir, name, write_overlay), strict=False
         ):
-            clash = by_resolved.get(os.path.realpath(os.fspath(target)))
+            resolved = os.path.realpath(os.fspath(target))
+            clash = by_resolved.get(resolved)
             if clash is not None:
                 raise ValueError(
                     f"--output={os.fspath(output_dir)}: the {kind} of {path} would be written to "
                     f"{target}, overwriting the input {clash}; give another --output directory, "
                     "one that holds no inputs"
                 )
+            if resolved in written:
+                raise ValueError(
+                    f"--output={os.fspath(output_dir)}: the {kind} of {path} and the "
+                    f"{written[resolved]} would both be written to {target}; rename one input or "
+                    "leave out --overlay"
+                )
+            written[resolved] = f"{kind} of {path}"
 
 
 def predict_files(
@@ -383,9 +394,9 @@ def inference_options(
 ) -> dict[str, Any]:
     """`segment`'s options: the flags given (not None) over the workdir's `eval` config section.
 
-    A --crop_size without --stride slides by 2/3 of that crop: the config's stride was chosen
-    for the config's crop and may not fit another. Raises ValueError naming the flags (and
-    `config_path` for the values that came from the config).
+    In slide mode a --crop_size without --stride slides by 2/3 of that crop: the config's
+    stride was chosen for the config's crop and may not fit another. Raises ValueError naming
+    the flags (and `config_path` for the values that came from the config).
     """
     given = {
         name: value

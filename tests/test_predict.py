@@ -204,6 +204,10 @@ def test_outputs_must_spare_inputs_by_resolved_path_masks_and_overlays(tmp_path)
         predict.check_outputs_spare_inputs(street, tmp_path, write_overlay=True)
     with pytest.raises(ValueError, match=r"the mask of .*street_overlay\.png would be written"):
         predict.check_outputs_spare_inputs(street, tmp_path, write_overlay=False)
+    # Written elsewhere, street.jpg's overlay and street_overlay.png's mask still collide.
+    with pytest.raises(ValueError, match=r"would both be written to .*street_overlay\.png"):
+        predict.check_outputs_spare_inputs(street, tmp_path / "masks", write_overlay=True)
+    predict.check_outputs_spare_inputs(street, tmp_path / "masks", write_overlay=False)
 
 
 def test_list_inputs_skips_files_inside_the_output_directory(tmp_path):
