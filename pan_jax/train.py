@@ -587,7 +587,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 at_end = step == config.num_train_steps
                 stop = preemption.requested or manager.reached_preemption(step)
                 must_save = at_end or stop or step % config.checkpoint_every_steps == 0
-                flush_metrics(step, force=must_save, final=bool(stop))  # never checkpoint a NaN state
+                # Never checkpoint a NaN state.
+                flush_metrics(step, force=must_save, final=bool(stop))
                 if must_save:
                     checkpointing.save(manager, step, state, train_iter, spec, force=True)
                     logging.info("saved checkpoint at step %d", step)
