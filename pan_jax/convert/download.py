@@ -94,7 +94,7 @@ def source_url(source: str) -> tuple[str, Path]:
     if not name or not parsed.hostname:
         raise ValueError(f"{source!r}: expected a URL that names a file, e.g. https://host/x.pth")
     # One folder per URL (path and query), so that two URLs of one name never share a file;
-    # the host without credentials, so that no token lands in a path or a log.
+    # the host without credentials, so that no token lands in a cache path.
     folder = hashlib.sha256(source.encode()).hexdigest()[:16]
     return source, Path("urls", parsed.hostname, folder, name)
 
