@@ -155,6 +155,8 @@ def has_checkpoints(workdir: str | os.PathLike) -> bool:
 
 def create_manager(workdir: str | os.PathLike, config: Any) -> ocp.CheckpointManager:
     """The run's manager: async saves, the last `config.keep_checkpoints` kept."""
+    if "://" not in os.fspath(workdir):  # orbax's writers need a local path made absolute
+        workdir = os.path.abspath(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(config.keep_checkpoints),
         save_interval_steps=int(config.checkpoint_every_steps),

@@ -623,6 +623,12 @@ def test_eta_counts_hours_past_a_day():
     assert train.format_duration(59.6) == "0:01:00"
 
 
+def test_a_relative_workdir_as_in_the_readme(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # README: --workdir=runs/demo
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=1), "runs/demo")
+    assert (tmp_path / "runs" / "demo" / "checkpoints" / "1").is_dir()
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
