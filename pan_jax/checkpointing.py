@@ -64,9 +64,15 @@ def check_spec(saved: ModelSpec, expected: ModelSpec, where: str) -> None:
         )
 
 
+def _orbax_path(path: str | os.PathLike) -> epath.Path:
+    """`path` for orbax, whose writers and readers refuse relative local paths (runs/demo)."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def save_variables(directory: str | os.PathLike, variables: dict, spec: ModelSpec) -> None:
     """Writes `{'params', 'batch_stats'}` and the model spec to `directory` (local or gs://)."""
-    path = epath.Path(directory)
+    path = _orbax_path(directory)
     path.mkdir(parents=True, exist_ok=True)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     with ocp.StandardCheckpointer() as checkpointer:
@@ -76,7 +82,7 @@ def save_variables(directory: str | os.PathLike, variables: dict, spec: ModelSpe
 
 def load_variables(directory: str | os.PathLike) -> tuple[dict, ModelSpec]:
     """Reads what `save_variables` wrote: (variables, spec), arrays on the default device."""
-    path = epath.Path(directory)
+    path = _orbax_path(directory)
     spec_file = path / "model.json"
     if not spec_file.exists():
         raise FileNotFoundError(
@@ -155,14 +161,12 @@ def has_checkpoints(workdir: str | os.PathLike) -> bool:
 
 def create_manager(workdir: str | os.PathLike, config: Any) -> ocp.CheckpointManager:
     """The run's manager: async saves, the last `config.keep_checkpoints` kept."""
-    if "://" not in os.fspath(workdir):  # orbax's writers need a local path made absolute
-        workdir = os.path.abspath(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(config.keep_checkpoints),
         save_interval_steps=int(config.checkpoint_every_steps),
     )
     return ocp.CheckpointManager(
-        epath.Path(workdir) / "checkpoints", options=options, item_names=CHECKPOINT_ITEMS
+        _orbax_path(workdir) / "checkpoints", options=options, item_names=CHECKPOINT_ITEMS
     )
 
 
@@ -245,7 +249,7 @@ def restore_for_inference(
     workdir: str | os.PathLike, step: int | None = None
 ) -> tuple[dict, ModelSpec, int]:
     """(variables, spec, step) of the latest (or given) checkpoint of a training workdir."""
-    directory = epath.Path(workdir) / "checkpoints"
+    directory = _orbax_path(workdir) / "checkpoints"
     if not directory.exists():
         raise FileNotFoundError(f"{directory} not found: {workdir} holds no training checkpoints")
     manager = ocp.CheckpointManager(

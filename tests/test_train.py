@@ -623,10 +623,16 @@ def test_eta_counts_hours_past_a_day():
     assert train.format_duration(59.6) == "0:01:00"
 
 
-def test_a_relative_workdir_as_in_the_readme(tmp_path, data_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # README: --workdir=runs/demo
-    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=1), "runs/demo")
+def test_relative_workdirs_and_model_directories_as_in_the_readme(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # README: --workdir=runs/demo, --output=models/...
+    state = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=1), "runs/demo")
     assert (tmp_path / "runs" / "demo" / "checkpoints" / "1").is_dir()
+    variables, spec, step = checkpointing.restore_for_inference("runs/demo")  # eval, predict
+    assert step == 1
+    assert_trees_equal(variables["params"], state.params)
+    checkpointing.save_variables("models/run", variables, spec)  # python -m pan_jax.convert
+    again, _ = checkpointing.load_variables("models/run")
+    assert_trees_equal(again["params"], state.params)
 
 
 @pytest.mark.parametrize(
