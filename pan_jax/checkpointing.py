@@ -202,11 +202,11 @@ def restore_or_none(
     abstract_state: Any,
     state_sharding: Any,
     data_iterator: Any,
-    spec: ModelSpec,
 ) -> tuple[Any, Any]:
     """(state, iterator) restored from the latest checkpoint, or (None, iterator) if none.
 
-    Raises CheckpointMismatchError if the checkpoint was written for another model.
+    Raises CheckpointMismatchError if the checkpoint does not fit this run's state (its model
+    spec is checked before, by `prepare_workdir`).
     """
     import grain
 
@@ -214,7 +214,6 @@ def restore_or_none(
     if step is None:
         return None, data_iterator
     where = f"checkpoint {step} in {manager.directory}"
-    check_spec(_read_meta(manager, step)["model"], spec, where)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state,

@@ -432,19 +432,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if config.model.get("pretrained") and not checkpointing.has_checkpoints(workdir):
         # Before the workdir is written and the dataset built (minutes for VOC): a bad name or
         # no network fails now. A resumed run needs no weights, and so no network.
-        _fetch_pretrained(config, model)
+        from pan_jax import convert
+
+        fetch = functools.partial(
+            convert.fetch_pretrained, config.model.pretrained, config.model.pretrained_kind, model
+        )
+        _process_zero_first(fetch, "pretrained weights fetched")
     manager = checkpointing.create_manager(workdir, config)
     workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager)
-    # Process 0 builds the dataset first (a shared gs:// data_dir is built once); the others
-    # then find it built, or build their own copy when data_dir is local to each host.
-    if jax.process_index() == 0:
-        pipeline.prepare(config.data)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("pan_jax: dataset prepared")
-        if jax.process_index() != 0:
-            pipeline.prepare(config.data)
+    _process_zero_first(functools.partial(pipeline.prepare, config.data), "dataset prepared")
 
     mesh = sharding.create_mesh()
     optimizer = create_optimizer(config)
@@ -459,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     abstract_state = jax.eval_shape(create, init_rng)
     state, train_iter = checkpointing.restore_or_none(
-        manager, abstract_state, state_sharding, train_iter, spec
+        manager, abstract_state, state_sharding, train_iter
     )
     if state is None:
         state = jax.jit(create, out_shardings=state_sharding)(init_rng)
@@ -658,22 +654,18 @@ def _log_example_digests(workdir: Any, step: int, batch: dict[str, np.ndarray]) 
         f.write(json.dumps({"step": step, "examples": digests}) + "\n")
 
 
-def _fetch_pretrained(config: ml_collections.ConfigDict, model: models.SegmentationModel) -> None:
-    """Checks the pretrained source and downloads it into the cache, process 0 first: the
-    others then find it cached (a shared cache) or fetch their own copy (a cache per host)."""
-    from pan_jax import convert
-
-    def fetch():
-        convert.fetch_pretrained(config.model.pretrained, config.model.pretrained_kind, model)
-
+def _process_zero_first(work: Callable[[], Any], done: str) -> None:
+    """Runs `work` in process 0, then in the others: a result on shared storage (a gs://
+    data_dir, a shared weights cache) is made once and found by the rest; storage local to
+    each host gets its own copy."""
     if jax.process_index() == 0:
-        fetch()
+        work()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("pan_jax: pretrained weights fetched")
+        multihost_utils.sync_global_devices(f"pan_jax: {done}")
         if jax.process_index() != 0:
-            fetch()
+            work()
 
 
 def _load_pretrained(
