@@ -4,7 +4,9 @@ import dataclasses
 import hashlib
 import io
 import shutil
+import socket
 import tarfile
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -301,6 +303,36 @@ def test_missing_archives_error_names_both_files_and_sources(tmp_path, monkeypat
         assert archive.file_name in message and archive.url in message and archive.page in message
     assert cfg.manual_dir in message
     assert not tfds.builder("voc_aug", data_dir=cfg.data_dir).is_prepared()
+
+
+@pytest.mark.parametrize("proxy", [False, True])
+def test_an_unresolvable_host_is_reported_before_tfds_starts_retrying(
+    tmp_path, monkeypatch, caplog, proxy
+):
+    def no_dns(host, port, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    warned_before_download = []
+
+    def no_network(dl_manager, urls):
+        warned_before_download.append(any("does not resolve" in m for m in caplog.messages))
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(voc_aug.socket, "getaddrinfo", no_dns)
+    proxies = {"https": "http://proxy:3128"} if proxy else {}
+    monkeypatch.setattr(voc_aug.urllib.request, "getproxies", lambda: proxies)
+    monkeypatch.setattr(voc_aug, "_download", no_network)
+    caplog.set_level("WARNING")
+    with pytest.raises(FileNotFoundError):
+        data.prepare(_config(tmp_path))
+    warnings = [m for m in caplog.messages if "does not resolve" in m]
+    if proxy:  # the proxy resolves the hosts: nothing to say
+        assert not warnings and warned_before_download == [False]
+    else:
+        assert warned_before_download == [True]
+        for archive in voc_aug.ARCHIVES.values():
+            host = urllib.parse.urlsplit(archive.url).hostname
+            assert any(archive.file_name in m and host in m for m in warnings)
 
 
 def _as_official(monkeypatch, archive_dir):

@@ -17,6 +17,9 @@ are converted to RGB once, here, and stored losslessly as PNG, so every reader g
 import dataclasses
 import hashlib
 import io
+import socket
+import urllib.parse
+import urllib.request
 from typing import ClassVar
 
 import cv2
@@ -159,6 +162,27 @@ def _download(
     return dl_manager.download(urls)
 
 
+def _warn_if_offline(urls: dict[str, str], manual_dir: epath.Path | None) -> None:
+    """Says at once when a download cannot work: tfds retries a failed connection ten times with
+    growing pauses, about 3.5 minutes of silence before the error that explains what to do."""
+    if urllib.request.getproxies():  # the proxy resolves the hosts, not this machine
+        return
+    for key, url in urls.items():
+        host = urllib.parse.urlsplit(url).hostname
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError as error:
+            logging.warning(
+                "voc_aug: %s is not in the manual dir %s and its host %s does not resolve (%s): "
+                "unless tfds downloaded it before, tfds retries for about 3.5 minutes and then "
+                "fails. Stop (Ctrl-C) and put the archive there, or wait for the instructions.",
+                ARCHIVES[key].file_name,
+                manual_dir if manual_dir is not None else "<data_dir>/downloads/manual",
+                host,
+                error,
+            )
+
+
 def locate_archives(dl_manager: tfds.download.DownloadManager) -> dict[str, epath.Path]:
     """Finds both archives in the manual dir, or downloads the missing ones."""
     manual_dir = _manual_dir(dl_manager)
@@ -170,6 +194,7 @@ def locate_archives(dl_manager: tfds.download.DownloadManager) -> dict[str, epat
         else:
             missing[key] = archive.url
     if missing:
+        _warn_if_offline(missing, manual_dir)
         try:
             paths.update(_download(dl_manager, missing))
         except Exception as e:  # No network, a proxy, a mirror down: all end the same way.
