@@ -3,7 +3,10 @@
     report = op_profile.profile(run_one_step, compiled.as_text(), "prof/train", steps=3)
     print(op_profile.format_report(report))
 
-The trace stays in the directory for TensorBoard's profile plugin or Perfetto; the report sums
+The trace stays in the directory for TensorBoard's profile plugin or Perfetto; with the compiled
+module's text beside it (`hlo.txt`, as `pan_jax.bench --profile_dir` writes it) the table can be
+made again elsewhere: `python -m pan_jax.op_profile TRACE [--hlo=FILE] [--steps=3] [--top=40]`
+(TRACE: such a directory or an `.xplane.pb` file, either file gzipped or not). The report sums
 the time of every executed HLO instruction over the traced steps and names, for each, its kind
 (convolution, matmul, elementwise or reduction fusion, copy, collective) and the Flax module it
 came from (`backbone/layer3_4`, `decoder/fpa`; "bwd" marks the backward pass), read from the
@@ -13,7 +16,9 @@ thunks, which may run concurrently, so shares are of the summed op time, not of 
 
 from __future__ import annotations
 
+import argparse
 import collections
+import gzip
 import os
 import re
 from collections.abc import Callable
@@ -27,6 +32,7 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _FUSION_KIND = re.compile(r"kind=k(\w+)")
 _OPERAND = re.compile(r"%([\w.\-]+)")
+HLO_FILE = "hlo.txt"  # the compiled module's text, beside a trace that `pan_jax.bench` writes
 _WRAPPER = re.compile(r"^(?:jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jvp_call)\(")
 
 
@@ -109,15 +115,23 @@ def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
     return info
 
 
+def _read(path: epath.Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.name.endswith(".gz") else data
+
+
 def op_times(directory: str) -> dict[str, float]:
     """Seconds per executed HLO instruction in the newest trace under `directory` (local or
-    gs://: a training run's workdir may be a bucket)."""
-    # jax.profiler writes DIR/plugins/profile/<start time, YYYY_MM_DD_HH_MM_SS>/<host>.xplane.pb.
-    pattern = "plugins/profile/*/*.xplane.pb"
-    paths = sorted(epath.Path(directory).glob(pattern), key=lambda p: p.parent.name)
+    gs://: a training run's workdir may be a bucket), or in one `.xplane.pb[.gz]` file."""
+    path = epath.Path(directory)
+    if path.is_file():
+        paths = [path]
+    else:  # jax.profiler writes DIR/plugins/profile/<YYYY_MM_DD_HH_MM_SS>/<host>.xplane.pb
+        pattern = "plugins/profile/*/*.xplane.pb"
+        paths = sorted(path.glob(pattern), key=lambda p: p.parent.name)
     if not paths:
         raise FileNotFoundError(f"no *.xplane.pb trace under {directory}")
-    data = jax.profiler.ProfileData.from_serialized_xspace(paths[-1].read_bytes())
+    data = jax.profiler.ProfileData.from_serialized_xspace(_read(paths[-1]))
     planes = list(data.planes)
     # Accelerator kernels when there are any; the host's thunks otherwise (XLA:CPU). Host events
     # of an accelerator run only launch the kernels, so they would count the work twice.
@@ -199,3 +213,25 @@ def format_report(report: dict[str, Any], top: int = 15) -> str:
             f"{op['ms_per_step']:>9.2f}{op['share']:>7.1%}"
         )
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pan_jax.op_profile",
+        description="Where a traced step's time goes, from its trace and compiled HLO text.",
+    )
+    parser.add_argument("trace", help="a profile directory or an .xplane.pb[.gz] file")
+    parser.add_argument("--hlo", help=f"the compiled module's text [.gz]; default TRACE/{HLO_FILE}")
+    parser.add_argument("--steps", type=int, default=3, help="steps in the trace (default 3)")
+    parser.add_argument("--top", type=int, default=40, help="longest ops to list (default 40)")
+    args = parser.parse_args(argv)
+    hlo = epath.Path(args.hlo or os.path.join(args.trace, HLO_FILE))
+    if not hlo.exists():
+        parser.error(f"{hlo} not found: pass the compiled module's text with --hlo")
+    report = summarize(args.trace, _read(hlo).decode(), args.steps)
+    print(format_report(report, top=args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
