@@ -11,8 +11,9 @@ and labels are never resized. Views:
 - `scales` × `flip`: each scale s resizes the image to round(s·H) × round(s·W) (bilinear, as
   mmcv's `imrescale`); with `flip` each scale is also run on the mirrored image and its logits
   mirrored back. The views are merged by **averaging softmax probabilities** (mmseg's
-  `SegTTAModel.merge_preds` does the same; the PAN paper does not say). A single view is
-  argmaxed on its logits directly. The paper's multi-scale set is `MS_SCALES`.
+  `SegTTAModel.merge_preds` does the same; the PAN paper does not say; a one-class model's
+  sigmoid). A single view is argmaxed on its logits directly. The paper's multi-scale set is
+  `MS_SCALES`.
 
 Bounded compilation: XLA compiles one program per input shape, and evaluation images come in
 many sizes (VOC) at six scales. Each model input is therefore zero-padded at the bottom/right to
@@ -176,10 +177,17 @@ def _average_windows(total: jax.Array, count: jax.Array) -> jax.Array:
     return total / jnp.maximum(count, 1.0)[..., None]
 
 
+def _probabilities(logits: jax.Array) -> jax.Array:
+    """Softmax over the classes; a one-class (binary, SMP's `classes=1`) model's sigmoid."""
+    if logits.shape[-1] == 1:
+        return jax.nn.sigmoid(logits)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 @jax.jit
 def _add_probabilities(total: jax.Array | None, logits: jax.Array) -> jax.Array:
-    probabilities = jax.nn.softmax(logits, axis=-1)
-    return probabilities if total is None else total + probabilities
+    view = _probabilities(logits)
+    return view if total is None else total + view
 
 
 @functools.partial(jax.jit, static_argnames="num_classes")
@@ -187,8 +195,13 @@ def _score(scores: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
     return metrics.confusion_matrix(labels, jnp.argmax(scores, axis=-1), num_classes)
 
 
-@jax.jit
-def _argmax(scores: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="averaged")
+def _classes(scores: jax.Array, averaged: bool) -> jax.Array:
+    """Class indices of `predict_scores`'s output. A one-class model's mask is 1 where its
+    sigmoid passes 0.5 (a logit above 0, or an averaged probability above 0.5), as SMP's
+    binary models are read; argmax would always give 0."""
+    if scores.shape[-1] == 1:
+        return (scores[..., 0] > (0.5 if averaged else 0.0)).astype(jnp.int32)
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
@@ -304,7 +317,8 @@ def predict_scores(
 
     `image` is float32 (H, W, 3), ImageNet-normalized. Returns (H', W', C) with H' =
     `padded_size(out_size[0])`, valid in the top-left `out_size` (default: the image size):
-    logits for a single view, the mean softmax probability over views otherwise.
+    logits for a single view, the mean softmax probability over views otherwise (sigmoid for
+    a one-class model).
     """
     options = check_options(
         mode=mode, scales=scales, crop_size=crop_size, stride=stride, pad_multiple=pad_multiple
@@ -361,7 +375,8 @@ def predict_image(model: Any, variables: Any, image: np.ndarray, **options: Any)
     """
     height, width = np.shape(image)[:2]
     scores = predict_scores(model, variables, image, **options)
-    return np.asarray(_argmax(scores))[:height, :width]
+    views = len(tuple(options.get("scales", (1.0,)))) * (2 if options.get("flip") else 1)
+    return np.asarray(_classes(scores, averaged=views > 1))[:height, :width]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,7 +526,8 @@ def class_names_for(dataset_name: str | None, num_classes: int) -> tuple[str, ..
             names = None
     if names is None or len(names) != num_classes:
         names = {21: data.voc_aug.CLASS_NAMES, 19: data.cityscapes.CLASS_NAMES}.get(num_classes)
-    return tuple(names) if names else tuple(f"class_{i}" for i in range(num_classes))
+    # A one-class (binary) model's masks hold 0 and 1.
+    return tuple(names) if names else tuple(f"class_{i}" for i in range(max(num_classes, 2)))
 
 
 def _json_float(x: float) -> float | None:

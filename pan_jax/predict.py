@@ -12,11 +12,19 @@ path and stem:
   what the benchmark server expects;
 - any other dataset: 8-bit grayscale class indices (16-bit above 256 classes).
 
-The dataset is read from the workdir's `config.json` (`data.name`), else guessed from the number
-of classes (21 → VOC, 19 → Cityscapes); --dataset overrides. --overlay also writes
-`<stem>_overlay.png`, the image blended with class colors. Mode, crop and stride default to the
-workdir config's `eval` section; in slide mode (--mode=slide or the config's) a --crop_size
-without --stride slides by 2/3 of that crop (whole mode uses no crop).
+The dataset is read from the workdir's `config.json` (`data.name`); without one (a converted
+model) 21 classes are written as VOC palette PNGs, anything else as indices; --dataset
+overrides. A one-class model (SMP's binary `classes=1`) writes 1 where its sigmoid passes 0.5.
+--overlay also writes `<stem>_overlay.png`, the image blended with class colors. Mode, crop,
+stride and padding default to the workdir config's `eval` section; in slide mode (--mode=slide or
+the config's) a --crop_size without --stride slides by 2/3 of that crop (whole mode uses no crop).
+
+Padding: each input is padded (gray, the mean pixel) at the bottom/right to a multiple of
+--pad_multiple, to bound compilations; the global pooling of FPA and GAU sees the padding, so it
+shifts predictions. A training workdir uses its evaluation's value (128 in the paper configs);
+otherwise the default is 16, so every size SMP's PAN accepts (multiples of its output stride,
+16 or 32) runs unpadded and gives SMP's own masks. --pad_multiple=1 never pads (one
+compilation per image size).
 
 Inputs: a file, a directory (every file with an image extension PIL knows, recursively) or a glob.
 Images are read with PIL in any mode: EXIF orientation is applied, grayscale/palette/CMYK are
@@ -45,6 +53,9 @@ from pan_jax import evaluate
 from pan_jax.normalization import normalize
 
 FORMATS = ("voc", "cityscapes", "indices")
+# Without a run config: every size SMP's PAN accepts (a multiple of its output stride, 16 or
+# 32) is a multiple of 16, so runs unpadded (the dataset evaluation's 128 would shift masks).
+PAD_MULTIPLE = 16
 # Cityscapes trainId colors, from cityscapesScripts `helpers/labels.py`.
 CITYSCAPES_PALETTE = np.array(
     [
@@ -95,10 +106,11 @@ def voc_palette(num_colors: int = 256) -> np.ndarray:
 
 
 def palette_for(output_format: str, num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 colors of the classes for overlays and legends."""
+    """(num_classes, 3) uint8 colors of the classes for overlays and legends (two for a
+    one-class model, whose masks hold 0 and 1)."""
     if output_format == "cityscapes" and num_classes == len(CITYSCAPES_PALETTE):
         return CITYSCAPES_PALETTE
-    return voc_palette(max(256, num_classes))[:num_classes]
+    return voc_palette(max(256, num_classes))[: max(num_classes, 2)]
 
 
 def output_format_for(dataset_name: str | None, num_classes: int) -> str:
@@ -110,7 +122,9 @@ def output_format_for(dataset_name: str | None, num_classes: int) -> str:
         return "cityscapes"
     if base:
         return "indices"
-    return {21: "voc", 19: "cityscapes"}.get(num_classes, "indices")
+    # No dataset (a converted model): a VOC palette PNG still holds the class indices, but
+    # Cityscapes output would rewrite trainIds 0..18 to label ids, a guess too costly to make.
+    return "voc" if num_classes == 21 else "indices"
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -364,7 +378,10 @@ flags.DEFINE_list(
     "2/3 of the crop).",
 )
 flags.DEFINE_integer(
-    "pad_multiple", None, "Pad inputs to multiples of this (bounded compilations)."
+    "pad_multiple",
+    None,
+    "Pad inputs to multiples of this (bounds compilations; the padding shifts predictions). "
+    "Default: the workdir's eval.pad_multiple, else 16 (unpadded wherever SMP is; see above).",
 )
 flags.DEFINE_enum(
     "dataset", "auto", ["auto", *FORMATS], "Output format; auto: from the config or class count."
@@ -418,7 +435,7 @@ def inference_options(
             scales=evaluate.MS_SCALES if multiscale else (1.0,),
             crop_size=merged.get("crop_size"),
             stride=merged.get("stride"),
-            pad_multiple=merged.get("pad_multiple", evaluate.PAD_MULTIPLE),
+            pad_multiple=merged.get("pad_multiple", PAD_MULTIPLE),
             where="--",  # errors name the flags that set (or override) each value
         )
     except ValueError as error:

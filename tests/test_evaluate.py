@@ -37,6 +37,27 @@ def direct_logits(model, variables, image):
     return np.asarray(_apply(model, variables, jnp.asarray(image)[None])[0])
 
 
+def test_a_one_class_model_masks_where_its_sigmoid_passes_one_half():
+    # SMP's binary PAN (classes=1): a mask by argmax would be all 0.
+    model = models.create("fcn", num_classes=1, backbone="resnet18")
+    variables = random_variables(model)
+    image = random_image(128, 128)
+    logits = direct_logits(model, variables, image)[..., 0]
+    params = jax.tree.map(lambda x: x, variables["params"])
+    params["head"]["bias"] = params["head"]["bias"] - np.median(logits)  # half of them above 0
+    variables = {**variables, "params": params}
+    logits = direct_logits(model, variables, image)[..., 0]
+    mask = evaluate.predict_image(model, variables, image, pad_multiple=1)
+    np.testing.assert_array_equal(mask, logits > 0)
+    assert 0.3 < mask.mean() < 0.7
+    # Views merged as mean probabilities: the sigmoid, not a softmax over one class (always 1).
+    mirrored = direct_logits(model, variables, image[:, ::-1])[:, ::-1, 0]
+    mean = (jax.nn.sigmoid(logits) + jax.nn.sigmoid(mirrored)) / 2
+    both = evaluate.predict_image(model, variables, image, flip=True, pad_multiple=1)
+    np.testing.assert_array_equal(both, np.asarray(mean) > 0.5)
+    assert (both != mask).any()  # the flipped view counts
+
+
 def test_whole_image_scores_at_the_label_size(model_and_variables):
     model, variables = model_and_variables
     image = random_image(128, 128)  # a bucket size: no padding, so the forward pass is exact

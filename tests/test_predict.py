@@ -12,7 +12,7 @@ import pytest
 from cityscapesscripts.helpers import labels as cs_labels
 from PIL import Image
 
-from pan_jax import checkpointing, models, predict
+from pan_jax import checkpointing, evaluate, models, predict
 from tests.helpers import random_variables
 
 NUM_CLASSES = 21  # VOC-like: the masks are palette PNGs
@@ -119,8 +119,13 @@ def test_palettes_and_label_ids():
     assert predict.output_format_for("voc_aug", 21) == "voc"
     assert predict.output_format_for("cityscapes", 19) == "cityscapes"
     assert predict.output_format_for("pan_synthetic/tiny", 13) == "indices"
-    assert predict.output_format_for(None, 21) == "voc"
+    assert predict.output_format_for(None, 21) == "voc"  # a palette PNG still holds indices
     assert predict.output_format_for(None, 7) == "indices"
+    # A converted model's 19 classes are not assumed to be Cityscapes (label ids ≠ indices).
+    assert predict.output_format_for(None, 19) == "indices"
+    # A one-class (binary) model's masks hold 0 and 1: two colors, two names.
+    assert len(predict.palette_for("indices", 1)) == 2
+    assert evaluate.class_names_for(None, 1) == ("class_0", "class_1")
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +266,14 @@ def test_predict_checks_the_inputs_before_loading_the_model(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: --input=") and "nothing_here*.png" in lines[-1], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_padding_defaults_to_the_runs_evaluation_else_sixteen():
+    # A training workdir predicts as it was evaluated; a converted model pads to multiples of
+    # 16, so a size SMP accepts (e.g. 320×256) runs unpadded, as in SMP.
+    assert predict.inference_options({"pad_multiple": 128})["pad_multiple"] == 128
+    assert predict.inference_options({})["pad_multiple"] == predict.PAD_MULTIPLE == 16
+    assert predict.inference_options({"pad_multiple": 128}, pad_multiple=1)["pad_multiple"] == 1
 
 
 def test_a_crop_flag_without_stride_slides_by_two_thirds_of_that_crop():
