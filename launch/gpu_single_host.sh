@@ -14,7 +14,8 @@ Usage: launch/gpu_single_host.sh [--dry-run] [--processes=N] [MAIN_FLAGS...]
   --dry-run                print the commands instead of running them.
 
 Ctrl-C or SIGTERM to this script makes every process save a checkpoint at the same step and
-exit; running the same command again resumes from WORKDIR. Logs: WORKDIR.process_<i>.log.
+exit; running the same command again resumes from WORKDIR. Logs: WORKDIR.process_<i>.log
+(runs/<last part of WORKDIR>.process_<i>.log when WORKDIR is a bucket, gs://...).
 Settings are environment variables: CONFIG [configs/voc.py], WORKDIR [runs/<config name>, or
 runs/<name>_<ROW> for file.py:ROW], TFDS_DATA_DIR [~/tensorflow_datasets], PYTHON [python3],
 NUM_WORKERS [grain decoding processes per training process], PORT [12355].
@@ -65,8 +66,12 @@ forward() { # Ctrl-C or SIGTERM: every process gets SIGTERM, saves at the same s
   fi
 }
 trap forward INT TERM
+log_prefix="${WORKDIR%/}"
+if [[ $log_prefix == *://* ]]; then  # a bucket: the logs stay on this machine
+  log_prefix="runs/$(basename "$log_prefix")"
+fi
 if ((!DRY_RUN)); then
-  mkdir -p "$(dirname "$WORKDIR")"
+  mkdir -p "$(dirname "$log_prefix")"
 fi
 for ((i = 0; i < PROCESSES; i++)); do
   env_vars=()
@@ -74,7 +79,7 @@ for ((i = 0; i < PROCESSES; i++)); do
     env_vars=(JAX_COORDINATOR_ADDRESS="localhost:${PORT}" JAX_NUM_PROCESSES="$PROCESSES"
       JAX_PROCESS_ID="$i" JAX_LOCAL_DEVICE_IDS="$i")
   fi
-  log="${WORKDIR%/}.process_${i}.log"
+  log="${log_prefix}.process_${i}.log"
   if ((DRY_RUN)); then
     echo "${env_vars[*]}${env_vars[*]:+ }${main[*]} > ${log} 2>&1 &"
     continue
@@ -91,7 +96,7 @@ fi
 if ((stop_requested)); then
   forward
 fi
-echo "started ${PROCESSES} process(es); logs: ${WORKDIR%/}.process_*.log (tail -f)"
+echo "started ${PROCESSES} process(es); logs: ${log_prefix}.process_*.log (tail -f)"
 status=0
 for pid in "${pids[@]}"; do
   while true; do

@@ -16,7 +16,8 @@ Commands (run in this order, or `all`):
   maintenance  simulate a maintenance event: the run saves a checkpoint and exits; `train` resumes
   status       the queued resource's state and the last log lines of every worker
   delete       delete the queued resource and its TPU VMs
-  all          create, setup, train, logs, delete (the slice is deleted on any exit)
+  all          create, setup, train, logs, then delete once the run has reached its last step
+               (also if create or setup fail; a run still going or preempted keeps its slice)
 
 --dry-run prints every command (gcloud, git) instead of running it.
 MAIN_FLAGS are passed to pan_jax.main after the defaults, e.g. `-- --config.batch_size=32`.
@@ -144,7 +145,10 @@ ${PYTHON} -m venv ~/${REMOTE_VENV} && ~/${REMOTE_VENV}/bin/pip install -q -U pip
 # The main command, quoted for the workers' shell; MAIN_FLAGS come last so they win.
 main_command() {
   local command arg
+  # PAN_JAX_DISTRIBUTED: a TPU VM's topology is in the metadata server, not the environment,
+  # so pan_jax.main would not call jax.distributed.initialize() (which finds it) by itself.
   command="cd ~/${REMOTE_SRC} && TFDS_DATA_DIR=$(printf '%q' "$TFDS_DATA_DIR") PYTHONUNBUFFERED=1"
+  command+=" PAN_JAX_DISTRIBUTED=1"
   command+=" setsid nohup ~/${REMOTE_VENV}/bin/python -m pan_jax.main"
   command+=" --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
   command+=" --config.data.data_dir=$(printf '%q' "$TFDS_DATA_DIR")"
@@ -186,12 +190,27 @@ cmd_delete() {
   run gcloud compute tpus queued-resources delete "$QR_ID" "${flags[@]}" --force --quiet
 }
 
+# Whether worker 0's run has stopped and its log says it reached its last step.
+finished() {
+  on_workers 0 "! pgrep -f '[p]ython -m pan_jax.main' > /dev/null &&
+grep -q 'training finished at step' ~/${LOG}"
+}
+
 cmd_all() {
-  trap cmd_delete EXIT
+  trap cmd_delete EXIT  # a failed create or setup must not leave a slice running
   cmd_create
   cmd_setup
   cmd_train "$@"
-  cmd_logs
+  trap - EXIT
+  # `logs` also ends on a dropped ssh connection, on Ctrl-C, or when a maintenance event made
+  # the run save and exit: the slice is deleted only after the whole run.
+  cmd_logs || true
+  if finished; then
+    cmd_delete
+  else
+    echo "tpu_pod.sh: the run is still going or stopped before its last step; the slice stays." \
+      "Resume with \`$0 train\`, follow with \`$0 logs\`, remove with \`$0 delete\`." >&2
+  fi
 }
 
 # ----------------------------------------------------------------------------- main

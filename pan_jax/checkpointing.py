@@ -1,9 +1,12 @@
 """Orbax checkpoints: the training run's manager, and inference variables with their model spec.
 
-A training workdir holds `checkpoints/<step>/{state,data,meta}`: `state` is the train state
-(params, batch statistics, optimizer state, step), `data` the grain iterator of each process and
-`meta` a JSON record with the model spec. A converted or exported model is a directory holding
-`variables/` (params and batch statistics) and `model.json` (the model spec).
+A training workdir holds `checkpoints/<step>/{state,meta}`: `state` is the train state
+(params, batch statistics, optimizer state, step) and `meta` a JSON record with the model spec.
+The input pipeline's position is the step itself (one batch per step, `pipeline.train_dataset`'s
+`start_batch`), so it fits any number of processes or data workers; checkpoints of earlier
+versions also hold `data` (grain's iterator states), which is ignored. A converted or exported
+model is a directory holding `variables/` (params and batch statistics) and `model.json` (the
+model spec).
 
 A model spec is the JSON-able dict `{"name", "backbone", "num_classes", "overrides"}` that
 `model_from_spec` turns into `models.create(name, num_classes=..., backbone=..., **overrides)`.
@@ -23,7 +26,7 @@ from etils import epath
 from pan_jax import models
 
 ModelSpec = dict[str, Any]
-CHECKPOINT_ITEMS = ("state", "data", "meta")
+CHECKPOINT_ITEMS = ("state", "meta")
 
 
 class CheckpointMismatchError(ValueError):
@@ -174,18 +177,14 @@ def save(
     manager: ocp.CheckpointManager,
     step: int,
     state: Any,
-    data_iterator: Any,
     spec: ModelSpec,
     force: bool = False,
 ) -> bool:
-    """Saves state, the data iterator's position and the model spec (every process calls it)."""
-    import grain
-
+    """Saves the train state and the model spec (every process calls it)."""
     return manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave({"model": spec, "step": int(step)}),
         ),
         force=force,
@@ -198,50 +197,29 @@ def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore_or_none(
-    manager: ocp.CheckpointManager,
-    abstract_state: Any,
-    state_sharding: Any,
-    data_iterator: Any,
-) -> tuple[Any, Any]:
-    """(state, iterator) restored from the latest checkpoint, or (None, iterator) if none.
+    manager: ocp.CheckpointManager, abstract_state: Any, state_sharding: Any
+) -> Any:
+    """The train state of the latest checkpoint, or None if there is none.
 
     Raises CheckpointMismatchError if the checkpoint does not fit this run's state (its model
     spec is checked before, by `prepare_workdir`).
     """
-    import grain
-
     step = manager.latest_step()
     if step is None:
-        return None, data_iterator
-    where = f"checkpoint {step} in {manager.directory}"
+        return None
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state,
         jax.tree.map(lambda _: state_sharding, abstract_state),
     )
-    # grain saves one iterator state per process (data/process_<i>-of-<n>.json). A process's
-    # pipeline is its [process_index::process_count] slice, batched, so the state counts
-    # batches and is the same in every process at a step: a run with another number of
-    # processes (2×4 → 1×8 devices) resumes from any process's file and, with the same
-    # config.batch_size, sees the same global batches.
-    data_dir = epath.Path(manager.directory) / str(step) / "data"
-    own_file = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    same_layout = own_file.exists()
-    items = {"state": ocp.args.StandardRestore(target)}
-    if same_layout:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
     except (ValueError, KeyError) as error:
+        where = f"checkpoint {step} in {manager.directory}"
         raise CheckpointMismatchError(f"{where} does not fit this run's state: {error}") from error
-    if same_layout:
-        return restored["state"], restored["data"]
-    saved = sorted(data_dir.glob("process_*-of-*.json"))
-    if not saved:
-        raise CheckpointMismatchError(f"{where} has no data iterator state ({own_file} missing)")
-    data_iterator.set_state(json.loads(saved[0].read_text()))
-    data_iterator.start_prefetch()
-    return restored["state"], data_iterator
+    return restored["state"]
 
 
 def restore_for_inference(

@@ -32,11 +32,15 @@ def initialize_distributed() -> None:
 
     Cloud TPU pods, SLURM and Open MPI are detected by JAX itself; on a single machine set
     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single-process SLURM
-    allocation (one task) is left alone.
+    allocation (one task) is left alone. A Cloud TPU VM slice describes itself in the GCE
+    metadata server, not in the environment (TPU_WORKER_HOSTNAMES is GKE's), so
+    launch/tpu_pod.sh sets PAN_JAX_DISTRIBUTED=1: without the distributed client, orbax's
+    multi-host checkpointing and JAX's preemption sync point do not work.
     """
     if os.environ.get("PAN_JAX_NO_DISTRIBUTED"):
         return
-    if not any(v in os.environ for v in _CLUSTER_VARIABLES):
+    forced = os.environ.get("PAN_JAX_DISTRIBUTED") == "1"
+    if not forced and not any(v in os.environ for v in _CLUSTER_VARIABLES):
         return
     if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return

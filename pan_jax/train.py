@@ -448,15 +448,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     init_rng, step_rng = jax.random.split(rng)
     state_sharding = sharding.replicated(mesh)
     create = functools.partial(init_state, model, optimizer, image_size=model.min_input_size)
-    train_iter = iter(
-        pipeline.train_dataset(
-            config.data, per_process_batch_size=per_process_batch, seed=config.seed
-        )
-    )
     abstract_state = jax.eval_shape(create, init_rng)
-    state, train_iter = checkpointing.restore_or_none(
-        manager, abstract_state, state_sharding, train_iter
-    )
+    state = checkpointing.restore_or_none(manager, abstract_state, state_sharding)
     if state is None:
         state = jax.jit(create, out_shardings=state_sharding)(init_rng)
         if config.model.get("pretrained"):
@@ -464,6 +457,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         else:
             logging.info("training from scratch: config.model.pretrained is empty")
     start_step = int(state.step)
+    train_iter = iter(
+        pipeline.train_dataset(
+            config.data,
+            per_process_batch_size=per_process_batch,
+            seed=config.seed,
+            start_batch=start_step,  # one batch per step
+        )
+    )
     logging.info(
         "model %s/%s, %s parameters, start at step %d of %d",
         config.model.name,
@@ -586,7 +587,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 # Never checkpoint a NaN state.
                 flush_metrics(step, force=must_save, final=bool(stop))
                 if must_save:
-                    checkpointing.save(manager, step, state, train_iter, spec, force=True)
+                    checkpointing.save(manager, step, state, spec, force=True)
                     logging.info("saved checkpoint at step %d", step)
                 if stop:
                     manager.wait_until_finished()
@@ -620,6 +621,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     )
                     last_timed = (step, time.perf_counter())  # evaluation is not throughput
             flush_metrics(step, force=True)
+            if step == config.num_train_steps:  # launchers look for this line (tpu_pod.sh)
+                logging.info("training finished at step %d", step)
     finally:  # an error or a second Ctrl-C must not leave the last save half written
         manager.wait_until_finished()
     manager.close()

@@ -29,6 +29,7 @@ TPU_ENV = {
 STUB = """#!/usr/bin/env bash
 { for arg in "$@"; do printf '%s\\x1f' "$arg"; done; printf '\\x1e'; } >> "$STUB_CALLS"
 case " $* " in *" describe "*) echo ACTIVE ;; esac
+if [[ -n "${STUB_FAIL_ON:-}" && "$*" == *"$STUB_FAIL_ON"* ]]; then exit 1; fi
 { printf '%s\\n' "${STUB_OUTPUT:-}"; } | sed '/^$/d'
 """
 
@@ -101,13 +102,15 @@ def test_tpu_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path):
 
     ssh = [c for c in commands if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
     assert all(c[5] == "node" and "--zone=us-east5-a" in c for c in ssh)
-    setup, train, logs = ssh
+    setup, train, logs, finished = ssh
     assert option(setup, "--worker") == "all" and "jax[tpu]" in option(setup, "--command")
     assert option(train, "--worker") == "all"
     main = option(train, "--command")
     assert "python -m pan_jax.main" in main
     words = shlex.split(main.split("&&", 1)[1].split(">", 1)[0])
     assert "TFDS_DATA_DIR=gs://bkt/tensorflow_datasets" in words
+    # A TPU VM's topology is in its metadata server: the run must initialise jax.distributed.
+    assert "PAN_JAX_DISTRIBUTED=1" in words
     assert words[words.index("pan_jax.main") + 1 :] == [
         "--config=configs/voc.py",
         "--workdir=gs://bkt/runs/pan_voc",
@@ -115,6 +118,8 @@ def test_tpu_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path):
         "--config.batch_size=32",
     ]
     assert option(logs, "--worker") == "0" and "tail" in option(logs, "--command")
+    assert option(finished, "--worker") == "0"
+    assert "training finished at step" in option(finished, "--command")
     for command in ssh:  # the remote shell scripts parse
         syntax = subprocess.run(["bash", "-n", "-c", option(command, "--command")])
         assert syntax.returncode == 0, option(command, "--command")
@@ -132,6 +137,30 @@ def test_tpu_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path):
     assert commands.index(setup) < commands.index(train) < commands.index(logs)
 
 
+@pytest.mark.parametrize(
+    "environment, initialised",
+    [
+        ({}, False),  # a workstation
+        ({"PAN_JAX_DISTRIBUTED": "1"}, True),  # launch/tpu_pod.sh on a TPU VM slice
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, False),  # a one-task SLURM job
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "a,b"}, True),  # GKE
+        ({"PAN_JAX_DISTRIBUTED": "1", "PAN_JAX_NO_DISTRIBUTED": "1"}, False),
+    ],
+)
+def test_which_environments_initialise_jax_distributed(monkeypatch, environment, initialised):
+    from pan_jax import sharding
+
+    for name in (*sharding._CLUSTER_VARIABLES, "PAN_JAX_DISTRIBUTED", "PAN_JAX_NO_DISTRIBUTED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    sharding.initialize_distributed()
+    assert calls == ([{}] if initialised else [])
+
+
 def test_tpu_script_runs_exactly_what_dry_run_prints(tmp_path):
     env = {**TPU_ENV, **stub_path(tmp_path, "gcloud"), "TMPDIR": str(tmp_path)}
     dry = bash("tpu_pod.sh", "--dry-run", "all", "--", "--config.seed=3", env=env).stdout
@@ -140,6 +169,27 @@ def test_tpu_script_runs_exactly_what_dry_run_prints(tmp_path):
     assert [["gcloud", *call] for call in recorded_calls(tmp_path)] == printed
     with tarfile.open(tmp_path / "pan_jax_src.tar.gz") as tar:  # the source sent to workers
         assert "pan_jax/main.py" in tar.getnames()
+
+
+def test_tpu_all_keeps_the_slice_of_a_run_that_has_not_finished(tmp_path):
+    # `logs` ends on a dropped ssh connection or a maintenance event too: deleting the slice
+    # then killed a run that was still training, or one that only had to be resumed.
+    env = {
+        **TPU_ENV,
+        **stub_path(tmp_path, "gcloud"),
+        "TMPDIR": str(tmp_path),
+        "STUB_FAIL_ON": "training finished at step",  # worker 0's log has no such line
+    }
+    result = bash("tpu_pod.sh", "all", env=env)
+    calls = [" ".join(call[:4]) for call in recorded_calls(tmp_path)]
+    assert "compute tpus queued-resources delete" not in calls, calls
+    assert "the slice stays" in result.stderr and "tpu_pod.sh train" in result.stderr
+    # A failed setup still deletes the slice it created.
+    (tmp_path / "calls").unlink()
+    failed = bash("tpu_pod.sh", "all", env={**env, "STUB_FAIL_ON": "jax[tpu]"}, check=False)
+    assert failed.returncode != 0
+    calls = [" ".join(call[:4]) for call in recorded_calls(tmp_path)]
+    assert calls[-1] == "compute tpus queued-resources delete", calls
 
 
 def test_tpu_maintenance_event_provisioning_and_errors(tmp_path):
@@ -180,7 +230,16 @@ def sbatch_header() -> dict[str, str]:
     return header
 
 
-def test_slurm_script_starts_one_process_per_gpu_and_requeues_after_preemption(tmp_path):
+@pytest.mark.parametrize(
+    "signal_line",
+    [
+        "0: W train.py] preempted: checkpoint at step 7 written, exiting",  # several tasks
+        "0: W train.py] SIGTERM: checkpoint at step 7 written, exiting",  # a one-task job
+    ],
+)
+def test_slurm_script_starts_one_process_per_gpu_and_requeues_after_preemption(
+    tmp_path, signal_line
+):
     header = sbatch_header()
     assert header["ntasks-per-node"] == header["gpus-per-node"]
     assert "requeue" in header and header["signal"].startswith("TERM@")
@@ -191,10 +250,11 @@ def test_slurm_script_starts_one_process_per_gpu_and_requeues_after_preemption(t
         "SLURM_CPUS_PER_TASK": "12",
         "VENV": "/opt/venv",
         "WORKDIR": "/shared/runs/voc",
-        "STUB_OUTPUT": "0: W train.py] preempted: checkpoint at step 7 written, exiting",
+        "STUB_OUTPUT": signal_line,
     }
     bash("gpu_slurm.sbatch", "--config.batch_size=32", env=env)
     srun, scontrol = recorded_calls(tmp_path)
+    assert "--cpus-per-task=12" in srun  # srun does not inherit it from sbatch (Slurm ≥ 22.05)
     main = srun[srun.index("/opt/venv/bin/python") :]
     assert main == [
         "/opt/venv/bin/python",
@@ -234,6 +294,12 @@ def test_single_host_script_layouts(tmp_path):
             f"JAX_LOCAL_DEVICE_IDS={index}",
         ]
         assert command[4:7] == ["python3", "-m", "pan_jax.main"]
+        assert command[-4:] == [">", f"{tmp_path / 'run'}.process_{index}.log", "2>&1", "&"]
+    # A bucket workdir: the logs go to runs/ on this machine, not to a local "gs:" folder.
+    bucket = {"WORKDIR": "gs://bkt/runs/voc1/"}
+    (one,) = printed_commands(bash("gpu_single_host.sh", "--dry-run", env=bucket).stdout)
+    assert "--workdir=gs://bkt/runs/voc1/" in one
+    assert one[-4:] == [">", "runs/voc1.process_0.log", "2>&1", "&"]
 
 
 def test_each_ablation_row_gets_its_own_default_workdir():

@@ -235,13 +235,6 @@ def test_two_processes_train_like_one_survive_sigterm_and_resume_in_either_layou
     assert 2 <= preempted < 1000
     for log in logs:
         assert f"preempted: checkpoint at step {preempted} written" in log, log[-3000:]
-    data_states = {
-        p.name: json.loads(p.read_text())
-        for p in (two / "checkpoints" / str(preempted) / "data").glob("process_*")
-    }
-    assert data_states == {f"process_{i}-of-2.json": {"next_index": preempted} for i in range(2)}, (
-        data_states
-    )
     # Only process 0 wrote summaries: one TensorBoard event file, each step logged once.
     assert len(list((two / "tensorboard").iterdir())) == 1
     records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
@@ -308,8 +301,7 @@ def test_evaluation_across_two_processes_sums_the_confusion_matrices(tmp_path, s
     manager = checkpointing.create_manager(str(tmp_path / "run"), config)
     workdir = checkpointing.prepare_workdir(str(tmp_path / "run"), config, spec, manager)
     state = train.init_state(model, optimizer, jax.random.key(0), model.min_input_size)
-    iterator = iter(pipeline.train_dataset(config.data, per_process_batch_size=8, seed=0))
-    checkpointing.save(manager, 1, state, iterator, spec, force=True)
+    checkpointing.save(manager, 1, state, spec, force=True)
     manager.wait_until_finished()
     manager.close()
     expected = pipeline.num_examples(config.data, config.data.eval_split)

@@ -486,8 +486,10 @@ def train_pipeline(
     seed: int,
     process_index: int,
     process_count: int,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
-    """The training chain over any decoded-record source (see the module docstring)."""
+    """The training chain over any decoded-record source (see the module docstring), from its
+    `start_batch`-th batch on (a resumed run: one batch per step)."""
     if per_process_batch_size < 1:
         raise ValueError(f"per_process_batch_size={per_process_batch_size}, expected >= 1")
     transform = functools.partial(
@@ -502,6 +504,10 @@ def train_pipeline(
     ds = ds.random_map(transform)
     ds = ds[process_index::process_count]
     ds = ds.batch(per_process_batch_size, drop_remainder=True)
+    # Random access: batch k is the same whatever the number of processes or workers and
+    # wherever the iteration starts, so a run resumes at its step, not at a saved iterator
+    # state (whose format depends on data.num_workers).
+    ds = ds[start_batch:]
     return _read_and_prefetch(ds, data_config)
 
 
@@ -512,8 +518,9 @@ def train_dataset(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
-    """Infinite per-host training batches.
+    """Infinite per-host training batches, from the `start_batch`-th on.
 
     Yields {'image': uint8 (B, crop, crop, 3), 'label': uint8 (B, crop, crop), 'image_size':
     int32 (B, 2)} (see `train_transform`; the train step normalizes on the device).
@@ -529,6 +536,7 @@ def train_dataset(
         seed=seed,
         process_index=process_index,
         process_count=process_count,
+        start_batch=start_batch,
     )
 
 
