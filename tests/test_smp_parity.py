@@ -6,12 +6,15 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 
-from pan_jax import convert, models
+from pan_jax import checkpointing, convert, models
+from pan_jax.convert import cli
 
 
-def randomized_smp_pan(encoder: str, classes: int = 21, seed: int = 0) -> torch.nn.Module:
+def randomized_smp_pan(
+    encoder: str, classes: int = 21, seed: int = 0, **options
+) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = smp.PAN(encoder_name=encoder, encoder_weights=None, classes=classes)
+    model = smp.PAN(encoder_name=encoder, encoder_weights=None, classes=classes, **options)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -47,6 +50,31 @@ def test_logits_equal_smp(encoder, shapes):
         ours = np.asarray(apply(variables, images))
         assert ours.shape == (2, height, width, 21)
         assert relative_max_error(ours, reference.numpy()) < 1e-4
+
+
+def test_options_the_weights_cannot_show_come_from_smps_config_json(tmp_path, capsys):
+    # Output stride 32 has the same parameter shapes as 16: converted as 16 it gave other
+    # logits, silently. save_pretrained's config.json says which.
+    torch_model = randomized_smp_pan("resnet18", classes=3, encoder_output_stride=32)
+    torch_model.save_pretrained(tmp_path / "os32")
+    weights = tmp_path / "os32" / "model.safetensors"
+    assert cli.main(["--from=smp", f"--input={weights}", f"--output={tmp_path / 'out'}"]) == 0
+    variables, spec = checkpointing.load_variables(tmp_path / "out")
+    assert spec["overrides"]["output_stride"] == 32
+    model = checkpointing.model_from_spec(spec)
+    images = np.random.default_rng(0).standard_normal((1, 256, 320, 3)).astype(np.float32)
+    with torch.no_grad():
+        reference = torch_model(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    ours = np.asarray(model.apply(variables, images, train=False))
+    assert relative_max_error(ours, reference.numpy()) < 1e-4
+    # What pan_smp cannot be is refused, by name.
+    randomized_smp_pan("resnet18", classes=3, decoder_interpolation="nearest").save_pretrained(
+        tmp_path / "nearest"
+    )
+    weights = tmp_path / "nearest" / "model.safetensors"
+    assert cli.main(["--from=smp", f"--input={weights}", f"--output={tmp_path / 'n'}"]) == 1
+    assert "decoder_interpolation='nearest'" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
 
 
 def test_parameter_count_equals_smp():

@@ -10,7 +10,10 @@ An ImageNet backbone (--from=torchvision or timm) goes into a full model (--mode
 shortcut type come from the checkpoint and are recorded in the spec (`backbone`, `stem`,
 `avg_down`), so a torchvision file pairs with `stem="torchvision"` without being asked.
 An SMP PAN checkpoint becomes `pan_smp` with the checkpoint's classes and decoder width
-(or, with --model, only its backbone goes into that model).
+(or, with --model, only its backbone goes into that model). A state dict does not show SMP's
+`encoder_output_stride` (32 converts as 16) or `decoder_interpolation`: the `config.json` that
+SMP's `save_pretrained` writes beside `model.safetensors` is read when present; for a bare
+state dict of an output-stride-32 model pass `--override output_stride=32`.
 
 The directory is read by `checkpointing.load_variables` (notebooks, evaluation) and by
 training as its initialisation (`--config.model.pretrained=DIR
@@ -35,7 +38,7 @@ from pan_jax.convert.core import ConversionError, read_state_dict
 from pan_jax.convert.download import DownloadError
 from pan_jax.convert.imagenet import convert_resnet, describe
 from pan_jax.convert.pretrained import merge_pretrained
-from pan_jax.convert.smp import from_smp, smp_spec
+from pan_jax.convert.smp import from_smp, saved_config_options, smp_spec
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -141,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         smp = None
         if args.source == "smp":
             smp = smp_spec(state_dict)
+            # SMP's save_pretrained config.json holds what the weights cannot show.
+            smp["overrides"].update(saved_config_options(args.input, smp["backbone"]))
             variables = from_smp(state_dict)
             unused: list[str] = []
             arch = {"depth": int(smp["backbone"][6:]), "stem": "torchvision", "avg_down": False}

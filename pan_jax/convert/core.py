@@ -30,6 +30,7 @@ Source = str | os.PathLike | Mapping[str, Any]
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Training checkpoints wrap the state dict; the first of these keys holding a dict is unwrapped.
 _WRAPPER_KEYS = ("state_dict", "model", "module")
+_KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 _BN_TO_FLAX = {
     "weight": ("params", "scale"),
@@ -67,7 +68,7 @@ def _is_tensor(value: Any) -> bool:
 
 
 def _unwrap(obj: Any, name: str) -> dict[str, Any]:
-    """The state dict inside a training checkpoint; strips DataParallel's `module.` prefix."""
+    """The state dict inside a training checkpoint, without wrappers' key prefixes."""
     while isinstance(obj, Mapping) and not any(_is_tensor(v) for v in obj.values()):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -81,8 +82,10 @@ def _unwrap(obj: Any, name: str) -> dict[str, Any]:
             f"{name} holds no tensors (top-level keys: {sorted(map(str, obj))[:12]}); expected a "
             f"state dict, possibly under one of {_WRAPPER_KEYS}"
         )
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    # DataParallel/DDP ("module."), torch.compile ("_orig_mod.") and a Lightning module holding
+    # the network as `self.model` ("model.") prefix every key, possibly nested.
+    while prefix := next((p for p in _KEY_PREFIXES if all(k.startswith(p) for k in tensors)), None):
+        tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
     return tensors
 
 
@@ -178,9 +181,11 @@ def read_state_dict(source: Source) -> dict[str, np.ndarray]:
         if type(error).__name__ == "UnpicklingError" and "weights_only" in str(error):
             raise ConversionError(
                 f"{name} holds Python objects besides tensors, which torch.load(weights_only="
-                "True) refuses to unpickle (they could run code); re-save just the weights: "
-                "torch.save(torch.load(path, weights_only=False)['state_dict'], new_path) "
-                f"for a file you trust ({error})"
+                "True) refuses to unpickle (they could run code); re-save just the weights, "
+                "for a file you trust: torch.save(torch.load(path, weights_only=False)"
+                "['state_dict'], new_path) for a training checkpoint, or torch.save(torch.load("
+                "path, weights_only=False).state_dict(), new_path) for a whole pickled model "
+                f"({error})"
             ) from error
         raise ConversionError(
             f"cannot read {name} as a {kind} file ({len(data)} bytes): it is truncated, corrupt "

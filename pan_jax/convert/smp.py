@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from pan_jax import models
 from pan_jax.convert.core import (
@@ -76,6 +79,42 @@ def smp_spec(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             "decoder_channels": int(np.shape(state_dict["decoder.fpa.mid.0.conv.weight"])[0])
         },
     }
+
+
+def saved_config_options(weights: str | os.PathLike, backbone: str) -> dict[str, Any]:
+    """pan_smp options from the `config.json` beside an SMP `save_pretrained` weights file.
+
+    A state dict cannot tell output stride 16 from 32 (the same shapes) nor the decoder's
+    interpolation, so such a model would convert silently wrong; SMP's config.json records
+    them. Returns {} without one (a plain state dict), `{"output_stride": 32}` for such a
+    model, and refuses options pan_smp does not have, naming them.
+    """
+    path = epath.Path(weights).parent / "config.json"
+    if "://" in os.fspath(weights) or not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as error:
+        raise ConversionError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict) or "_model_class" not in config:
+        return {}  # not written by SMP's save_pretrained
+    if config["_model_class"] != "PAN":
+        raise ConversionError(f"{path}: an SMP {config['_model_class']}, not a PAN")
+    problems = []
+    if config.get("encoder_name", backbone) != backbone:
+        problems.append(f"encoder_name={config['encoder_name']!r} (pan_jax reads it as {backbone})")
+    for key, supported in (("encoder_depth", 5), ("in_channels", 3), ("upsampling", 4)):
+        if config.get(key, supported) != supported:
+            problems.append(f"{key}={config[key]!r} (pan_smp: {supported})")
+    interpolation = config.get("decoder_interpolation") or config.get("upscale_mode") or "bilinear"
+    if interpolation != "bilinear":
+        problems.append(f"decoder_interpolation={interpolation!r} (pan_smp: 'bilinear')")
+    stride = config.get("encoder_output_stride", 16)
+    if stride not in (16, 32):
+        problems.append(f"encoder_output_stride={stride!r} (pan_smp: 16 or 32)")
+    if problems:
+        raise ConversionError(f"{path}: SMP options pan_smp does not have: {'; '.join(problems)}")
+    return {"output_stride": 32} if stride == 32 else {}
 
 
 def from_smp(source: Source, model: models.SegmentationModel | None = None) -> dict:
