@@ -106,6 +106,15 @@ def load_any(
 ) -> tuple[dict, ModelSpec, int | None]:
     """(variables, spec, step) of a model directory (`save_variables`; step None) or of a
     training workdir (its latest or `step` checkpoint)."""
+    if directory_kind(directory, step) == "model":
+        variables, spec = load_variables(directory)
+        return variables, spec, None
+    return restore_for_inference(directory, step)
+
+
+def directory_kind(directory: str | os.PathLike, step: int | None = None) -> str:
+    """'model' (a `save_variables` directory) or 'workdir' (a training run's), without loading;
+    raises naming what is missing, so a CLI can check its arguments before the slow load."""
     path = epath.Path(directory)
     # A training workdir also holds a model.json (next to checkpoints/): its checkpoints win.
     is_model_directory = (path / "model.json").exists() and (path / "variables").exists()
@@ -114,14 +123,19 @@ def load_any(
             raise ValueError(
                 f"{directory} holds one set of weights (model.json): step={step} needs a workdir"
             )
-        variables, spec = load_variables(path)
-        return variables, spec, None
+        return "model"
     if not (path / "checkpoints").exists():
+        hint = ""
+        if path.suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt"):
+            hint = (
+                "; a PyTorch file is converted first: python -m pan_jax.convert --from=smp "
+                f"--input={directory} --output=DIR"
+            )
         raise FileNotFoundError(
             f"{directory} is neither a pan_jax model directory (model.json and variables/) nor "
-            "a training workdir (checkpoints/)"
+            f"a training workdir (checkpoints/){hint}"
         )
-    return restore_for_inference(path, step)
+    return "workdir"
 
 
 # ----------------------------------------------------------------------------- training runs

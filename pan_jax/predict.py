@@ -49,7 +49,7 @@ from absl import app, flags, logging
 from etils import epath
 from PIL import Image, ImageOps
 
-from pan_jax import evaluate
+from pan_jax import checkpointing, evaluate
 from pan_jax.normalization import normalize
 
 FORMATS = ("voc", "cityscapes", "indices")
@@ -468,6 +468,7 @@ def main(argv: Sequence[str]) -> int:
     # Everything that can be checked without the model is checked before loading it (slow):
     # a mistake costs a one-line error, not a traceback minutes later.
     try:
+        checkpointing.directory_kind(directory, FLAGS.step)
         run_config = read_run_config(directory)
         options = inference_options(
             dict(run_config.get("eval") or {}),
