@@ -5,12 +5,14 @@
       -> random_map(scale/crop/flip)        RNG from (seed, global position): reproducible
       -> [process_index::process_count]     disjoint host shards that cover every epoch
       -> batch(per_process_batch_size)      in the MapDataset, so batches do not depend on workers
+      -> [start_batch:]                     a resumed run starts at its step
       -> to_iter_dataset(...) [-> mp_prefetch(num_workers)]
 
 Augmenting before sharding seeds every record's augmentation by its *global* position, so two
-hosts never share a random stream. The iterator state (`get_state`/`set_state`, or
-`grain.checkpoint.CheckpointSave/Restore` in an orbax checkpoint) is a position in this fixed
-sequence: a resumed run sees exactly the batches it would have seen.
+hosts never share a random stream. Batch k is a fixed function of (seed, k, process layout): a
+run resumed at step k (`start_batch=k`, one batch per step) sees exactly the batches it would
+have seen, with any number of data workers, and with another number of processes the same
+global batches. grain's own iterator state is not used: its format depends on the workers.
 
 Scale, crop and flip follow cv2.resize's pixel-center convention. While the rescaled image is at
 most ~4 crops (VOC-sized inputs) it is resized whole and cropped; above that (Cityscapes at 2x)
