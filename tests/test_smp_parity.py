@@ -77,6 +77,35 @@ def test_options_the_weights_cannot_show_come_from_smps_config_json(tmp_path, ca
     assert not (tmp_path / "n").exists()
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"encoder_depth": 4}, "encoder_depth < 5"),
+        ({"in_channels": 1}, "in_channels=1"),
+        ({"encoder_name": "resnext50_32x4d"}, "ResNeXt"),
+        ({"encoder_name": "tu-resnet18"}, "timm-universal"),
+    ],
+)
+def test_smp_options_pan_smp_lacks_are_named(options, message):
+    # From a bare state dict; these used to fail as a screen of mismatched keys and shapes.
+    options = {"encoder_name": "resnet18", **options}
+    torch.manual_seed(0)
+    state_dict = smp.PAN(encoder_weights=None, classes=3, **options).state_dict()
+    with pytest.raises(convert.ConversionError, match=message):
+        convert.from_smp(state_dict)
+
+
+def test_smps_auxiliary_classifier_is_left_out():
+    torch_model = randomized_smp_pan("resnet18", classes=3, aux_params={"classes": 4})
+    variables = convert.from_smp(torch_model.state_dict())
+    model = models.create("pan_smp", num_classes=3, backbone="resnet18")
+    images = np.random.default_rng(0).standard_normal((1, 128, 160, 3)).astype(np.float32)
+    with torch.no_grad():
+        reference, _ = torch_model(torch.from_numpy(images).permute(0, 3, 1, 2))
+    ours = np.asarray(model.apply(variables, images, train=False))
+    assert relative_max_error(ours, reference.permute(0, 2, 3, 1).numpy()) < 1e-4
+
+
 def test_parameter_count_equals_smp():
     torch_model = smp.PAN(encoder_name="resnet101", encoder_weights=None, classes=21)
     expected = sum(p.numel() for p in torch_model.parameters())

@@ -71,6 +71,22 @@ def smp_spec(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             raise ConversionError(
                 f"not an SMP PAN state dict: key {key!r} is missing; keys begin {found}{hint}"
             )
+    # Encoders and options pan_smp does not have, named before their keys fail to match.
+    if any(k.startswith("encoder.model.") for k in state_dict):
+        raise ConversionError(
+            "an SMP PAN with a timm-universal ('tu-') encoder: pan_smp takes SMP's own "
+            "resnet18…resnet152 encoders"
+        )
+    if not any(k.startswith("decoder.gau3.") for k in state_dict):  # SMP keeps layer4 anyway
+        raise ConversionError("an SMP PAN with encoder_depth < 5 (no gau3): pan_smp needs 5")
+    stem = np.shape(state_dict.get("encoder.conv1.weight", (0, 3)))
+    if stem[1] != 3:
+        raise ConversionError(f"an SMP PAN with in_channels={stem[1]}: pan_smp takes RGB (3)")
+    grouped = np.shape(state_dict.get("encoder.layer1.0.conv2.weight", (1, 1)))
+    if grouped[0] != grouped[1] and "encoder.layer1.0.conv3.weight" in state_dict:
+        raise ConversionError(
+            "an SMP PAN with grouped 3×3 convolutions (ResNeXt): pan_smp takes ResNet encoders"
+        )
     return {
         "name": "pan_smp",
         "backbone": smp_backbone(state_dict),
@@ -125,6 +141,8 @@ def from_smp(source: Source, model: models.SegmentationModel | None = None) -> d
     Accepts torch tensors or numpy arrays, or a .pth/.safetensors file (see `read_state_dict`).
     """
     state_dict = read_state_dict(source)
+    # SMP's optional image-level classifier (aux_params) plays no part in the segmentation.
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("classification_head.")}
     spec = smp_spec(state_dict)
     variables, unexpected = torch_to_flax(state_dict, SMP_RULES)
     if model is None:
