@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains pan_jax on a Cloud TPU VM slice: every worker runs the same `python -m pan_jax.main`,
-# which finds the others by itself (jax.distributed auto-detection on Cloud TPU).
+# which finds the others through jax.distributed's Cloud TPU detection (PAN_JAX_DISTRIBUTED=1).
 set -euo pipefail
 
 usage() {
