@@ -220,12 +220,8 @@ def _maybe_profile(run: Callable[[], None], compiled, name: str) -> dict:
     if not FLAGS.profile_dir:
         return {}
     directory = os.path.join(FLAGS.profile_dir, f"{FLAGS.model}_{FLAGS.backbone}_{name}")
-    hlo_text = compiled.as_text()
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, op_profile.HLO_FILE), "w") as f:
-        f.write(hlo_text)  # with the trace, `python -m pan_jax.op_profile` redoes the table later
     try:
-        report = op_profile.profile(run, hlo_text, directory, steps=3)
+        report = op_profile.profile(run, compiled.as_text(), directory, steps=3)
     except Exception as error:  # no profiler on this machine must not cost the timings
         return {"profile_error": f"{type(error).__name__}: {str(error)[:300]}"}
     print(op_profile.format_report(report), flush=True)

@@ -300,6 +300,11 @@ def _slide_logits(
     return _average_windows(total, count)
 
 
+def _views(scales: Sequence[float], flip: bool) -> list[tuple[float, bool]]:
+    """(scale, flipped) of every view `predict_scores` merges."""
+    return [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+
+
 def predict_scores(
     model: Any,
     variables: Any,
@@ -333,7 +338,7 @@ def predict_scores(
         padded_size(out_size[0], multiple, min_size),
         padded_size(out_size[1], multiple, min_size),
     )
-    views = [(s, f) for s in options["scales"] for f in ((False, True) if flip else (False,))]
+    views = _views(options["scales"], flip)
     total = None
     for scale, flipped in views:
         h, w = scaled_size(height, width, scale)
@@ -375,8 +380,8 @@ def predict_image(model: Any, variables: Any, image: np.ndarray, **options: Any)
     """
     height, width = np.shape(image)[:2]
     scores = predict_scores(model, variables, image, **options)
-    views = len(tuple(options.get("scales", (1.0,)))) * (2 if options.get("flip") else 1)
-    return np.asarray(_classes(scores, averaged=views > 1))[:height, :width]
+    views = _views(options.get("scales", (1.0,)), options.get("flip", False))
+    return np.asarray(_classes(scores, averaged=len(views) > 1))[:height, :width]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,17 +120,17 @@ def _read(path: epath.Path) -> bytes:
     return gzip.decompress(data) if path.name.endswith(".gz") else data
 
 
-def op_times(directory: str) -> dict[str, float]:
-    """Seconds per executed HLO instruction in the newest trace under `directory` (local or
-    gs://: a training run's workdir may be a bucket), or in one `.xplane.pb[.gz]` file."""
-    path = epath.Path(directory)
+def op_times(trace: str) -> dict[str, float]:
+    """Seconds per executed HLO instruction in the newest trace under the directory `trace`
+    (local or gs://: a training run's workdir may be a bucket), or in one `.xplane.pb[.gz]`."""
+    path = epath.Path(trace)
     if path.is_file():
         paths = [path]
     else:  # jax.profiler writes DIR/plugins/profile/<YYYY_MM_DD_HH_MM_SS>/<host>.xplane.pb
         pattern = "plugins/profile/*/*.xplane.pb"
         paths = sorted(path.glob(pattern), key=lambda p: p.parent.name)
     if not paths:
-        raise FileNotFoundError(f"no *.xplane.pb trace under {directory}")
+        raise FileNotFoundError(f"no *.xplane.pb trace under {trace}")
     data = jax.profiler.ProfileData.from_serialized_xspace(_read(paths[-1]))
     planes = list(data.planes)
     # Accelerator kernels when there are any; the host's thunks otherwise (XLA:CPU). Host events
@@ -159,21 +159,24 @@ def profile(
     run_step: Callable[[], Any], hlo_text: str, directory: str, steps: int = 3
 ) -> dict[str, Any]:
     """Traces `steps` calls of `run_step` (each must block until done) and reduces the trace
-    (`summarize`)."""
+    (`summarize`). `hlo_text` is kept beside the trace (`HLO_FILE`), so that the table can be
+    made again elsewhere (`main`)."""
     os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, HLO_FILE), "w") as f:
+        f.write(hlo_text)
     with jax.profiler.trace(directory):
         for _ in range(steps):
             run_step()
     return summarize(directory, hlo_text, steps)
 
 
-def summarize(directory: str, hlo_text: str, steps: int) -> dict[str, Any]:
-    """The newest trace under `directory`, of `steps` runs of the program `hlo_text`, as a table.
+def summarize(trace: str, hlo_text: str, steps: int) -> dict[str, Any]:
+    """The trace (`op_times`) of `steps` runs of the program `hlo_text`, as a table.
 
     Returns {"steps", "ops": [{name, category, scope, ms_per_step, share}] (longest first),
     "categories": {category: share}, "scopes": {scope: share}, "trace_dir"}.
     """
-    times = op_times(directory)
+    times = op_times(trace)
     info = instruction_info(hlo_text)
     total = sum(times.values()) or 1.0
     ops, categories, scopes = [], collections.Counter(), collections.Counter()
@@ -196,7 +199,7 @@ def summarize(directory: str, hlo_text: str, steps: int) -> dict[str, Any]:
         "ops": ops,
         "categories": dict(categories.most_common()),
         "scopes": dict(scopes.most_common()),
-        "trace_dir": directory,
+        "trace_dir": trace,
     }
 
 

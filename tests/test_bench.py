@@ -202,7 +202,8 @@ def test_the_profile_table_can_be_made_again_from_the_saved_trace(bench_report, 
     row = next(r for r in report["results"] if r["what"] == "train" and "pan_jax" in r["impl"])
     directory = row["profile"]["trace_dir"]
     (trace,) = glob.glob(os.path.join(directory, "plugins", "profile", "*", "*.xplane.pb"))
-    for source, target in [(trace, "t.xplane.pb.gz"), (directory + "/hlo.txt", "hlo.txt.gz")]:
+    hlo = os.path.join(directory, op_profile.HLO_FILE)
+    for source, target in [(trace, "t.xplane.pb.gz"), (hlo, "hlo.txt.gz")]:
         with open(source, "rb") as f, gzip.open(tmp_path / target, "wb") as g:
             g.write(f.read())
     again = op_profile.summarize(str(tmp_path / "t.xplane.pb.gz"), "", 3)

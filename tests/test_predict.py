@@ -255,31 +255,27 @@ def test_predict_does_not_read_its_own_masks_back(saved_model, tmp_path):
 
 
 def test_predict_checks_its_arguments_before_loading_the_model(tmp_path):
+    def error_line(model_dir):
+        result = run_predict(
+            f"--model_dir={model_dir}",
+            f"--input={tmp_path / 'nothing_here*.png'}",
+            f"--output={tmp_path / 'out'}",
+        )
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        return result.stderr.strip().splitlines()[-1]
+
     # A model directory that is not one (here a PyTorch file): one line, pointing at convert.
     (tmp_path / "smp_pan.pth").write_bytes(b"not loaded")
-    result = run_predict(
-        f"--model_dir={tmp_path / 'smp_pan.pth'}",
-        f"--input={tmp_path / 'nothing_here*.png'}",
-        f"--output={tmp_path / 'out'}",
-    )
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
+    last = error_line(tmp_path / "smp_pan.pth")
     assert last.startswith("error: ") and "python -m pan_jax.convert" in last, last
     # A directory that looks like a model (never read: its variables are empty): the inputs
     # are refused before anything loads it.
     model_dir = tmp_path / "model"
     (model_dir / "variables").mkdir(parents=True)
     (model_dir / "model.json").write_text("{}")
-    result = run_predict(
-        f"--model_dir={model_dir}",
-        f"--input={tmp_path / 'nothing_here*.png'}",
-        f"--output={tmp_path / 'out'}",
-    )
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: --input=") and "nothing_here*.png" in lines[-1], lines
+    last = error_line(model_dir)
+    assert last.startswith("error: --input=") and "nothing_here*.png" in last, last
     assert not (tmp_path / "out").exists()
 
 

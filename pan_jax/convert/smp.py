@@ -14,6 +14,7 @@ import numpy as np
 from etils import epath
 
 from pan_jax import models
+from pan_jax.convert import download
 from pan_jax.convert.core import (
     ConversionError,
     Rules,
@@ -79,11 +80,11 @@ def smp_spec(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         )
     if not any(k.startswith("decoder.gau3.") for k in state_dict):  # SMP keeps layer4 anyway
         raise ConversionError("an SMP PAN with encoder_depth < 5 (no gau3): pan_smp needs 5")
-    stem = np.shape(state_dict.get("encoder.conv1.weight", (0, 3)))
-    if stem[1] != 3:
-        raise ConversionError(f"an SMP PAN with in_channels={stem[1]}: pan_smp takes RGB (3)")
-    grouped = np.shape(state_dict.get("encoder.layer1.0.conv2.weight", (1, 1)))
-    if grouped[0] != grouped[1] and "encoder.layer1.0.conv3.weight" in state_dict:
+    in_channels = np.shape(state_dict.get("encoder.conv1.weight", np.zeros((1, 3))))[1]
+    if in_channels != 3:
+        raise ConversionError(f"an SMP PAN with in_channels={in_channels}: pan_smp takes RGB (3)")
+    conv2 = np.shape(state_dict.get("encoder.layer1.0.conv2.weight", np.zeros((1, 1))))
+    if conv2[0] != conv2[1] and "encoder.layer1.0.conv3.weight" in state_dict:
         raise ConversionError(
             "an SMP PAN with grouped 3×3 convolutions (ResNeXt): pan_smp takes ResNet encoders"
         )
@@ -105,8 +106,10 @@ def saved_config_options(weights: str | os.PathLike, backbone: str) -> dict[str,
     them. Returns {} without one (a plain state dict), `{"output_stride": 32}` for such a
     model, and refuses options pan_smp does not have, naming them.
     """
+    if download.is_remote(weights):  # only the weights file was downloaded
+        return {}
     path = epath.Path(weights).parent / "config.json"
-    if "://" in os.fspath(weights) or not path.exists():
+    if not path.exists():
         return {}
     try:
         config = json.loads(path.read_text())
