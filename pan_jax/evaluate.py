@@ -28,9 +28,14 @@ size). Sliding windows of exactly `crop_size` are never padded (every window has
 the image is larger than the crop). Label-sized arrays use the same buckets, so the number of
 programs is bounded by the number of buckets, not of images.
 
-Each process evaluates its own shard of the dataset on its first local device, one image at a
-time (so no image is dropped or padded into a batch) and keeps a host int64 confusion matrix;
-the matrices and image counts of all processes are summed at the end.
+Several devices: each process evaluates its own shard of the dataset on all its local devices
+and keeps a host int64 confusion matrix; the matrices and image counts of all processes are
+summed at the end. Images are run in batches of one per local device, sharded over them, so one
+program per shape serves every device (not one per shape and device) and no device waits for
+another: in whole mode images whose views all fall in the same buckets (each keeps its own
+resize to its own label), in slide mode images of the same size (the same windows; Cityscapes:
+all). A batch that cannot be filled (at the end, a size of its own, or held back too long) is
+completed with copies whose labels are all ignored, so every image counts exactly once.
 """
 
 from __future__ import annotations
@@ -59,9 +64,13 @@ PAD_MULTIPLE = 128
 MODES = ("whole", "slide")
 REPORT_JSON = "eval_report.json"
 REPORT_MD = "eval_report.md"
-# Device results waiting to be added to the host matrix: enough to keep the device busy while
-# the host prepares the next image, few enough to bound device memory.
+# Device results waiting to be added to the host matrix: enough to keep the devices busy while
+# the host prepares the next batch, few enough to bound device memory.
 _MAX_PENDING = 4
+# Images held back for a full batch, in batches: a dataset of many sizes (slide mode on VOC)
+# must not pile up in host memory; past this the oldest batch runs incomplete.
+_MAX_WAITING = 8
+BATCH_AXIS = "batch"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,8 +114,7 @@ def _interpolation_indices(
     return lo, hi, frac
 
 
-@jax.jit
-def _resample(
+def _resample_one(
     logits: jax.Array, rows: tuple[jax.Array, ...], cols: tuple[jax.Array, ...]
 ) -> jax.Array:
     """Separable bilinear resampling of (H, W, C) logits by index/weight triples."""
@@ -114,6 +122,31 @@ def _resample(
     x = logits[lo] * (1.0 - frac)[:, None, None] + logits[hi] * frac[:, None, None]
     lo, hi, frac = cols
     return x[:, lo] * (1.0 - frac)[None, :, None] + x[:, hi] * frac[None, :, None]
+
+
+# (B, H, W, C) logits, each image with its own (B, P) index/weight triples.
+_resample = jax.jit(jax.vmap(_resample_one))
+
+
+def _resize_batch(
+    logits: jax.Array,
+    valid_sizes: Sequence[tuple[int, int]],
+    out_sizes: Sequence[tuple[int, int]],
+    *,
+    align_corners: bool,
+    flip: bool,
+    padded_out: tuple[int, int],
+) -> jax.Array:
+    """`resize_logits` of each image of a (B, H, W, C) batch, with its own valid and out size."""
+
+    def indices(axis: int, flipped: bool) -> tuple[np.ndarray, ...]:
+        triples = [
+            _interpolation_indices(v[axis], o[axis], align_corners, flipped, padded_out[axis])
+            for v, o in zip(valid_sizes, out_sizes, strict=True)
+        ]
+        return tuple(np.stack(column) for column in zip(*triples, strict=True))
+
+    return _resample(logits, indices(0, False), indices(1, flip))
 
 
 def resize_logits(
@@ -130,10 +163,14 @@ def resize_logits(
     The result has shape `padded_out` (default `out_size`) × C; rows/columns beyond `out_size`
     hold filler values. Equals `models.layers.resize_bilinear` on the valid region.
     """
-    padded_out = padded_out or out_size
-    rows = _interpolation_indices(valid_size[0], out_size[0], align_corners, False, padded_out[0])
-    cols = _interpolation_indices(valid_size[1], out_size[1], align_corners, flip, padded_out[1])
-    return _resample(logits, rows, cols)
+    return _resize_batch(
+        logits[None],
+        [valid_size],
+        [out_size],
+        align_corners=align_corners,
+        flip=flip,
+        padded_out=padded_out or out_size,
+    )[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,8 +179,8 @@ def resize_logits(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(model: Any, variables: Any, image: jax.Array) -> jax.Array:
-    return model.apply(variables, image[None], train=False)[0]
+def _forward(model: Any, variables: Any, images: jax.Array) -> jax.Array:
+    return model.apply(variables, images, train=False)
 
 
 @jax.jit
@@ -154,21 +191,34 @@ def _add_window(
     offset: jax.Array,
     window_size: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """Adds the logits of one (padded) window into the running sum at `offset` = (y, x).
+    """Adds the (B) logits of one padded window of each image into the running (B) sums at
+    `offset` = (y, x); the window's valid size is `window_size`.
 
     Kept apart from the forward pass, so the model compiles once per window shape (shared with
     whole-image inference) and only this cheap program depends on the size of the sum.
     """
-    rows = lax.broadcasted_iota(jnp.int32, logits.shape[:2], 0) < window_size[0]
-    cols = lax.broadcasted_iota(jnp.int32, logits.shape[:2], 1) < window_size[1]
+    rows = lax.broadcasted_iota(jnp.int32, logits.shape[1:3], 0) < window_size[0]
+    cols = lax.broadcasted_iota(jnp.int32, logits.shape[1:3], 1) < window_size[1]
     mask = rows & cols
     y, x = offset[0], offset[1]
-    region = lax.dynamic_slice(total, (y, x, 0), logits.shape)
+    region = lax.dynamic_slice(total, (0, y, x, 0), logits.shape)
     total = lax.dynamic_update_slice(
-        total, region + jnp.where(mask[..., None], logits, 0.0), (y, x, 0)
+        total, region + jnp.where(mask[None, ..., None], logits, 0.0), (0, y, x, 0)
     )
-    region = lax.dynamic_slice(count, (y, x), mask.shape)
-    count = lax.dynamic_update_slice(count, region + mask.astype(count.dtype), (y, x))
+    region = lax.dynamic_slice(count, (0, y, x), logits.shape[:3])
+    count = lax.dynamic_update_slice(count, region + mask.astype(count.dtype), (0, y, x))
+    return total, count
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "sharding"))
+def _zero_sums(
+    shape: tuple[int, ...], sharding: jax.sharding.Sharding | None
+) -> tuple[jax.Array, jax.Array]:
+    """Zero window sums (B, H, W, C) and counts (B, H, W), split over the batch like the
+    logits that will be added (no device then holds another's image)."""
+    total, count = jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:3], jnp.float32)
+    if sharding is not None:
+        total, count = lax.with_sharding_constraint((total, count), sharding)
     return total, count
 
 
@@ -192,7 +242,13 @@ def _add_probabilities(total: jax.Array | None, logits: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="num_classes")
 def _score(scores: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-    return metrics.confusion_matrix(labels, jnp.argmax(scores, axis=-1), num_classes)
+    """(B, C, C) confusion matrices, one per image: summed on the host, so the devices never
+    wait for one another."""
+
+    def one(scores: jax.Array, labels: jax.Array) -> jax.Array:
+        return metrics.confusion_matrix(labels, jnp.argmax(scores, axis=-1), num_classes)
+
+    return jax.vmap(one)(scores, labels)
 
 
 @functools.partial(jax.jit, static_argnames="averaged")
@@ -264,13 +320,15 @@ def check_options(
 def _slide_logits(
     model: Any,
     variables: Any,
-    image: np.ndarray,
+    images: np.ndarray,
     crop: tuple[int, int],
     stride: tuple[int, int],
     pad_multiple: int,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> jax.Array:
-    """Window-averaged logits of `image`; valid in the top-left image-sized region."""
-    height, width = image.shape[:2]
+    """Window-averaged logits (B, H', W', C) of (B, H, W, 3) `images` (one size, so the same
+    windows); valid in the top-left image-sized region."""
+    height, width = images.shape[1:3]
     win_h, win_w = min(crop[0], height), min(crop[1], width)
     min_size = model.min_input_size
 
@@ -284,8 +342,9 @@ def _slide_logits(
     # The sum must hold a padded window at the last offset (image size − window size).
     total_h = padded_size(height - win_h + pad_h, pad_multiple, min_size)
     total_w = padded_size(width - win_w + pad_w, pad_multiple, min_size)
-    total = jnp.zeros((total_h, total_w, model.num_classes), jnp.float32)
-    count = jnp.zeros((total_h, total_w), jnp.float32)
+    total, count = _zero_sums(
+        (len(images), total_h, total_w, model.num_classes), sharding=batch_sharding
+    )
     rows = max(height - win_h + stride[0] - 1, 0) // stride[0] + 1
     cols = max(width - win_w + stride[1] - 1, 0) // stride[1] + 1
     size = np.array([win_h, win_w], np.int32)
@@ -293,9 +352,10 @@ def _slide_logits(
         for j in range(cols):
             y = max(min(i * stride[0] + win_h, height) - win_h, 0)
             x = max(min(j * stride[1] + win_w, width) - win_w, 0)
-            window = _pad_to(image[y : y + win_h, x : x + win_w], pad_h, pad_w, 0.0)
+            windows = np.zeros((len(images), pad_h, pad_w, 3), np.float32)
+            windows[:, :win_h, :win_w] = images[:, y : y + win_h, x : x + win_w]
+            logits = _forward(model, variables, _put(windows, batch_sharding))
             offset = np.array([y, x], np.int32)
-            logits = _forward(model, variables, window)
             total, count = _add_window(total, count, logits, offset, size)
     return _average_windows(total, count)
 
@@ -303,6 +363,82 @@ def _slide_logits(
 def _views(scales: Sequence[float], flip: bool) -> list[tuple[float, bool]]:
     """(scale, flipped) of every view `predict_scores` merges."""
     return [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+
+
+def _put(batch: np.ndarray, batch_sharding: jax.sharding.Sharding | None) -> Any:
+    """A host batch split over the devices (None: left to the jitted call to place)."""
+    return batch if batch_sharding is None else jax.device_put(batch, batch_sharding)
+
+
+def _view(image: np.ndarray, scale: float, flipped: bool) -> np.ndarray:
+    height, width = image.shape[:2]
+    h, w = scaled_size(height, width, scale)
+    view = (
+        image
+        if (h, w) == (height, width)
+        else cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    )
+    return view[:, ::-1] if flipped else view
+
+
+def _padded(size: Sequence[int], pad_multiple: int, min_size: int) -> tuple[int, int]:
+    """`padded_size` of (height, width)."""
+    return tuple(padded_size(side, pad_multiple, min_size) for side in size[:2])
+
+
+def _view_shapes(
+    image_size: tuple[int, int], scales: Sequence[float], pad_multiple: int, min_size: int
+) -> tuple[tuple[int, int], ...]:
+    """The padded model input of each scale of whole-image inference."""
+    return tuple(
+        _padded(scaled_size(*image_size, scale), pad_multiple, min_size) for scale in scales
+    )
+
+
+def _merged_scores(
+    model: Any,
+    variables: Any,
+    images: Sequence[np.ndarray],
+    out_sizes: Sequence[tuple[int, int]],
+    padded_out: tuple[int, int],
+    options: Mapping[str, Any],
+    flip: bool,
+    batch_sharding: jax.sharding.Sharding | None,
+) -> jax.Array:
+    """(B, H', W', C) scores of images that share every padded view shape (whole mode) or
+    their size (slide mode), split over the devices of `batch_sharding`."""
+    views = _views(options["scales"], flip)
+    min_size, multiple = model.min_input_size, options["pad_multiple"]
+    total = None
+    for scale, flipped in views:
+        inputs = [_view(image, scale, flipped) for image in images]
+        valid_sizes = [view.shape[:2] for view in inputs]
+        if options["mode"] == "whole":
+            shape = _padded(valid_sizes[0], multiple, min_size)  # the same for the whole batch
+            batch = np.stack([_pad_to(view, *shape, 0.0) for view in inputs])
+            logits = _forward(model, variables, _put(batch, batch_sharding))
+        else:
+            logits = _slide_logits(
+                model,
+                variables,
+                np.stack(inputs),
+                options["crop_size"],
+                options["stride"],
+                multiple,
+                batch_sharding,
+            )
+        logits = _resize_batch(
+            logits,
+            valid_sizes,
+            out_sizes,
+            align_corners=model.align_corners,
+            flip=flipped,
+            padded_out=padded_out,
+        )
+        if len(views) == 1:
+            return logits
+        total = _add_probabilities(total, logits)
+    return total / len(views)
 
 
 def predict_scores(
@@ -331,46 +467,11 @@ def predict_scores(
     image = np.asarray(image, np.float32)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected a normalized (H, W, 3) image, got shape {image.shape}")
-    height, width = image.shape[:2]
-    out_size = out_size or (height, width)
-    min_size, multiple = model.min_input_size, options["pad_multiple"]
-    padded_out = (
-        padded_size(out_size[0], multiple, min_size),
-        padded_size(out_size[1], multiple, min_size),
-    )
-    views = _views(options["scales"], flip)
-    total = None
-    for scale, flipped in views:
-        h, w = scaled_size(height, width, scale)
-        view = (
-            image
-            if (h, w) == (height, width)
-            else cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-        )
-        if flipped:
-            view = view[:, ::-1]
-        if options["mode"] == "whole":
-            view = _pad_to(
-                view, padded_size(h, multiple, min_size), padded_size(w, multiple, min_size), 0.0
-            )
-            logits = _forward(model, variables, view)
-        else:
-            view = np.ascontiguousarray(view)
-            logits = _slide_logits(
-                model, variables, view, options["crop_size"], options["stride"], multiple
-            )
-        logits = resize_logits(
-            logits,
-            (h, w),
-            out_size,
-            align_corners=model.align_corners,
-            flip=flipped,
-            padded_out=padded_out,
-        )
-        if len(views) == 1:
-            return logits
-        total = _add_probabilities(total, logits)
-    return total / len(views)
+    out_size = tuple(out_size or image.shape[:2])
+    padded_out = _padded(out_size, options["pad_multiple"], model.min_input_size)
+    return _merged_scores(
+        model, variables, [image], [out_size], padded_out, options, flip, batch_sharding=None
+    )[0]
 
 
 def predict_image(model: Any, variables: Any, image: np.ndarray, **options: Any) -> np.ndarray:
@@ -388,8 +489,9 @@ def predict_image(model: Any, variables: Any, image: np.ndarray, **options: Any)
 # A dataset.
 
 
-def _on_device(variables: Any, device: jax.Device) -> Any:
-    """A full copy of `variables` on `device`, also from global arrays of a multi-host run.
+def _replicated(variables: Any, mesh: jax.sharding.Mesh) -> Any:
+    """`variables` replicated over `mesh` (this process's devices), also from global arrays of
+    a multi-host run.
 
     The training state is a global array spread over every process's devices; each process
     evaluates on its own, so it needs the whole value locally: any local shard of a replicated
@@ -397,17 +499,30 @@ def _on_device(variables: Any, device: jax.Device) -> Any:
     walks the same tree in the same order).
     """
 
-    def local(x: Any) -> Any:
+    def whole(x: Any) -> Any:
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if x.sharding.is_fully_replicated:
-                x = x.addressable_data(0)
-            else:
-                from jax.experimental import multihost_utils
+                return x.addressable_data(0)
+            from jax.experimental import multihost_utils
 
-                x = multihost_utils.process_allgather(x, tiled=True)
-        return jax.device_put(x, device)
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
 
-    return jax.tree.map(local, variables)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(jax.tree.map(whole, variables), replicated)
+
+
+def _checked(element: Mapping[str, Any], index: int) -> tuple[np.ndarray, np.ndarray]:
+    image, label = np.asarray(element["image"]), np.asarray(element["label"])
+    name = element.get("file_name", f"element {index}")
+    if image.ndim != 3 or image.shape[-1] != 3 or not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(
+            f"{name}: expected a normalized float (H, W, 3) image "
+            f"(pan_jax.data.normalize), got {image.dtype} {image.shape}"
+        )
+    if label.ndim != 2:
+        raise ValueError(f"{name}: expected an (H, W) label, got shape {label.shape}")
+    return image, label
 
 
 def evaluate_dataset(
@@ -423,6 +538,7 @@ def evaluate_dataset(
     stride: int | Sequence[int] | None = None,
     pad_multiple: int = PAD_MULTIPLE,
     num_images_hint: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:
     """Dataset-level metrics of `model` over every element of `dataset` (this process's shard).
 
@@ -431,7 +547,8 @@ def evaluate_dataset(
     `metrics.compute_metrics` of the confusion matrix summed over all processes, plus
     `confusion_matrix` (int64), `num_images` (all processes) and the inference options. This is
     a collective with several processes: every process must call it. `num_images_hint` (this
-    process's image count) only feeds the progress log's ETA.
+    process's image count) only feeds the progress log's ETA. `devices`: those of this process
+    to run on (default: all of them).
     """
     if num_classes != model.num_classes:
         raise ValueError(
@@ -440,64 +557,78 @@ def evaluate_dataset(
     options = check_options(
         mode=mode, scales=scales, crop_size=crop_size, stride=stride, pad_multiple=pad_multiple
     )
-    device = jax.local_devices()[0]
-    variables = _on_device(variables, device)
+    mesh = jax.sharding.Mesh(np.array(devices or jax.local_devices()), (BATCH_AXIS,))
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
+    variables = _replicated(variables, mesh)
+    batch_size = batch_sharding.num_devices
     min_size, multiple = model.min_input_size, options["pad_multiple"]
     confusion = np.zeros((num_classes, num_classes), np.int64)
     pending: collections.deque[jax.Array] = collections.deque()
+    # Images waiting for a full batch, by what a batch must share (see `batch_key`).
+    waiting: dict[tuple, list[tuple[np.ndarray, np.ndarray]]] = collections.defaultdict(list)
     num_images = 0
     start = last_log = time.perf_counter()
-    with jax.default_device(device):
-        for element in dataset:
-            image, label = np.asarray(element["image"]), np.asarray(element["label"])
-            name = element.get("file_name", f"element {num_images}")
-            if (
-                image.ndim != 3
-                or image.shape[-1] != 3
-                or not np.issubdtype(image.dtype, np.floating)
-            ):
-                raise ValueError(
-                    f"{name}: expected a normalized float (H, W, 3) image "
-                    f"(pan_jax.data.normalize), got {image.dtype} {image.shape}"
-                )
-            if label.ndim != 2:
-                raise ValueError(f"{name}: expected an (H, W) label, got shape {label.shape}")
-            out_size = label.shape
-            padded = (
-                padded_size(out_size[0], multiple, min_size),
-                padded_size(out_size[1], multiple, min_size),
-            )
-            scores = predict_scores(
-                model,
-                variables,
-                image,
-                out_size,
-                mode=options["mode"],
-                scales=options["scales"],
-                flip=flip,
-                crop_size=options["crop_size"],
-                stride=options["stride"],
-                pad_multiple=multiple,
-            )
-            labels = _pad_to(label.astype(np.int32), *padded, metrics.IGNORE_LABEL)
-            pending.append(_score(scores, labels, num_classes))
-            while len(pending) > _MAX_PENDING:
-                confusion = metrics.accumulate(confusion, pending.popleft())
-            num_images += 1
-            now = time.perf_counter()
-            if now - last_log > 30 or num_images == num_images_hint:
-                rate = num_images / (now - start)
-                eta = (num_images_hint - num_images) / rate if num_images_hint else float("nan")
-                logging.info(
-                    "eval: %d%s images, %.2f img/s, ETA %.0f s",
-                    num_images,
-                    f"/{num_images_hint}" if num_images_hint else "",
-                    rate,
-                    eta,
-                )
-                last_log = now
-        while pending:
-            confusion = metrics.accumulate(confusion, pending.popleft())
+
+    def run(group: list[tuple[np.ndarray, np.ndarray]], padded_out: tuple[int, int]) -> None:
+        nonlocal confusion, num_images, last_log
+        images = [image for image, _ in group]
+        labels = [_pad_to(label.astype(np.int32), *padded_out, metrics.IGNORE_LABEL)
+                  for _, label in group]  # fmt: skip
+        out_sizes = [label.shape for _, label in group]
+        fillers = batch_size - len(group)  # copies of an image that count for nothing
+        images += [images[0]] * fillers
+        out_sizes += [out_sizes[0]] * fillers
+        labels += [np.full(padded_out, metrics.IGNORE_LABEL, np.int32)] * fillers
+        labels = _put(np.stack(labels), batch_sharding)
+        scores = _merged_scores(
+            model, variables, images, out_sizes, padded_out, options, flip, batch_sharding
+        )
+        pending.append(_score(scores, labels, num_classes))
+        while len(pending) > _MAX_PENDING:
+            confusion = add(confusion, pending.popleft())
+        num_images += len(group)
+        now = time.perf_counter()
+        if now - last_log > 30:
+            log_progress(now)
+            last_log = now
+
+    def log_progress(now: float) -> None:
+        rate = num_images / max(now - start, 1e-9)
+        eta = (num_images_hint - num_images) / rate if num_images_hint else float("nan")
+        logging.info(
+            "eval: %d%s images, %.2f img/s, ETA %.0f s",
+            num_images,
+            f"/{num_images_hint}" if num_images_hint else "",
+            rate,
+            eta,
+        )
+
+    def add(confusion: np.ndarray, per_image: jax.Array) -> np.ndarray:
+        return metrics.accumulate(confusion, np.asarray(per_image).astype(np.int64).sum(0))
+
+    def batch_key(image: np.ndarray, padded_out: tuple[int, int]) -> tuple:
+        # Whole mode: the model's padded inputs (each image is resized to its own label);
+        # slide mode: the size itself, which places the windows.
+        if options["mode"] == "whole":
+            return _view_shapes(image.shape[:2], options["scales"], multiple, min_size), padded_out
+        return image.shape[:2], padded_out
+
+    for index, element in enumerate(dataset):
+        image, label = _checked(element, index)
+        padded_out = _padded(label.shape, multiple, min_size)
+        key = batch_key(image, padded_out)
+        waiting[key].append((image, label))
+        if len(waiting[key]) == batch_size:
+            run(waiting.pop(key), padded_out)
+        elif sum(map(len, waiting.values())) > _MAX_WAITING * batch_size:
+            oldest = next(iter(waiting))
+            run(waiting.pop(oldest), oldest[1])
+    for (_, padded_out), group in waiting.items():
+        run(group, padded_out)
+    while pending:
+        confusion = add(confusion, pending.popleft())
+    if num_images:
+        log_progress(time.perf_counter())
     confusion = metrics.allreduce(confusion)
     total_images = int(metrics.allreduce(np.array([[num_images]], np.int64))[0, 0])
     result = metrics.compute_metrics(confusion)

@@ -373,3 +373,105 @@ def test_two_processes_sum_their_shards(tmp_path, model_and_variables):
     for p, (out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
         assert line in out, (out, err[-2000:])
+
+
+MULTIDEVICE_WORKER = """
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    "--xla_force_host_platform_device_count=4 --xla_dump_hlo_as_text --xla_dump_to=" + sys.argv[2]
+)
+sys.path.insert(0, sys.argv[1])
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pan_jax import evaluate, models
+from tests.test_evaluate import NUM_CLASSES, multihost_elements, random_variables
+
+model = models.create("fcn", num_classes=NUM_CLASSES, backbone="resnet18")
+# As in training: the variables replicated over a mesh of every device.
+mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+variables = jax.device_put(random_variables(model), NamedSharding(mesh, P()))
+used = set()
+score = evaluate._score
+
+
+def spy(scores, labels, num_classes):
+    used.update(scores.devices())
+    return score(scores, labels, num_classes)
+
+
+evaluate._score = spy
+
+def compilations(run):
+    before = evaluate._forward._cache_size()
+    result = run()
+    return result, evaluate._forward._cache_size() - before
+
+
+elements = multihost_elements() * 3  # 3 images of each size: batches of 4 are filled up
+for options in [
+    dict(scales=(0.75, 1.0), flip=True),
+    dict(mode="slide", crop_size=64, stride=48),  # 1 to 4 windows
+]:
+    used.clear()
+    spread, spread_compiled = compilations(
+        lambda: evaluate.evaluate_dataset(
+            model, variables, elements, num_classes=NUM_CLASSES, **options
+        )
+    )
+    print("DEVICES", sorted(d.id for d in used), flush=True)
+    used.clear()
+    one, one_compiled = compilations(
+        lambda: evaluate.evaluate_dataset(
+            model, variables, elements, num_classes=NUM_CLASSES, devices=jax.devices()[:1],
+            **options,
+        )
+    )
+    print("DEVICES", sorted(d.id for d in used), flush=True)
+    assert spread["num_images"] == one["num_images"] == 9
+    np.testing.assert_array_equal(spread["confusion_matrix"], one["confusion_matrix"])
+    # One program per input shape for all devices, not one per shape and device.
+    assert spread_compiled == one_compiled, (spread_compiled, one_compiled)
+    # Batches run incomplete when too many images wait for theirs: still the same matrix.
+    evaluate._MAX_WAITING = 0
+    hurried = evaluate.evaluate_dataset(
+        model, variables, elements, num_classes=NUM_CLASSES, **options
+    )
+    evaluate._MAX_WAITING = 8
+    np.testing.assert_array_equal(hurried["confusion_matrix"], one["confusion_matrix"])
+    print("EQUAL", flush=True)
+"""
+
+
+def test_images_are_spread_over_the_local_devices(tmp_path):
+    # Every device busy, the same confusion matrix as one device, the same number of programs,
+    # and no program where a device waits for another (each holds whole images).
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(MULTIDEVICE_WORKER)
+    root = str(pathlib.Path(__file__).parents[1])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, str(script), root, str(tmp_path / "hlo")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("DEVICES [0, 1, 2, 3]") == 2, result.stdout
+    assert result.stdout.count("DEVICES [0]\n") == 2, result.stdout
+    assert result.stdout.count("EQUAL") == 2, result.stdout
+    programs = list((tmp_path / "hlo").glob("*after_optimizations.txt"))
+    assert len(programs) > 10
+    for program in programs:
+        text = program.read_text()
+        for collective in ("all-reduce", "all-gather", "collective-permute", "all-to-all"):
+            assert f" {collective}(" not in text, (program.name, collective)
