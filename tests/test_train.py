@@ -270,7 +270,10 @@ def test_eight_devices_equal_one_device_and_batchnorm_is_global():
     assert bn_error < 1e-5, bn_error
 
 
-def test_gradient_accumulation_equals_the_full_batch():
+@pytest.mark.parametrize("unrolled", [True, False])
+def test_gradient_accumulation_equals_the_full_batch(monkeypatch, unrolled):
+    # Unrolled on CPU, one micro-batch per loop iteration on accelerators: both equal.
+    monkeypatch.setattr(train, "unroll_micro_steps", lambda n: n if unrolled else 1)
     config = tiny_config("unused", num_train_steps=10)
     model, optimizer = train.create_model(config), train.create_optimizer(config)
     state = train.init_state(model, optimizer, jax.random.key(0), 128)
@@ -301,6 +304,32 @@ def test_gradient_accumulation_equals_the_full_batch():
         error = float(np.max(np.abs(full_update - accumulated_update))) / scale
         assert error < 1e-3, (jax.tree_util.keystr(path), error)
     np.testing.assert_allclose(full_metrics["loss"], accumulated_metrics["loss"], rtol=1e-6)
+
+
+def test_gradient_accumulation_keeps_one_micro_batch_of_activations():
+    config = tiny_config("unused", num_train_steps=10)
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    state = jax.eval_shape(lambda: train.init_state(model, optimizer, jax.random.key(0), 128))
+    batch = {
+        "image": jax.ShapeDtypeStruct((4, 2, 128, 128, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((4, 2, 128, 128), jnp.int32),
+    }
+
+    def lowered(unroll):
+        step = jax.jit(
+            lambda s, b: train.train_step(
+                s, b, jax.random.key(0), model=model, optimizer=optimizer, unroll=unroll
+            )
+        )
+        return step.lower(state, batch)
+
+    looped, unrolled = lowered(1), lowered(4)
+    looped_bytes = looped.compile().memory_analysis().temp_size_in_bytes
+    unrolled_bytes = unrolled.compile().memory_analysis().temp_size_in_bytes
+    assert looped_bytes < 0.6 * unrolled_bytes, (looped_bytes, unrolled_bytes)
+    # XLA counts a loop's body once: the FLOP count of the run's log lowers the unrolled step.
+    looped_flops, unrolled_flops = train.lowered_flops(looped), train.lowered_flops(unrolled)
+    assert unrolled_flops == pytest.approx(4 * looped_flops, rel=0.02)
 
 
 def _leaf(tree, path):
