@@ -240,17 +240,6 @@ def _add_probabilities(total: jax.Array | None, logits: jax.Array) -> jax.Array:
     return view if total is None else total + view
 
 
-@functools.partial(jax.jit, static_argnames="num_classes")
-def _score(scores: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-    """(B, C, C) confusion matrices, one per image: summed on the host, so the devices never
-    wait for one another."""
-
-    def one(scores: jax.Array, labels: jax.Array) -> jax.Array:
-        return metrics.confusion_matrix(labels, jnp.argmax(scores, axis=-1), num_classes)
-
-    return jax.vmap(one)(scores, labels)
-
-
 @functools.partial(jax.jit, static_argnames="averaged")
 def _classes(scores: jax.Array, averaged: bool) -> jax.Array:
     """Class indices of `predict_scores`'s output. A one-class model's mask is 1 where its
@@ -259,6 +248,23 @@ def _classes(scores: jax.Array, averaged: bool) -> jax.Array:
     if scores.shape[-1] == 1:
         return (scores[..., 0] > (0.5 if averaged else 0.0)).astype(jnp.int32)
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def _scored_classes(num_classes: int) -> int:
+    """Rows of the confusion matrix: a one-class (binary) model's masks hold 0 and 1."""
+    return max(num_classes, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "averaged"))
+def _score(scores: jax.Array, labels: jax.Array, num_classes: int, averaged: bool) -> jax.Array:
+    """(B, C, C) confusion matrices, one per image: summed on the host, so the devices never
+    wait for one another."""
+
+    def one(scores: jax.Array, labels: jax.Array) -> jax.Array:
+        predictions = _classes(scores, averaged)
+        return metrics.confusion_matrix(labels, predictions, _scored_classes(num_classes))
+
+    return jax.vmap(one)(scores, labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,7 +551,8 @@ def evaluate_dataset(
     Elements are {'image': float32 (H, W, 3) normalized, 'label': int (H', W') with 255 = ignore,
     ...}; the label size may differ from the image size (logits are resized to it). Returns
     `metrics.compute_metrics` of the confusion matrix summed over all processes, plus
-    `confusion_matrix` (int64), `num_images` (all processes) and the inference options. This is
+    `confusion_matrix` (int64; 2 × 2 for a one-class model, whose masks hold 0 and 1),
+    `num_images` (all processes) and the inference options. This is
     a collective with several processes: every process must call it. `num_images_hint` (this
     process's image count) only feeds the progress log's ETA. `devices`: those of this process
     to run on (default: all of them).
@@ -557,12 +564,16 @@ def evaluate_dataset(
     options = check_options(
         mode=mode, scales=scales, crop_size=crop_size, stride=stride, pad_multiple=pad_multiple
     )
-    mesh = jax.sharding.Mesh(np.array(devices or jax.local_devices()), (BATCH_AXIS,))
+    devices = jax.local_devices() if devices is None else list(devices)
+    if not devices or any(d.process_index != jax.process_index() for d in devices):
+        raise ValueError(f"devices={devices}: expected one or more of this process's devices")
+    mesh = jax.sharding.Mesh(np.array(devices), (BATCH_AXIS,))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
     variables = _replicated(variables, mesh)
     batch_size = batch_sharding.num_devices
     min_size, multiple = model.min_input_size, options["pad_multiple"]
-    confusion = np.zeros((num_classes, num_classes), np.int64)
+    confusion = np.zeros((_scored_classes(num_classes),) * 2, np.int64)
+    averaged = len(_views(options["scales"], flip)) > 1
     pending: collections.deque[jax.Array] = collections.deque()
     # Images waiting for a full batch, by what a batch must share (see `batch_key`).
     waiting: dict[tuple, list[tuple[np.ndarray, np.ndarray]]] = collections.defaultdict(list)
@@ -583,7 +594,7 @@ def evaluate_dataset(
         scores = _merged_scores(
             model, variables, images, out_sizes, padded_out, options, flip, batch_sharding
         )
-        pending.append(_score(scores, labels, num_classes))
+        pending.append(_score(scores, labels, num_classes, averaged))
         while len(pending) > _MAX_PENDING:
             confusion = add(confusion, pending.popleft())
         num_images += len(group)

@@ -37,15 +37,21 @@ def direct_logits(model, variables, image):
     return np.asarray(_apply(model, variables, jnp.asarray(image)[None])[0])
 
 
-def test_a_one_class_model_masks_where_its_sigmoid_passes_one_half():
-    # SMP's binary PAN (classes=1): a mask by argmax would be all 0.
+def binary_model(image):
+    """SMP's binary PAN (classes=1) stand-in whose logits on `image` are above 0 for half of
+    the pixels."""
     model = models.create("fcn", num_classes=1, backbone="resnet18")
     variables = random_variables(model)
-    image = random_image(128, 128)
     logits = direct_logits(model, variables, image)[..., 0]
     params = jax.tree.map(lambda x: x, variables["params"])
-    params["head"]["bias"] = params["head"]["bias"] - np.median(logits)  # half of them above 0
-    variables = {**variables, "params": params}
+    params["head"]["bias"] = params["head"]["bias"] - np.median(logits)
+    return model, {**variables, "params": params}
+
+
+def test_a_one_class_model_masks_where_its_sigmoid_passes_one_half():
+    # A mask by argmax would be all 0.
+    image = random_image(128, 128)
+    model, variables = binary_model(image)
     logits = direct_logits(model, variables, image)[..., 0]
     mask = evaluate.predict_image(model, variables, image, pad_multiple=1)
     np.testing.assert_array_equal(mask, logits > 0)
@@ -56,6 +62,23 @@ def test_a_one_class_model_masks_where_its_sigmoid_passes_one_half():
     both = evaluate.predict_image(model, variables, image, flip=True, pad_multiple=1)
     np.testing.assert_array_equal(both, np.asarray(mean) > 0.5)
     assert (both != mask).any()  # the flipped view counts
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_one_class_model_is_scored_on_its_masks(flip):
+    # Its argmax is always 0, which scored every pixel labelled 1 as ignored (mIoU 1.0).
+    image = random_image(128, 128)
+    model, variables = binary_model(image)
+    label = np.random.default_rng(3).integers(0, 2, (128, 128)).astype(np.int32)
+    mask = evaluate.predict_image(model, variables, image, flip=flip)
+    assert 0.2 < mask.mean() < 0.8
+    report = evaluate.evaluate_dataset(
+        model, variables, [{"image": image, "label": label}], num_classes=1, flip=flip
+    )
+    expected = np.asarray(metrics.confusion_matrix(label, mask, 2))
+    np.testing.assert_array_equal(report["confusion_matrix"], expected)
+    names = evaluate.class_names_for(None, 1)
+    assert len(evaluate.report_to_json(report, names)["per_class"]) == 2
 
 
 def test_whole_image_scores_at_the_label_size(model_and_variables):
@@ -398,9 +421,9 @@ used = set()
 score = evaluate._score
 
 
-def spy(scores, labels, num_classes):
+def spy(scores, *args):
     used.update(scores.devices())
-    return score(scores, labels, num_classes)
+    return score(scores, *args)
 
 
 evaluate._score = spy
