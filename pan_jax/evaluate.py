@@ -250,8 +250,9 @@ def _classes(scores: jax.Array, averaged: bool) -> jax.Array:
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
-def _scored_classes(num_classes: int) -> int:
-    """Rows of the confusion matrix: a one-class (binary) model's masks hold 0 and 1."""
+def mask_classes(num_classes: int) -> int:
+    """How many values a model's masks take: its classes, and 2 for a one-class (binary)
+    model, whose masks hold 0 and 1 (the rows of its confusion matrix, its names, colors)."""
     return max(num_classes, 2)
 
 
@@ -262,7 +263,7 @@ def _score(scores: jax.Array, labels: jax.Array, num_classes: int, averaged: boo
 
     def one(scores: jax.Array, labels: jax.Array) -> jax.Array:
         predictions = _classes(scores, averaged)
-        return metrics.confusion_matrix(labels, predictions, _scored_classes(num_classes))
+        return metrics.confusion_matrix(labels, predictions, mask_classes(num_classes))
 
     return jax.vmap(one)(scores, labels)
 
@@ -572,7 +573,7 @@ def evaluate_dataset(
     variables = _replicated(variables, mesh)
     batch_size = batch_sharding.num_devices
     min_size, multiple = model.min_input_size, options["pad_multiple"]
-    confusion = np.zeros((_scored_classes(num_classes),) * 2, np.int64)
+    confusion = np.zeros((mask_classes(num_classes),) * 2, np.int64)
     averaged = len(_views(options["scales"], flip)) > 1
     pending: collections.deque[jax.Array] = collections.deque()
     # Images waiting for a full batch, by what a batch must share (see `batch_key`).
@@ -615,7 +616,7 @@ def evaluate_dataset(
         )
 
     def add(confusion: np.ndarray, per_image: jax.Array) -> np.ndarray:
-        return metrics.accumulate(confusion, np.asarray(per_image).astype(np.int64).sum(0))
+        return metrics.accumulate(confusion, np.asarray(per_image).sum(0, dtype=np.int64))
 
     def batch_key(image: np.ndarray, padded_out: tuple[int, int]) -> tuple:
         # Whole mode: the model's padded inputs (each image is resized to its own label);
@@ -673,8 +674,7 @@ def class_names_for(dataset_name: str | None, num_classes: int) -> tuple[str, ..
             names = None
     if names is None or len(names) != num_classes:
         names = {21: data.voc_aug.CLASS_NAMES, 19: data.cityscapes.CLASS_NAMES}.get(num_classes)
-    # A one-class (binary) model's masks hold 0 and 1.
-    return tuple(names) if names else tuple(f"class_{i}" for i in range(max(num_classes, 2)))
+    return tuple(names) if names else tuple(f"class_{i}" for i in range(mask_classes(num_classes)))
 
 
 def _json_float(x: float) -> float | None:

@@ -110,7 +110,7 @@ def palette_for(output_format: str, num_classes: int) -> np.ndarray:
     one-class model, whose masks hold 0 and 1)."""
     if output_format == "cityscapes" and num_classes == len(CITYSCAPES_PALETTE):
         return CITYSCAPES_PALETTE
-    return voc_palette(max(256, num_classes))[: max(num_classes, 2)]
+    return voc_palette(max(256, num_classes))[: evaluate.mask_classes(num_classes)]
 
 
 def output_format_for(dataset_name: str | None, num_classes: int) -> str:

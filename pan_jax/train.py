@@ -176,8 +176,8 @@ def unroll_micro_steps(micro_steps: int) -> int:
     One, except on CPU: in a loop, one micro-batch's activations are freed before the next
     one's are made; unrolled, XLA may keep them all, i.e. the full batch's memory (4
     micro-batches of ResNet-18: 2.4× the loop's peak). XLA:CPU runs convolutions inside a loop
-    ~20× slower.
-    XLA's FLOP count sees a loop's body once: `make_train_step(unroll=micro_steps)` counts.
+    ~20× slower. XLA's FLOP count sees a loop's body once, so the run counts FLOPs on
+    `make_train_step(unroll=micro_steps)`.
     """
     return micro_steps if jax.default_backend() == "cpu" else 1
 

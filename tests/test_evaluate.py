@@ -459,11 +459,11 @@ for options in [
     # One program per input shape for all devices, not one per shape and device.
     assert spread_compiled == one_compiled, (spread_compiled, one_compiled)
     # Batches run incomplete when too many images wait for theirs: still the same matrix.
-    evaluate._MAX_WAITING = 0
+    limit, evaluate._MAX_WAITING = evaluate._MAX_WAITING, 0
     hurried = evaluate.evaluate_dataset(
         model, variables, elements, num_classes=NUM_CLASSES, **options
     )
-    evaluate._MAX_WAITING = 8
+    evaluate._MAX_WAITING = limit
     np.testing.assert_array_equal(hurried["confusion_matrix"], one["confusion_matrix"])
     print("EQUAL", flush=True)
 """
