@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite of docs/benchmarks.md: PAN-R101 at 512², bf16, against SMP in PyTorch.
-# Usage: bash launch/bench_gpu.sh OUTDIR
-# The parts run in order of importance, each time-boxed, and all of them within BENCH_BUDGET_S
-# seconds (default 570: one 10-minute device call); a part that would not get 30 s is skipped.
-# The first part also traces the training step and prints where its time goes.
+# Usage: [BENCH_PARTS="smp pan"] bash launch/bench_gpu.sh OUTDIR
+# The parts (BENCH_PARTS, default all, in order of importance: smp pan compile batch_smp
+# batch_pan pointwise) run one after another, each time-boxed, all within BENCH_BUDGET_S seconds
+# (default 560: one 10-minute device call); a part that would not get 30 s is skipped. On an
+# H200 each process spends about a minute initialising ResNet-101 and a minute compiling each
+# step, so all parts take two device calls: by default the first runs smp, pan and compile; the
+# second `BENCH_PARTS="batch_smp batch_pan pointwise"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN
+# set to the largest batches the first call's smp and pan parts estimated (bench.json).
+# The smp part also traces the training step and prints where its time goes.
 # OUTDIR gets few files, whatever the number of parts (a device call brings back at most 8),
 # rewritten after every part so that a cut run still leaves every finished figure:
 #   bench.json  every part's JSON under its name;  bench.log  the GPU and every part's output;
@@ -16,7 +21,7 @@ mkdir -p "$out"
 parts=$(mktemp -d)  # each part's own JSON and log
 export PYTHONUNBUFFERED=1
 read -ra extra <<<"${BENCH_EXTRA_ARGS:-}"
-deadline=$((SECONDS + ${BENCH_BUDGET_S:-570}))
+deadline=$((SECONDS + ${BENCH_BUDGET_S:-560}))
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$parts/gpu.log"
 echo gpu >"$parts/order"
 
@@ -60,7 +65,7 @@ run() {  # run NAME SECONDS ARGS...
   local limit=$((seconds < left ? seconds : left))
   timeout "$limit" python3 -m pan_jax.bench --backbone=resnet101 \
     --crop=512 --dtype=bfloat16 --json="$parts/$name.json" "$@" "${extra[@]}" 2>&1 |
-    grep -v -i warn | tee "$parts/$name.log"
+    grep -v -i -e warn -e "delay kernel" -e libtpu | tee "$parts/$name.log"
   local status=${PIPESTATUS[0]}
   if ((status == 124)); then
     echo "$name stopped at its time limit of $limit s" | tee -a "$parts/$name.log"
@@ -77,22 +82,38 @@ rows = [r for r in json.load(open(sys.argv[1]))["results"] if r.get("largest_bat
 print(rows[0]["largest_batch_estimate"] if rows else "")' "$1" 2>/dev/null
 }
 
-# pan_smp vs SMP eager at batch 16, train and forward, with the profile of our train step.
-run smp 150 --model=pan_smp --batch=16 --what=train,forward --peer=eager \
-  --profile_dir="$parts/profile"
-# The paper's model (deep stem, 128-wide decoder).
-run pan 90 --model=pan --batch=16 --what=train --peer=none
-# torch.compile peer (its compile is slow, so it runs alone).
-run compile 120 --model=pan_smp --batch=16 --what=train --peer=compile --nojax --peak_tflops=1
-# The largest batch that fits, from XLA's memory plan of the batch-16 step (bench.largest_batch).
-batch=$(largest "$parts/smp.json")
-if [[ -n $batch ]]; then
-  run batch_smp 100 --model=pan_smp --batch="$batch" --what=train --peer=none
-fi
-# 1×1 convolutions as cuDNN convolutions instead of matmuls (the default since the first H200
-# run): the A/B of that choice on this GPU.
-run pointwise 80 --model=pan_smp --batch=16 --what=train --peer=none --pointwise_conv=conv
-batch=$(largest "$parts/pan.json")
-if [[ -n $batch ]]; then
-  run batch_pan 100 --model=pan --batch="$batch" --what=train --peer=none
-fi
+batch_of() {  # batch_of PART: the largest batch for a batch_* part, or nothing
+  local model=${1#batch_} given
+  given=$([[ $model == smp ]] && echo "${BENCH_BATCH_SMP:-}" || echo "${BENCH_BATCH_PAN:-}")
+  if [[ -n $given ]]; then echo "$given"; else largest "$parts/$model.json"; fi
+}
+
+for part in ${BENCH_PARTS:-smp pan compile batch_smp batch_pan pointwise}; do
+  case $part in
+  smp)  # pan_smp vs SMP eager at batch 16, train and forward, and where our step's time goes
+    run smp 240 --model=pan_smp --batch=16 --what=train,forward --peer=eager \
+      --profile_dir="$parts/profile" ;;
+  pan)  # the paper's model (deep stem, 128-wide decoder)
+    run pan 170 --model=pan --batch=16 --what=train --peer=none ;;
+  compile)  # the torch.compile peer (its compile is slow, so it runs alone)
+    run compile 150 --model=pan_smp --batch=16 --what=train --peer=compile --nojax \
+      --peak_tflops=1 ;;
+  batch_smp | batch_pan)  # the largest batch that fits, from XLA's memory plan at batch 16
+    batch=$(batch_of "$part")
+    model=$([[ $part == batch_smp ]] && echo pan_smp || echo pan)
+    if [[ -n $batch ]]; then
+      run "$part" 190 --model="$model" --batch="$batch" --what=train --peer=none --steps=10 \
+        --steps_per_sample=2
+    else
+      echo "skipped $part: no largest batch (run its batch-16 part first, or set it)" |
+        tee "$parts/$part.log"
+      echo "$part" >>"$parts/order"
+      collect
+    fi ;;
+  pointwise)  # 1×1 convolutions as cuDNN convolutions instead of matmuls (our default): A/B
+    run pointwise 170 --model=pan_smp --batch=16 --what=train --peer=none --pointwise_conv=conv ;;
+  *)
+    echo "unknown part $part (expected smp pan compile batch_smp batch_pan pointwise)" >&2
+    exit 2 ;;
+  esac
+done

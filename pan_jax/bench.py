@@ -5,9 +5,11 @@
 
 Synthetic batches live on the device, so this measures the model and the step, not the input
 pipeline, and needs neither tfds nor grain. Reported per setting: compile time (time to the first
-step), the median step time over `--steps` timed steps after `--warmup`, images/s, XLA-counted
-FLOPs per image, MFU against `--peak_tflops` or the measured matmul rate of the device in the
-compute dtype (`--dtype`), and peak device memory. The peer is `segmentation_models_pytorch.PAN`
+step), the median step time over `--steps` timed samples after `--warmup` (each sample
+dispatches `--steps_per_sample` steps before it waits, as training does), images/s, the FLOPs
+per image of the convolutions and matrix products (`pan_jax.flops`), MFU against
+`--peak_tflops` or the measured matmul rate of the device in the compute dtype (`--dtype`), and
+peak device memory. The peer is `segmentation_models_pytorch.PAN`
 with the same backbone, batch and crop: fp32 on CPU, bf16 autocast with channels_last on GPU,
 eager and with torch.compile; for `pan_smp` its MFU uses our FLOP count (the same network).
 `--profile_dir` traces each of our measurements and prints where its time goes (op_profile).
@@ -18,6 +20,7 @@ none succeeded.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -31,9 +34,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 
-from pan_jax import models, op_profile, sharding, train
+from pan_jax import flops, models, op_profile, sharding, train
 from pan_jax.models import layers
 
 FLAGS = flags.FLAGS
@@ -106,6 +110,15 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "steps", 20, "Timed repetitions (median reported).", lower_bound=1, flag_values=flag_values
     )
     flags.DEFINE_integer(
+        "steps_per_sample",
+        0,
+        "Steps dispatched back to back per timed repetition, waiting once at the end, as the "
+        "training loop keeps the device busy while the host dispatches the next step "
+        "(0: 5 on accelerators, 1 on CPUs, where the host dispatches nothing ahead of work).",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
         "warmup",
         3,
         "Untimed repetitions after compilation.",
@@ -154,6 +167,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 define_flags()
 
 NUM_CLASSES = 21
+_STARTED = time.perf_counter()
 
 
 def paper_optimizer_config(steps: int = 30_000) -> SimpleNamespace:
@@ -170,15 +184,37 @@ def paper_optimizer_config(steps: int = 30_000) -> SimpleNamespace:
     )
 
 
-def median_time(fn: Callable[[], Any], steps: int, warmup: int) -> float:
+def median_time(
+    dispatch: Callable[[], Any],
+    wait: Callable[[], Any],
+    steps: int,
+    warmup: int,
+    steps_per_sample: int = 1,
+) -> float:
+    """Median seconds per step of `steps` samples, each `steps_per_sample` dispatches and one
+    wait for the device (after `warmup` waited dispatches)."""
     for _ in range(warmup):
-        fn()
+        dispatch()
+        wait()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for _ in range(steps_per_sample):
+            dispatch()
+        wait()
+        times.append((time.perf_counter() - start) / steps_per_sample)
     return statistics.median(times)
+
+
+def steps_per_sample() -> int:
+    if FLAGS.steps_per_sample:
+        return FLAGS.steps_per_sample
+    return 1 if jax.devices()[0].platform == "cpu" else 5
+
+
+def progress(message: str) -> None:
+    """A time-stamped line on stderr: a run cut by a time limit shows where its time went."""
+    print(f"[bench {time.perf_counter() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _peak_memory_gb() -> float:
@@ -233,24 +269,44 @@ def measure_matmul_tflops(dtype: str, size: int) -> float:
     """Achieved matmul TFLOP/s on the first device in `dtype`: the MFU denominator by default."""
     a = jnp.ones((size, size), jnp.dtype(dtype))
     matmul = jax.jit(lambda x, y: x @ y)
-    seconds = median_time(lambda: matmul(a, a).block_until_ready(), 10, 3)
+    result = []
+    seconds = median_time(
+        lambda: result.append(matmul(a, a)), lambda: result.pop().block_until_ready(), 10, 3
+    )
     return 2 * size**3 / seconds / 1e12
+
+
+@functools.cache
+def _model_and_state(
+    model_name: str, backbone: str, dtype: str
+) -> tuple[models.SegmentationModel, optax.GradientTransformation, train.TrainState]:
+    """The model, the paper's optimizer and an initial train state, replicated on the mesh.
+
+    Made once per model: compiling the initialisation of ResNet-101's parameters (hundreds of
+    random fills) took about a minute on an H200, as long as compiling the train step.
+    """
+    model = models.create(
+        model_name, num_classes=NUM_CLASSES, backbone=backbone, dtype=jnp.dtype(dtype)
+    )
+    optimizer = train.create_optimizer(paper_optimizer_config())
+    start = time.perf_counter()
+    state = jax.jit(
+        lambda rng: train.init_state(model, optimizer, rng, model.min_input_size),
+        out_shardings=sharding.replicated(sharding.create_mesh()),
+    )(jax.random.key(0))
+    jax.block_until_ready(state)
+    progress(f"initialised {model_name} in {time.perf_counter() - start:.1f} s")
+    return model, optimizer, state
 
 
 def jax_train(
     model_name: str, backbone: str, batch: int, crop: int, dtype: str, steps: int, warmup: int
 ) -> dict:
     """The real training step (`train.make_train_step`) on a synthetic device-resident batch."""
-    model = models.create(
-        model_name, num_classes=NUM_CLASSES, backbone=backbone, dtype=jnp.dtype(dtype)
-    )
-    optimizer = train.create_optimizer(paper_optimizer_config())
+    model, optimizer, initial_state = _model_and_state(model_name, backbone, dtype)
+    state = jax.tree.map(jnp.copy, initial_state)  # the step donates (deletes) its input state
     mesh = sharding.create_mesh()
     state_sharding = sharding.replicated(mesh)
-    state = jax.jit(
-        lambda rng: train.init_state(model, optimizer, rng, model.min_input_size),
-        out_shardings=state_sharding,
-    )(jax.random.key(0))
     rng = np.random.default_rng(0)
     host = {  # what the input pipeline ships: uint8 crops, normalized in the step
         "image": rng.integers(0, 256, (1, batch, crop, crop, 3), np.uint8),
@@ -261,25 +317,33 @@ def jax_train(
     step = train.make_train_step(model, optimizer, mesh, state_sharding)
     key = jax.random.key(1)
     state_bytes = float(sum(leaf.nbytes for leaf in jax.tree.leaves(state)))  # before donation
+    state_shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), state)
     start = time.perf_counter()
     lowered = step.lower(state, device_batch, key)
     compiled = lowered.compile()
     state, metrics = compiled(state, device_batch, key)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
+    progress(f"compiled and ran the first step in {compile_s:.1f} s")
     memory = _compiled_memory(compiled, state_bytes, batch)  # not part of the time to first step
-    holder = [state]
+    holder = [state, metrics]
+
+    def dispatch():
+        holder[:] = compiled(holder[0], device_batch, key)
+
+    def wait():
+        jax.block_until_ready(holder[1])
 
     def run():
-        holder[0], m = compiled(holder[0], device_batch, key)
-        jax.block_until_ready(m)
+        dispatch()
+        wait()
 
-    seconds = median_time(run, steps, warmup)
+    seconds = median_time(dispatch, wait, steps, warmup, steps_per_sample())
     return {
         "compile_s": compile_s,
         "step_s": seconds,
         "images_per_s": batch / seconds,
-        "flops_per_image": train.lowered_flops(lowered) / batch,
+        "flops_per_image": flops.count(step, state_shapes, device_batch, key) / batch,
         "peak_memory_gb": _peak_memory_gb(),
         **memory,
         **_maybe_profile(run, compiled, f"train_b{batch}"),
@@ -289,29 +353,37 @@ def jax_train(
 def jax_forward(
     model_name: str, backbone: str, batch: int, crop: int, dtype: str, steps: int, warmup: int
 ) -> dict:
-    model = models.create(
-        model_name, num_classes=NUM_CLASSES, backbone=backbone, dtype=jnp.dtype(dtype)
-    )
+    model, _, state = _model_and_state(model_name, backbone, dtype)
     images = jnp.asarray(
         np.random.default_rng(0).standard_normal((batch, crop, crop, 3)), jnp.float32
     )
-    variables = jax.jit(lambda rng: model.init(rng, images[:1], train=False))(jax.random.key(0))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     start = time.perf_counter()
     lowered = forward.lower(variables, images)
     compiled = lowered.compile()
     compiled(variables, images).block_until_ready()
     compile_s = time.perf_counter() - start
+    progress(f"compiled and ran the first forward pass in {compile_s:.1f} s")
+    outputs = []
+
+    def dispatch():
+        outputs.append(compiled(variables, images))
+
+    def wait():
+        jax.block_until_ready(outputs)
+        outputs.clear()
 
     def run():
-        compiled(variables, images).block_until_ready()
+        dispatch()
+        wait()
 
-    seconds = median_time(run, steps, warmup)
+    seconds = median_time(dispatch, wait, steps, warmup, steps_per_sample())
     return {
         "compile_s": compile_s,
         "step_s": seconds,
         "images_per_s": batch / seconds,
-        "flops_per_image": train.lowered_flops(lowered) / batch,
+        "flops_per_image": flops.count(forward, variables, images) / batch,
         **_maybe_profile(run, compiled, f"forward_b{batch}"),
     }
 
@@ -355,19 +427,18 @@ def torch_peer(
         loss = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=255)
         loss.backward()
         optimizer.step()
-        sync()
 
     def forward_step():
         model.eval()
         with torch.no_grad(), autocast:
             forward(images)
-        sync()
 
     fn = train_step if what == "train" else forward_step
     start = time.perf_counter()
     fn()
+    sync()
     compile_s = time.perf_counter() - start
-    seconds = median_time(fn, steps, warmup)
+    seconds = median_time(fn, sync, steps, warmup, steps_per_sample())
     result = {"compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds}
     if cuda:
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -392,10 +463,9 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Compile times are part of the report: never load them from a persistent cache.
     jax.config.update("jax_enable_compilation_cache", False)
-    started = time.perf_counter()
     arg_names = (
         "model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup",
-        "pointwise_conv",
+        "steps_per_sample", "pointwise_conv",
     )  # fmt: skip
     report: dict[str, Any] = {
         "machine": machine(),
@@ -417,9 +487,10 @@ def main(argv) -> int:
                 json.dump(report, f, indent=2)
 
     def record(name: str, what: str, batch: int, fn: Callable[[], dict]) -> None:
-        if FLAGS.budget_s and time.perf_counter() - started > FLAGS.budget_s:
+        if FLAGS.budget_s and time.perf_counter() - _STARTED > FLAGS.budget_s:
             print(f"skipped {name} {what} batch {batch}: over --budget_s", flush=True)
             return
+        progress(f"{name} {what} batch {batch}")
         try:
             result = fn()
         except Exception as error:  # a peer that fails (OOM, no compiler) must not stop the rest

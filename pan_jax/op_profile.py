@@ -32,7 +32,18 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _FUSION_KIND = re.compile(r"kind=k(\w+)")
 _OPERAND = re.compile(r"%([\w.\-]+)")
+_DEDUPLICATED = re.compile(r'deduplicated_name="([^"]*)"')
 HLO_FILE = "hlo.txt"  # the compiled module's text, beside a trace that `pan_jax.bench` writes
+# XLA:GPU replays runs of thunks as CUDA graphs; their kernels are tagged with the graph's thunk
+# (`command_buffer_N`), so they are named by the kernel: XLA's own kernels after their fusion
+# (`loop_add_fusion_3` runs `loop_add_fusion.3`), library kernels (cuBLAS, cuDNN) by the library.
+_COMMAND_BUFFER = "command_buffer"
+_KERNEL_SUFFIX = re.compile(r"_(\d+)$")
+_LIBRARY_KERNELS = (  # (kernel name part, category) for kernels without an instruction name
+    (("nvjet", "gemm", "cublas", "cutlass"), "matmul"),
+    (("conv", "cudnn", "implicit", "wgrad", "dgrad", "fprop"), "convolution"),
+    (("memcpy", "memset"), "copy/transpose"),
+)
 _WRAPPER = re.compile(r"^(?:jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jvp_call)\(")
 
 
@@ -82,14 +93,34 @@ def _scope(op_name: str, depth: int = 2) -> str:
     return f"bwd {path}" if backward else path
 
 
+def _shared_scope(scopes: set[str]) -> str:
+    """{`bwd backbone/layer3_1`, `bwd backbone/layer3_7`} -> `bwd backbone/layer3_*`."""
+    backward = {scope.startswith("bwd ") for scope in scopes}
+    paths = [scope.removeprefix("bwd ").split("/") for scope in scopes]
+    shared = []
+    for parts in zip(*paths, strict=False):
+        if len(set(parts)) == 1:
+            shared.append(parts[0])
+            continue
+        stems = {part.rsplit("_", 1)[0] for part in parts}
+        shared.append(f"{stems.pop()}_*" if len(stems) == 1 else "*")
+        break
+    prefix = "fwd+bwd " if len(backward) > 1 else "bwd " if backward.pop() else ""
+    return prefix + ("/".join(shared) or "*")
+
+
 def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
     """HLO instruction name -> (category, module scope), from a compiled module's text.
 
     A fusion is classified by what it calls (a library fusion of a convolution is a
-    convolution) and, when its own line has no metadata, scoped by its body's.
+    convolution) and, when its own line has no metadata, scoped by its body's. Fusions that XLA
+    deduplicated (one kernel for identical fusions, e.g. of every block of a ResNet stage) share
+    their scopes' common part (`bwd backbone/layer3_*`): a trace names the kernel, not which
+    of them ran.
     """
     bodies = _computations(hlo_text)
     info = {}
+    kernels: dict[str, list[str]] = collections.defaultdict(list)  # kernel -> instructions
     for lines in bodies.values():
         for line in lines:
             name, definition = _INSTRUCTION.match(line).groups()
@@ -112,6 +143,14 @@ def instruction_info(hlo_text: str) -> dict[str, tuple[str, str]]:
                     default="(step)",
                 )
             info[name] = (_category(name, definition, body), scope)
+            deduplicated = _DEDUPLICATED.search(definition)
+            kernels[deduplicated.group(1) if deduplicated else name].append(name)
+    for names in kernels.values():
+        scopes = {info[name][1] for name in names}
+        if len(scopes) > 1:
+            shared = _shared_scope(scopes)
+            for name in names:
+                info[name] = (info[name][0], shared)
     return info
 
 
@@ -148,11 +187,28 @@ def op_times(trace: str) -> dict[str, float]:
                 continue
             for event in line.events:
                 op = event.name if xla_ops else dict(event.stats or ()).get("hlo_op")
-                if not op and device:
-                    op = event.name
+                if (not op and device) or str(op).startswith(_COMMAND_BUFFER):
+                    op = event.name  # the kernel: `summarize` maps it to its instruction
                 if op:
                     totals[str(op)] += event.duration_ns * 1e-9
     return dict(totals)
+
+
+def _instruction_name(name: str, info: dict[str, tuple[str, str]]) -> str:
+    """A traced op or kernel name -> the HLO instruction it ran, where the name tells."""
+    if name in info:
+        return name
+    dotted = _KERNEL_SUFFIX.sub(r".\1", name)
+    return dotted if dotted in info else name
+
+
+def _kernel_category(kernel: str) -> str:
+    """The kind of work of a kernel not named after an HLO instruction (a library's)."""
+    lowered = kernel.lower()
+    for parts, category in _LIBRARY_KERNELS:
+        if any(part in lowered for part in parts):
+            return category
+    return _category(kernel, "", [])
 
 
 def profile(
@@ -176,12 +232,14 @@ def summarize(trace: str, hlo_text: str, steps: int) -> dict[str, Any]:
     Returns {"steps", "ops": [{name, category, scope, ms_per_step, share}] (longest first),
     "categories": {category: share}, "scopes": {scope: share}, "trace_dir"}.
     """
-    times = op_times(trace)
     info = instruction_info(hlo_text)
+    times: dict[str, float] = collections.Counter()
+    for name, seconds in op_times(trace).items():
+        times[_instruction_name(name, info)] += seconds
     total = sum(times.values()) or 1.0
     ops, categories, scopes = [], collections.Counter(), collections.Counter()
     for name, seconds in sorted(times.items(), key=lambda item: -item[1]):
-        category, scope = info.get(name) or (_category(name, "", []), "(unknown)")
+        category, scope = info.get(name) or (_kernel_category(name), "(library kernel)")
         ops.append(
             {
                 "name": name,

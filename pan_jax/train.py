@@ -28,6 +28,7 @@ from flax import traverse_util
 from jax import lax
 
 from pan_jax import checkpointing, models, normalization, sharding
+from pan_jax import flops as flops_lib
 
 if TYPE_CHECKING:  # the benchmark runs this module where ml_collections is not installed
     import ml_collections
@@ -176,8 +177,7 @@ def unroll_micro_steps(micro_steps: int) -> int:
     One, except on CPU: in a loop, one micro-batch's activations are freed before the next
     one's are made; unrolled, XLA may keep them all, i.e. the full batch's memory (4
     micro-batches of ResNet-18: 2.4× the loop's peak). XLA:CPU runs convolutions inside a loop
-    ~20× slower. XLA's FLOP count sees a loop's body once, so the run counts FLOPs on
-    `make_train_step(unroll=micro_steps)`.
+    ~20× slower.
     """
     return micro_steps if jax.default_backend() == "cpu" else 1
 
@@ -269,16 +269,6 @@ def make_train_step(
     )
 
 
-def lowered_flops(lowered: jax.stages.Lowered) -> float:
-    """XLA's FLOP count of a lowered (unoptimised, unpartitioned) program: the whole global
-    batch's work. The compiled module's count misses work: on GPUs its convolutions are cuDNN
-    custom calls, counted as zero, and with several devices it is one device's share."""
-    analysis = lowered.cost_analysis()
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0]
-    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
-
-
 def host_batch_for_step(batch: dict[str, np.ndarray], micro_steps: int) -> dict[str, np.ndarray]:
     """(B, ...) rows of this process → (micro_steps, B / micro_steps, ...)."""
     out = {}
@@ -327,15 +317,15 @@ class _Preemption:
 def _flops_per_image(
     step_fn: Callable, args: tuple, config: ml_collections.ConfigDict
 ) -> float | None:
-    """The train step's FLOPs per image (logged once); None where XLA cannot count them."""
+    """The train step's FLOPs per image (logged once): its convolutions and matrix products."""
     try:
-        flops = lowered_flops(step_fn.lower(*args)) / config.batch_size
-    except Exception as error:  # a backend without cost analysis must not cost the run
+        flops = flops_lib.count(step_fn, *args) / config.batch_size
+    except Exception as error:  # a count that fails must not cost the run
         logging.warning("no FLOP count: %s: %s", type(error).__name__, error)
         return None
     if not math.isfinite(flops) or flops <= 0:
         return None
-    logging.info("train step: %.1f GFLOP per image (XLA's count)", flops / 1e9)
+    logging.info("train step: %.1f GFLOP per image", flops / 1e9)
     return flops
 
 
@@ -500,12 +490,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
 
     step_fn = make_train_step(model, optimizer, mesh, state_sharding)
-    micro_steps = config.grad_accum_steps
-    flop_fn = (  # lowered only, for the FLOP count of every micro-batch
-        step_fn
-        if unroll_micro_steps(micro_steps) == micro_steps
-        else make_train_step(model, optimizer, mesh, state_sharding, unroll=micro_steps)
-    )
     if config.eval_every_steps:  # checked now, not after the first eval_every_steps of training
         from pan_jax import evaluate
 
@@ -532,7 +516,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # (step, time) of the last completed step the rate was measured from; device_get of a
     # step's metrics returns when that step is done, so rates are of finished work.
     last_timed: tuple[int, float] | None = None
-    flops_per_image: float | None = None  # XLA's count, known after the first step
+    flops_per_image: float | None = None  # convolutions and matmuls, known after step 1
 
     def flush_metrics(step: int, force: bool = False, final: bool = False) -> None:
         """Checks losses one step late, so the host never waits on the step in flight. `final`
@@ -609,7 +593,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 trace.after_step(step, step_fn, state, batch, step_rng)
                 if step == start_step + 1:  # compilation: not part of any rate
                     jax.block_until_ready(state)
-                    flops_per_image = _flops_per_image(flop_fn, (state, batch, step_rng), config)
+                    flops_per_image = _flops_per_image(step_fn, (state, batch, step_rng), config)
                     last_timed = (step, time.perf_counter())
                 pending.append((step, metrics))
                 at_end = step == config.num_train_steps

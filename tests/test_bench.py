@@ -1,5 +1,6 @@
 """`python -m pan_jax.bench` end to end on a tiny setting, and the op profile it can print."""
 
+import functools
 import glob
 import gzip
 import json
@@ -133,14 +134,16 @@ def bench_gpu_commands():
     commands = []
     for line in script.splitlines():
         if line.strip().startswith("run "):
-            args = shlex.split(line)[3:]  # after run NAME SECONDS
+            args = shlex.split(line.strip().removesuffix(";;"))[3:]  # after run NAME SECONDS
             commands.append([*shlex.split(common), *args])
-    return [[arg.replace("$batch", "64").replace("$out", "out") for arg in c] for c in commands]
+    values = {"$batch": "64", "$model": "pan", "$out": "out"}
+    return [[functools.reduce(lambda a, v: a.replace(*v), values.items(), arg) for arg in c]
+            for c in commands]  # fmt: skip
 
 
 def test_bench_gpu_script_flags_still_parse():
     commands = bench_gpu_commands()
-    assert len(commands) == 6, commands
+    assert len(commands) == 5, commands  # smp pan compile batch_* pointwise
     for command in commands:
         parse_bench_flags(*command)
     first = parse_bench_flags(*commands[0])
@@ -327,3 +330,65 @@ def test_op_times_sums_gpu_kernels_per_hlo_op(tmp_path):
     assert times == pytest.approx({"cudnn-conv.3": 3e-6, "MemcpyD2D": 0.5e-6})
     with pytest.raises(FileNotFoundError, match=r"no \*\.xplane\.pb trace"):
         op_profile.op_times(str(tmp_path / "empty"))
+
+
+DEDUPLICATED_HLO = """\
+HloModule jit_step
+
+ENTRY %main (p0: f32[8,16]) -> f32[8,16] {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  %loop_add_fusion.3 = f32[8,16]{1,0} fusion(%p0), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/transpose(jvp(PAN))/backbone/layer3_1/bn1/add"}
+  %loop_add_fusion.5 = f32[8,16]{1,0} fusion(%p0), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/transpose(jvp(PAN))/backbone/layer3_2/bn1/add" deduplicated_name="loop_add_fusion.3"}
+  ROOT %loop_add_fusion.9 = f32[8,16]{1,0} fusion(%p0), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(PAN)/decoder/fpa/add"}
+}
+"""  # noqa: E501
+
+COMMAND_BUFFER_TRACE = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines {
+    id: 2
+    name: "Stream #14(Compute)"
+    events { metadata_id: 1 duration_ps: 2000000 stats { metadata_id: 1 str_value: "command_buffer_4" } }
+    events { metadata_id: 1 offset_ps: 3000000 duration_ps: 1000000 stats { metadata_id: 1 str_value: "command_buffer_7" } }
+    events { metadata_id: 2 offset_ps: 5000000 duration_ps: 500000 stats { metadata_id: 1 str_value: "command_buffer_7" } }
+    events { metadata_id: 3 offset_ps: 6000000 duration_ps: 250000 stats { metadata_id: 1 str_value: "loop_add_fusion.9" } }
+  }
+  event_metadata { key: 1 value { id: 1 name: "loop_add_fusion_5" } }
+  event_metadata { key: 2 value { id: 2 name: "nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT" } }
+  event_metadata { key: 3 value { id: 3 name: "loop_add_fusion_9" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+"""  # noqa: E501
+
+
+def test_kernels_of_cuda_graphs_are_named_by_their_kernel(tmp_path):
+    # XLA:GPU runs most of a step as CUDA graphs ("command buffers"): every kernel of one is
+    # tagged with the graph's thunk, so the report must go by the kernel's own name.
+    trace = tmp_path / "t.xplane.pb"
+    trace.write_bytes(
+        jax.profiler.ProfileData.text_proto_to_serialized_xspace(COMMAND_BUFFER_TRACE)
+    )
+    report = op_profile.summarize(str(trace), DEDUPLICATED_HLO, steps=1)
+    ops = {op["name"]: op for op in report["ops"]}
+    assert set(ops) == {"loop_add_fusion.5", "nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT",
+                        "loop_add_fusion.9"}  # fmt: skip
+    # One kernel serves both deduplicated fusions: its time is theirs, scoped by what they share.
+    assert ops["loop_add_fusion.5"]["ms_per_step"] == pytest.approx(3e-3)
+    assert ops["loop_add_fusion.5"]["category"] == "elementwise fusion"
+    assert ops["loop_add_fusion.5"]["scope"] == "bwd backbone/layer3_*"
+    assert ops["loop_add_fusion.9"]["scope"] == "decoder/fpa"  # tagged by its own instruction
+    library = ops["nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT"]
+    assert (library["category"], library["scope"]) == ("matmul", "(library kernel)")
+    assert not any(name.startswith("command_buffer") for name in ops)
+
+
+def test_median_time_dispatches_a_sample_before_it_waits():
+    calls = []
+    seconds = bench.median_time(
+        lambda: calls.append("dispatch"), lambda: calls.append("wait"), steps=3, warmup=1,
+        steps_per_sample=4,
+    )  # fmt: skip
+    assert calls == ["dispatch", "wait"] + (["dispatch"] * 4 + ["wait"]) * 3
+    assert seconds >= 0

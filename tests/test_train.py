@@ -21,6 +21,7 @@ import torch
 
 from configs import demo
 from pan_jax import checkpointing, compile_cache, convert, train
+from pan_jax import flops as flops_lib
 from pan_jax.data import pipeline, synthetic
 from tests.helpers import HUB_RESNET18, resnet18_safetensors
 
@@ -284,19 +285,21 @@ def test_gradient_accumulation_equals_the_full_batch_unrolled_and_in_a_loop():
     full = {k: np.concatenate([v] * 2)[None] for k, v in half.items()}
     accumulated = {k: np.stack([v] * 2) for k, v in half.items()}
 
-    def lowered(batch, unroll=None):
-        step = jax.jit(
+    def step(unroll=None):
+        return jax.jit(
             lambda s, b: train.train_step(
                 s, b, jax.random.key(0), model=model, optimizer=optimizer, unroll=unroll
             )
         )
-        return step.lower(state, batch)
+
+    def lowered(batch, unroll=None):
+        return step(unroll).lower(state, batch)
 
     full_state, full_metrics = lowered(full).compile()(state, full)
     leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
     full_updates = [np.asarray(_leaf(full_state.params, p) - v) for p, v in leaves]
     largest = max(float(np.max(np.abs(u))) for u in full_updates)
-    temporary_bytes, flops = {}, {}
+    temporary_bytes, flops, xla_flops = {}, {}, {}
     for unroll in (2, 1):  # unrolled (CPU), one micro-batch per loop iteration (accelerators)
         program = lowered(accumulated, unroll)
         compiled = program.compile()
@@ -311,11 +314,15 @@ def test_gradient_accumulation_equals_the_full_batch_unrolled_and_in_a_loop():
             assert error < 1e-3, (unroll, jax.tree_util.keystr(path), error)
         np.testing.assert_allclose(full_metrics["loss"], accumulated_metrics["loss"], rtol=1e-6)
         temporary_bytes[unroll] = compiled.memory_analysis().temp_size_in_bytes
-        flops[unroll] = train.lowered_flops(program)
+        flops[unroll] = flops_lib.count(step(unroll), state, accumulated)
+        xla_flops[unroll] = program.cost_analysis()["flops"]
     # The loop keeps one micro-batch's activations; unrolled, XLA kept both.
     assert temporary_bytes[1] < 0.7 * temporary_bytes[2], temporary_bytes
-    # XLA counts a loop's body once: the FLOP count of the run's log lowers the unrolled step.
-    assert flops[2] == pytest.approx(2 * flops[1], rel=0.02)
+    # Every micro-batch's convolutions count, as in the full batch; XLA's own count sees a
+    # loop's body once (and adds elementwise work).
+    assert flops[1] == flops[2] == flops_lib.count(step(), state, full)
+    assert flops[2] == pytest.approx(xla_flops[2], rel=0.03)
+    assert xla_flops[1] == pytest.approx(xla_flops[2] / 2, rel=0.03)
 
 
 def _leaf(tree, path):
