@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from configs import demo
-from pan_jax import checkpointing, compile_cache, convert, train
+from pan_jax import checkpointing, compile_cache, convert, sharding, train
 from pan_jax import flops as flops_lib
 from pan_jax.data import pipeline, synthetic
 from tests.helpers import HUB_RESNET18, resnet18_safetensors
@@ -269,6 +269,22 @@ def test_eight_devices_equal_one_device_and_batchnorm_is_global():
     error, bn_error = map(float, line.split()[1:])
     assert error < 1e-5, error
     assert bn_error < 1e-5, bn_error
+
+
+def test_create_state_is_init_state_compiled_onto_its_sharding():
+    config = tiny_config("unused")
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    state_sharding = sharding.replicated(sharding.create_mesh())
+    state = train.create_state(model, optimizer, jax.random.key(3), state_sharding)
+    expected = jax.jit(lambda r: train.init_state(model, optimizer, r, model.min_input_size))(
+        jax.random.key(3)
+    )
+    leaves, expected_leaves = jax.tree.leaves(state), jax.tree.leaves(expected)
+    assert len(leaves) == len(expected_leaves)
+    for leaf, expected_leaf in zip(leaves, expected_leaves, strict=True):
+        # Unoptimised code rounds differently: a few float32 ulps of the same draws.
+        np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-5, atol=1e-6)
+        assert leaf.sharding == state_sharding
 
 
 def test_gradient_accumulation_equals_the_full_batch_unrolled_and_in_a_loop():
