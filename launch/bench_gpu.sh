@@ -16,6 +16,10 @@
 #   for `python -m pan_jax.op_profile TRACE --hlo=HLO` (TensorBoard/Perfetto read the trace).
 # BENCH_EXTRA_ARGS (e.g. "--backbone=resnet18 --crop=128") is appended to every bench command.
 set -uo pipefail
+all_parts="smp pan compile batch_smp batch_pan pointwise"
+for part in ${BENCH_PARTS:-$all_parts}; do  # a misspelt part must not cost the others' time
+  [[ " $all_parts " == *" $part "* ]] || { echo "unknown part $part (expected $all_parts)" >&2; exit 2; }
+done
 out=${1:-bench_out}
 mkdir -p "$out"
 parts=$(mktemp -d)  # each part's own JSON and log
@@ -65,7 +69,7 @@ run() {  # run NAME SECONDS ARGS...
   local limit=$((seconds < left ? seconds : left))
   timeout "$limit" python3 -m pan_jax.bench --backbone=resnet101 \
     --crop=512 --dtype=bfloat16 --json="$parts/$name.json" "$@" "${extra[@]}" 2>&1 |
-    grep -v -i -e warn -e "delay kernel" -e libtpu | tee "$parts/$name.log"
+    grep -v -i -e warn -e "delay kernel" -e libtpu | tee "$parts/$name.log"  # autotuner noise
   local status=${PIPESTATUS[0]}
   if ((status == 124)); then
     echo "$name stopped at its time limit of $limit s" | tee -a "$parts/$name.log"
@@ -88,7 +92,7 @@ batch_of() {  # batch_of PART: the largest batch for a batch_* part, or nothing
   if [[ -n $given ]]; then echo "$given"; else largest "$parts/$model.json"; fi
 }
 
-for part in ${BENCH_PARTS:-smp pan compile batch_smp batch_pan pointwise}; do
+for part in ${BENCH_PARTS:-$all_parts}; do
   case $part in
   smp)  # pan_smp vs SMP eager at batch 16, train and forward, and where our step's time goes
     run smp 240 --model=pan_smp --batch=16 --what=train,forward --peer=eager \
@@ -112,8 +116,5 @@ for part in ${BENCH_PARTS:-smp pan compile batch_smp batch_pan pointwise}; do
     fi ;;
   pointwise)  # 1×1 convolutions as cuDNN convolutions instead of matmuls (our default): A/B
     run pointwise 170 --model=pan_smp --batch=16 --what=train --peer=none --pointwise_conv=conv ;;
-  *)
-    echo "unknown part $part (expected smp pan compile batch_smp batch_pan pointwise)" >&2
-    exit 2 ;;
   esac
 done

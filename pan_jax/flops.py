@@ -12,52 +12,41 @@ matrix products, their gradients included.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from jax.extend import core as jex_core
+from jax.interpreters import partial_eval
 
 
 def count(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
-    """FLOPs of one call of `fn(*args, **kwargs)` (arrays or shape-dtype structs), the whole
-    global batch's work when `fn` is a step over a sharded batch."""
+    """FLOPs of one call of `fn(*args, **kwargs)` (arrays or shape-dtype structs): the whole
+    global batch's work when `fn` is jitted over a sharded batch (inside a `shard_map`, a
+    body's shapes and so its count are one shard's)."""
     jaxpr = jax.make_jaxpr(fn)(*args, **kwargs).jaxpr
-    return jaxpr_flops(jaxpr, [True] * len(jaxpr.outvars))
+    # Without the work no output depends on, as XLA drops it: a traced gradient holds some.
+    live, _ = partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    return jaxpr_flops(live)
 
 
-def jaxpr_flops(jaxpr: jex_core.Jaxpr, live_outputs: Sequence[bool]) -> float:
-    """FLOPs of the equations of a jaxpr that its `live_outputs` depend on (XLA drops the
-    others: a traced gradient holds dead work), nested jaxprs included: a scan's body `length`
+def jaxpr_flops(jaxpr: jex_core.Jaxpr) -> float:
+    """FLOPs of every equation of a jaxpr, nested jaxprs included: a scan's body `length`
     times, the costliest branch of a cond, a while loop's body once (no static trip count)."""
-    live = {var for var, wanted in zip(jaxpr.outvars, live_outputs, strict=True) if wanted}
     total = 0.0
-    for eqn in reversed(jaxpr.eqns):
-        wanted = [not isinstance(var, jex_core.DropVar) and var in live for var in eqn.outvars]
-        if not any(wanted) and not eqn.effects:
-            continue
-        live.update(var for var in eqn.invars if not isinstance(var, jex_core.Literal))
-        total += _equation_flops(eqn, wanted)
-    return total
-
-
-def _equation_flops(eqn: jex_core.JaxprEqn, wanted: list[bool]) -> float:
-    name, params = eqn.primitive.name, eqn.params
-    if name == "conv_general_dilated":
-        return _conv_flops(eqn)
-    if name == "dot_general":
-        return _dot_flops(eqn)
-    if name == "scan":  # its carries feed back: every output of the body counts
-        body = params["jaxpr"].jaxpr
-        return params["length"] * jaxpr_flops(body, [True] * len(body.outvars))
-    if name == "cond":
-        return max(jaxpr_flops(branch.jaxpr, wanted) for branch in params["branches"])
-    total = 0.0
-    for sub in jex_core.jaxprs_in_params(params):
-        # A call (jit, remat, custom_jvp/vjp) returns its jaxpr's outputs one to one.
-        one_to_one = len(sub.outvars) == len(eqn.outvars)
-        total += jaxpr_flops(sub, wanted if one_to_one else [True] * len(sub.outvars))
+    for eqn in jaxpr.eqns:
+        name, params = eqn.primitive.name, eqn.params
+        if name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+        elif name == "dot_general":
+            total += _dot_flops(eqn)
+        elif name == "scan":
+            total += params["length"] * jaxpr_flops(params["jaxpr"].jaxpr)
+        elif name == "cond":
+            total += max(jaxpr_flops(branch.jaxpr) for branch in params["branches"])
+        else:
+            total += sum(jaxpr_flops(sub) for sub in jex_core.jaxprs_in_params(params))
     return total
 
 

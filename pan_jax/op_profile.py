@@ -39,11 +39,13 @@ HLO_FILE = "hlo.txt"  # the compiled module's text, beside a trace that `pan_jax
 # (`loop_add_fusion_3` runs `loop_add_fusion.3`), library kernels (cuBLAS, cuDNN) by the library.
 _COMMAND_BUFFER = "command_buffer"
 _KERNEL_SUFFIX = re.compile(r"_(\d+)$")
-_LIBRARY_KERNELS = (  # (kernel name part, category) for kernels without an instruction name
-    (("nvjet", "gemm", "cublas", "cutlass"), "matmul"),
-    (("conv", "cudnn", "implicit", "wgrad", "dgrad", "fprop"), "convolution"),
-    (("memcpy", "memset"), "copy/transpose"),
+_LIBRARY_KERNELS = (  # (pattern, category) for kernels not named after an instruction, in order:
+    # cuDNN's convolutions are implicit GEMMs (`sm90_xmma_fprop_implicit_gemm_...`).
+    (re.compile(r"fprop|dgrad|wgrad|implicit|conv(?!ert)"), "convolution"),
+    (re.compile(r"nvjet|gemm|cublas|cutlass"), "matmul"),
+    (re.compile(r"memcpy|memset"), "copy/transpose"),
 )
+_CONVOLUTION = re.compile(r"conv(?!ert)")  # not `convert`, XLA's type conversions
 _WRAPPER = re.compile(r"^(?:jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jvp_call)\(")
 
 
@@ -67,7 +69,7 @@ def _category(name: str, definition: str, body: list[str]) -> str:
     target = _CUSTOM_TARGET.search(definition)
     code = " ".join([definition, *body])
     text = (target.group(1) if target else name).lower()
-    if "conv" in text or " convolution(" in code:
+    if _CONVOLUTION.search(text) or " convolution(" in code:
         return "convolution"
     if any(word in text for word in ("gemm", "matmul", "cublas")) or " dot(" in code:
         return "matmul"
@@ -205,8 +207,8 @@ def _instruction_name(name: str, info: dict[str, tuple[str, str]]) -> str:
 def _kernel_category(kernel: str) -> str:
     """The kind of work of a kernel not named after an HLO instruction (a library's)."""
     lowered = kernel.lower()
-    for parts, category in _LIBRARY_KERNELS:
-        if any(part in lowered for part in parts):
+    for pattern, category in _LIBRARY_KERNELS:
+        if pattern.search(lowered):
             return category
     return _category(kernel, "", [])
 
@@ -239,7 +241,7 @@ def summarize(trace: str, hlo_text: str, steps: int) -> dict[str, Any]:
     total = sum(times.values()) or 1.0
     ops, categories, scopes = [], collections.Counter(), collections.Counter()
     for name, seconds in sorted(times.items(), key=lambda item: -item[1]):
-        category, scope = info.get(name) or (_kernel_category(name), "(library kernel)")
+        category, scope = info.get(name) or (_kernel_category(name), "(unmapped kernel)")
         ops.append(
             {
                 "name": name,

@@ -339,6 +339,7 @@ ENTRY %main (p0: f32[8,16]) -> f32[8,16] {
   %p0 = f32[8,16]{1,0} parameter(0)
   %loop_add_fusion.3 = f32[8,16]{1,0} fusion(%p0), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/transpose(jvp(PAN))/backbone/layer3_1/bn1/add"}
   %loop_add_fusion.5 = f32[8,16]{1,0} fusion(%p0), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/transpose(jvp(PAN))/backbone/layer3_2/bn1/add" deduplicated_name="loop_add_fusion.3"}
+  %loop_convert_fusion.2 = bf16[8,16]{1,0} fusion(%p0), kind=kLoop, calls=%fused_convert, metadata={op_name="jit(step)/jvp(PAN)/head/convert_element_type"}
   ROOT %loop_add_fusion.9 = f32[8,16]{1,0} fusion(%p0), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/jvp(PAN)/decoder/fpa/add"}
 }
 """  # noqa: E501
@@ -354,10 +355,14 @@ planes {
     events { metadata_id: 1 offset_ps: 3000000 duration_ps: 1000000 stats { metadata_id: 1 str_value: "command_buffer_7" } }
     events { metadata_id: 2 offset_ps: 5000000 duration_ps: 500000 stats { metadata_id: 1 str_value: "command_buffer_7" } }
     events { metadata_id: 3 offset_ps: 6000000 duration_ps: 250000 stats { metadata_id: 1 str_value: "loop_add_fusion.9" } }
+    events { metadata_id: 4 offset_ps: 7000000 duration_ps: 250000 stats { metadata_id: 1 str_value: "command_buffer_7" } }
+    events { metadata_id: 5 offset_ps: 8000000 duration_ps: 250000 stats { metadata_id: 1 str_value: "command_buffer_7" } }
   }
   event_metadata { key: 1 value { id: 1 name: "loop_add_fusion_5" } }
   event_metadata { key: 2 value { id: 2 name: "nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT" } }
   event_metadata { key: 3 value { id: 3 name: "loop_add_fusion_9" } }
+  event_metadata { key: 4 value { id: 4 name: "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32" } }
+  event_metadata { key: 5 value { id: 5 name: "loop_convert_fusion_2" } }
   stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
 }
 """  # noqa: E501
@@ -373,14 +378,18 @@ def test_kernels_of_cuda_graphs_are_named_by_their_kernel(tmp_path):
     report = op_profile.summarize(str(trace), DEDUPLICATED_HLO, steps=1)
     ops = {op["name"]: op for op in report["ops"]}
     assert set(ops) == {"loop_add_fusion.5", "nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT",
-                        "loop_add_fusion.9"}  # fmt: skip
+                        "loop_add_fusion.9", "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32",
+                        "loop_convert_fusion.2"}  # fmt: skip
     # One kernel serves both deduplicated fusions: its time is theirs, scoped by what they share.
     assert ops["loop_add_fusion.5"]["ms_per_step"] == pytest.approx(3e-3)
     assert ops["loop_add_fusion.5"]["category"] == "elementwise fusion"
     assert ops["loop_add_fusion.5"]["scope"] == "bwd backbone/layer3_*"
     assert ops["loop_add_fusion.9"]["scope"] == "decoder/fpa"  # tagged by its own instruction
     library = ops["nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT"]
-    assert (library["category"], library["scope"]) == ("matmul", "(library kernel)")
+    assert (library["category"], library["scope"]) == ("matmul", "(unmapped kernel)")
+    # cuDNN's convolutions are implicit GEMMs; XLA's conversions are not convolutions.
+    assert ops["sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32"]["category"] == "convolution"
+    assert ops["loop_convert_fusion.2"]["category"] == "elementwise fusion"
     assert not any(name.startswith("command_buffer") for name in ops)
 
 

@@ -63,6 +63,13 @@ def test_loops_branches_calls_and_dead_work():
     assert xla_flops(scanned, x, w) == pytest.approx(one, rel=0.1)
     assert flops.count(scanned, x, w) == 5 * one
 
+    def while_loop(x, w):  # no static trip count: its body once
+        # Only the second carry is returned; it reads the first in the next trip.
+        body = lambda c: (c[0] @ w, c[1] + c[0][0, 0])  # noqa: E731
+        return jax.lax.while_loop(lambda c: c[1] < 10.0, body, (x, 0.0))[1]
+
+    assert flops.count(while_loop, x, w) == one
+
     def branches(x, w):
         return jax.lax.cond(x[0, 0] > 0, lambda: x @ w @ w, lambda: x @ w)
 
@@ -76,3 +83,9 @@ def test_loops_branches_calls_and_dead_work():
         return nested_unused
 
     assert flops.count(partly_dead, x, w) == 0
+    # Work that only feeds a call's unused argument is dead too; literal outputs are no work.
+    assert flops.count(lambda x, w: jax.jit(lambda a, b: a * 2)(x, x @ w), x, w) == 0
+    assert flops.count(lambda x, w: jax.checkpoint(lambda a, b: a * 2)(x, x @ w), x, w) == 0
+    assert flops.count(lambda x, w: jax.lax.scan(lambda c, _: (c + 1, c @ w), x, length=5)[0],
+                       x, w) == 0  # fmt: skip
+    assert flops.count(lambda x, w: (x @ w, 1.0), x, w) == one

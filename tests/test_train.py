@@ -287,6 +287,20 @@ def test_create_state_is_init_state_compiled_onto_its_sharding():
         assert leaf.sharding == state_sharding
 
 
+def test_create_state_compiles_as_usual_where_the_backend_refuses_the_option(monkeypatch):
+    config = tiny_config("unused")
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    monkeypatch.setattr(train, "_INIT_COMPILER_OPTIONS", {"xla_no_such_option": 1})
+    state_sharding = sharding.replicated(sharding.create_mesh())
+    state = train.create_state(model, optimizer, jax.random.key(3), state_sharding)
+    expected = jax.jit(
+        lambda r: train.init_state(model, optimizer, r, model.min_input_size),
+        out_shardings=state_sharding,
+    )(jax.random.key(3))
+    for leaf, expected_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(leaf, expected_leaf)
+
+
 def test_gradient_accumulation_equals_the_full_batch_unrolled_and_in_a_loop():
     config = tiny_config("unused", num_train_steps=10)
     model, optimizer = train.create_model(config), train.create_optimizer(config)
