@@ -279,6 +279,14 @@ def measure_matmul_tflops(dtype: str, size: int) -> float:
     return 2 * size**3 / seconds / 1e12
 
 
+def _count_flops(fn: Callable, *args: Any) -> float:
+    try:
+        return flops.count(fn, *args)
+    except Exception as error:  # counted after the timing, which a failure must not cost
+        progress(f"no FLOP count: {type(error).__name__}: {str(error)[:300]}")
+        return float("nan")
+
+
 @functools.cache
 def _model_and_state(
     model_name: str, backbone: str, dtype: str
@@ -346,7 +354,7 @@ def jax_train(
         "compile_s": compile_s,
         "step_s": seconds,
         "images_per_s": batch / seconds,
-        "flops_per_image": flops.count(step, state_shapes, device_batch, key) / batch,
+        "flops_per_image": _count_flops(step, state_shapes, device_batch, key) / batch,
         "peak_memory_gb": _peak_memory_gb(),
         **memory,
         **_maybe_profile(run, compiled, f"train_b{batch}"),
@@ -386,7 +394,7 @@ def jax_forward(
         "compile_s": compile_s,
         "step_s": seconds,
         "images_per_s": batch / seconds,
-        "flops_per_image": flops.count(forward, variables, images) / batch,
+        "flops_per_image": _count_flops(forward, variables, images) / batch,
         **_maybe_profile(run, compiled, f"forward_b{batch}"),
     }
 

@@ -4,6 +4,7 @@ import functools
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import shlex
@@ -401,3 +402,11 @@ def test_median_time_dispatches_a_sample_before_it_waits():
     )  # fmt: skip
     assert calls == ["dispatch", "wait"] + (["dispatch"] * 4 + ["wait"]) * 3
     assert seconds >= 0
+
+
+def test_a_failed_flop_count_keeps_the_measurement(monkeypatch):
+    def broken(*args):
+        raise TypeError("no count")
+
+    monkeypatch.setattr(bench.flops, "count", broken)
+    assert math.isnan(bench._count_flops(lambda x: x, 1.0))
