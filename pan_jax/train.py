@@ -479,8 +479,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         )
         _process_zero_first(fetch, "pretrained weights fetched")
     manager = checkpointing.create_manager(workdir, config)
-    workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager)
+    # The data first: a run refused for its data leaves the workdir's record (config.json) of
+    # the run that owns it as it was.
     _process_zero_first(functools.partial(pipeline.prepare, config.data), "dataset prepared")
+    workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager)
 
     mesh = sharding.create_mesh()
     optimizer = create_optimizer(config)

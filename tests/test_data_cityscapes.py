@@ -166,3 +166,17 @@ def test_missing_zips_error_says_where_they_come_from(tmp_path):
     ):
         data.prepare(cfg)
     assert not tfds.builder("cityscapes/semantic_segmentation", data_dir=cfg.data_dir).is_prepared()
+
+
+def test_label_ids_past_33_are_refused_not_ignored():
+    # A trainIds PNG (255 for void) or another file where *_labelIds.png belongs would otherwise
+    # train on shifted classes, its unknown values silently ignored.
+    assert max(label.id for label in cs_labels.labels) == cityscapes.MAX_LABEL_ID
+    spec = data.pipeline.dataset_spec("cityscapes")
+    image = _png(np.zeros((4, 6, 3), np.uint8))
+    ids = np.full((4, 6), 33, np.uint8)
+    record = data.pipeline.decode_record(image, _png(ids), "a", spec.label_lut, spec.max_label_id)
+    assert (record["label"] == 18).all()  # bicycle
+    ids[0, 0] = 255
+    with pytest.raises(ValueError, match=r"value 255: expected label ids 0\.\.33"):
+        data.pipeline.decode_record(image, _png(ids), "a", spec.label_lut, spec.max_label_id)

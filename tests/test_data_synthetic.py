@@ -122,3 +122,16 @@ def test_default_config_fields():
     assert cfg.num_classes == synthetic.NUM_CLASSES == len(data.class_names("pan_synthetic"))
     assert (cfg.train_split, cfg.eval_split, cfg.crop_size) == ("train", "val", 128)
     assert DEFAULT.image_size == 128
+
+
+def test_a_dataset_folder_without_its_info_is_refused_and_kept(tmp_path):
+    # A copy cut short leaves the version folder without dataset_info.json: tfds would reuse it
+    # ("Reusing dataset") and every reader would fail on it later.
+    cfg = data.default_data_config("pan_synthetic")
+    cfg.name, cfg.data_dir = "pan_synthetic/tiny", str(tmp_path)
+    folder = tmp_path / "pan_synthetic" / "tiny" / "1.0.0"
+    folder.mkdir(parents=True)
+    (folder / "pan_synthetic-train.array_record-00000-of-00001").write_bytes(b"partial")
+    with pytest.raises(FileNotFoundError, match="holds no prepared dataset"):
+        data.prepare(cfg)
+    assert (folder / "pan_synthetic-train.array_record-00000-of-00001").exists()

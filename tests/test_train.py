@@ -735,5 +735,10 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir
     other.model.overrides.unknown_switch = 1
     with pytest.raises(ValueError, match="unknown_switch"):
         train.train_and_evaluate(other, workdir)
-    # Neither refused run replaced the record of the run that owns the workdir.
+    del other.model.overrides["unknown_switch"]
+    other.data.data_dir = str(tmp_path / "a_file")  # data that cannot be prepared
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(OSError):
+        train.train_and_evaluate(other, workdir)
+    # No refused run replaced the record of the run that owns the workdir.
     assert record == {name: (Path(workdir) / name).read_text() for name in record}

@@ -23,6 +23,7 @@ NUM_CLASSES = len(CLASS_NAMES)
 IGNORE_LABEL = 255
 # Written into predictions where the model predicts "ignore"; label id 0 is 'unlabeled'.
 UNLABELED_ID = 0
+MAX_LABEL_ID = 33  # a *_gtFine_labelIds.png holds ids 0..33 (cityscapesscripts' labels.py)
 
 # Files tfds' builder expects in its manual dir (cityscapes-dataset.com, registration needed).
 MANUAL_FILES = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags, logging
+from etils import epath
 from tensorflow_datasets.core.data_sources import base as tfds_data_sources
 
 from pan_jax.data import cityscapes, synthetic, voc_aug
@@ -64,6 +65,8 @@ class DatasetSpec:
     file_name_key: str
     class_names: tuple[str, ...]
     label_lut: np.ndarray | None = None  # applied to decoded labels (Cityscapes ids -> trainIds)
+    # Larger values before the table mean a wrong file (a trainIds PNG where ids belong).
+    max_label_id: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -91,6 +94,7 @@ def dataset_spec(name: str) -> DatasetSpec:
             "image_id",
             cityscapes.CLASS_NAMES,
             cityscapes.cityscapes_train_id_lut(),
+            cityscapes.MAX_LABEL_ID,
         )
     raise ValueError(
         f"data.name={name!r}: expected 'voc_aug', 'cityscapes' or 'pan_synthetic' "
@@ -150,6 +154,11 @@ def prepare(data_config: Any) -> None:
     if builder.is_prepared():
         _check_random_access(builder)
         return
+    if epath.Path(builder.data_path).exists():  # tfds would reuse it, and nothing could read it
+        raise FileNotFoundError(
+            f"{builder.data_path} exists but holds no prepared dataset (dataset_info.json): a "
+            "copy cut short? Move it away (it is not deleted for you) and run again to rebuild."
+        )
     manual_dir = getattr(data_config, "manual_dir", None)
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
@@ -206,13 +215,22 @@ def _decode_label(data: bytes) -> np.ndarray:
 
 
 def decode_record(
-    image_bytes: bytes, label_bytes: bytes, file_name: str, label_lut: np.ndarray | None = None
+    image_bytes: bytes,
+    label_bytes: bytes,
+    file_name: str,
+    label_lut: np.ndarray | None = None,
+    max_label_id: int | None = None,
 ) -> dict[str, Any]:
     """Encoded image/label -> {'image': uint8 (H, W, 3), 'label': uint8 (H, W), 'file_name'}."""
     image = _decode_image(image_bytes)
     label = _decode_label(label_bytes)
     if image.shape[:2] != label.shape:
         raise ValueError(f"image is {image.shape[:2]} but label is {label.shape} (height, width)")
+    if max_label_id is not None and label.size and int(label.max()) > max_label_id:
+        raise ValueError(
+            f"label holds the value {int(label.max())}: expected label ids 0..{max_label_id} "
+            "(is it a trainIds or color PNG instead of *_labelIds.png?)"
+        )
     if label_lut is not None:
         label = label_lut[label]
     return {"image": image, "label": label, "file_name": file_name}
@@ -286,6 +304,7 @@ class SegmentationSource(Sequence):
                 record[self.spec.label_key],
                 file_name,
                 self.spec.label_lut,
+                self.spec.max_label_id,
             )
         except Exception as e:
             raise CorruptRecordError(f"cannot decode {file_name!r}, {where}: {e}") from e
