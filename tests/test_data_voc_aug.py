@@ -428,3 +428,17 @@ def test_copy_of_built_dir_is_readable(built, tmp_path):
     cfg = cfg.copy_and_resolve_references()
     cfg.data_dir = str(tmp_path / "copy")
     assert sorted(_records(cfg, "train")) == sorted(VOC_TRAIN)
+
+
+def test_a_replaced_archive_is_extracted_afresh(tmp_path):
+    # A download cut short and then completed keeps its name: tfds would reuse the folder it
+    # extracted from the first archive, and rebuild the dataset from stale files.
+    masks, _ = make_archives(tmp_path / "manual")
+    cfg = _config(tmp_path)
+    data.prepare(cfg)
+    assert np.array_equal(_records(cfg, "val")[E]["label"], masks[E])
+    corrected = {**masks, E: np.zeros_like(masks[E])}
+    make_archives(tmp_path / "manual", voc_masks=corrected)
+    shutil.rmtree(tmp_path / "tfds" / "voc_aug")
+    data.prepare(cfg)
+    assert not _records(cfg, "val")[E]["label"].any()

@@ -17,6 +17,7 @@ are converted to RGB once, here, and stored losslessly as PNG, so every reader g
 import dataclasses
 import hashlib
 import io
+import os
 import socket
 import urllib.parse
 import urllib.request
@@ -329,10 +330,11 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         archives = locate_archives(dl_manager)
-        official = all(_md5(archives[k]) == ARCHIVES[k].md5 for k in ARCHIVES)
+        md5s = {key: _md5(archives[key]) for key in ARCHIVES}
+        official = all(md5s[key] == ARCHIVES[key].md5 for key in ARCHIVES)
         roots = {}
         for key, inside in (("voc", "VOCdevkit/VOC2012"), ("sbd", "benchmark_RELEASE/dataset")):
-            roots[key] = epath.Path(dl_manager.extract(archives[key])) / inside
+            roots[key] = _extract(dl_manager, archives[key], md5s[key]) / inside
             if not roots[key].is_dir():
                 raise VocAugError(f"voc_aug: {archives[key]} does not contain {inside}/")
         voc_root, sbd_root = roots["voc"], roots["sbd"]
@@ -361,6 +363,25 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, items, voc_root, sbd_root):
         for image_id, source in items:
             yield image_id, make_example(image_id, source, voc_root, sbd_root)
+
+
+def _extract(
+    dl_manager: tfds.download.DownloadManager, archive: epath.Path, md5: str
+) -> epath.Path:
+    """The archive extracted into a folder named by its content.
+
+    tfds reuses an extraction by the archive's file name alone: a replaced archive (a download
+    cut short, then completed) would still be read from its first extraction. So it extracts a
+    link named `<md5>.<name>`; where no link can be made (a bucket), the archive itself.
+    """
+    link = epath.Path(dl_manager.download_dir) / "archives_by_md5" / f"{md5}.{archive.name}"
+    try:
+        if not os.path.lexists(link):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.abspath(archive), link)
+    except (OSError, NotImplementedError, TypeError):
+        link = archive
+    return epath.Path(dl_manager.extract(link))
 
 
 def _check_official_sizes(splits: dict[str, list], lists: dict[str, list]) -> None:
