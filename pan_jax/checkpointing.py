@@ -135,6 +135,11 @@ def directory_kind(directory: str | os.PathLike, step: int | None = None) -> str
             f"{directory} is neither a pan_jax model directory (model.json and variables/) nor "
             f"a training workdir (checkpoints/){hint}"
         )
+    steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"{path / 'checkpoints'} holds no finished checkpoint yet")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{path / 'checkpoints'} has no step {step}; it has {steps}")
     return "workdir"
 
 

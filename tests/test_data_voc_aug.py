@@ -13,6 +13,7 @@ import pytest
 import scipy.io
 import scipy.sparse
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from pan_jax import data
@@ -442,3 +443,12 @@ def test_a_replaced_archive_is_extracted_afresh(tmp_path):
     shutil.rmtree(tmp_path / "tfds" / "voc_aug")
     data.prepare(cfg)
     assert not _records(cfg, "val")[E]["label"].any()
+
+
+def test_an_unreadable_sbd_mat_names_the_file(tmp_path):
+    # e.g. an HTML error page saved under the .mat's name by a proxy
+    path = tmp_path / "cls" / f"{S1}.mat"
+    path.parent.mkdir()
+    path.write_bytes(b"<html><body>503 Service Unavailable</body></html>")
+    with pytest.raises(voc_aug.VocAugError, match=rf"cannot read SBD mask .*cls/{S1}\.mat"):
+        voc_aug._read_sbd_mask(epath.Path(path))

@@ -277,6 +277,23 @@ def test_predict_checks_its_arguments_before_loading_the_model(tmp_path):
     last = error_line(model_dir)
     assert last.startswith("error: --input=") and "nothing_here*.png" in last, last
     assert not (tmp_path / "out").exists()
+    # A workdir whose checkpoints/ holds no finished step (orbax's temporaries do not count).
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    last = error_line(workdir)
+    assert last.startswith("error: ") and "holds no finished checkpoint" in last, last
+    (workdir / "checkpoints" / "20").mkdir()
+    result = run_predict(f"--workdir={workdir}", "--step=7", f"--input={tmp_path}",
+                         f"--output={tmp_path / 'out'}")  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "has no step 7; it has [20]" in result.stderr.strip().splitlines()[-1]
+    # An output that is a file, not a directory, and survives the refusal.
+    (tmp_path / "out.png").write_bytes(b"keep me")
+    result = run_predict(f"--model_dir={model_dir}", f"--input={tmp_path}",
+                         f"--output={tmp_path / 'out.png'}")  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "is a file: expected a directory" in result.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "out.png").read_bytes() == b"keep me"
 
 
 def test_padding_defaults_to_the_runs_evaluation_else_sixteen():

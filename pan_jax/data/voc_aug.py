@@ -249,8 +249,8 @@ def _read_sbd_mask(path: epath.Path) -> np.ndarray:
         segmentation = np.asarray(mat["GTcls"].Segmentation)
     except (KeyError, AttributeError) as e:
         raise VocAugError(f"voc_aug: {path} has no GTcls.Segmentation field") from e
-    except (OSError, ValueError, TypeError) as e:
-        raise VocAugError(f"voc_aug: cannot read SBD mask {path}: {e}") from e
+    except Exception as e:  # scipy's parser fails on a bad file in many ways (MatReadError, ...)
+        raise VocAugError(f"voc_aug: cannot read SBD mask {path}: {e!r}") from e
     if segmentation.ndim != 2:
         raise VocAugError(f"voc_aug: {path}: GTcls.Segmentation has shape {segmentation.shape}")
     return segmentation
