@@ -135,7 +135,7 @@ def directory_kind(directory: str | os.PathLike, step: int | None = None) -> str
             f"{directory} is neither a pan_jax model directory (model.json and variables/) nor "
             f"a training workdir (checkpoints/){hint}"
         )
-    steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+    steps = finished_steps(path)
     if not steps:
         raise FileNotFoundError(f"{path / 'checkpoints'} holds no finished checkpoint yet")
     if step is not None and step not in steps:
@@ -175,10 +175,18 @@ def prepare_workdir(
     return path
 
 
-def has_checkpoints(workdir: str | os.PathLike) -> bool:
-    """Whether a training workdir holds a finished checkpoint (a `checkpoints/<step>` folder)."""
+def finished_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of a training workdir's finished checkpoints (`checkpoints/<step>` folders;
+    orbax's temporaries carry a suffix), ascending."""
     directory = epath.Path(workdir) / "checkpoints"
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+    """Whether a training workdir holds a finished checkpoint."""
+    return bool(finished_steps(workdir))
 
 
 def create_manager(workdir: str | os.PathLike, config: Any) -> ocp.CheckpointManager:

@@ -162,6 +162,13 @@ def init_state(
 _INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
+def _initializer(
+    model: models.SegmentationModel, optimizer: optax.GradientTransformation
+) -> Callable[[jax.Array], TrainState]:
+    """rng -> the initial train state (the parameters do not depend on the input size)."""
+    return functools.partial(init_state, model, optimizer, image_size=model.min_input_size)
+
+
 def create_state(
     model: models.SegmentationModel,
     optimizer: optax.GradientTransformation,
@@ -169,10 +176,7 @@ def create_state(
     state_sharding: jax.sharding.Sharding,
 ) -> TrainState:
     """`init_state`, jitted onto `state_sharding` and compiled with few optimisations."""
-    create = jax.jit(
-        functools.partial(init_state, model, optimizer, image_size=model.min_input_size),
-        out_shardings=state_sharding,
-    )
+    create = jax.jit(_initializer(model, optimizer), out_shardings=state_sharding)
     lowered = create.lower(rng)
     try:
         compiled = lowered.compile(compiler_options=_INIT_COMPILER_OPTIONS)
@@ -489,8 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
     state_sharding = sharding.replicated(mesh)
-    create = functools.partial(init_state, model, optimizer, image_size=model.min_input_size)
-    abstract_state = jax.eval_shape(create, init_rng)
+    abstract_state = jax.eval_shape(_initializer(model, optimizer), init_rng)
     state = checkpointing.restore_or_none(manager, abstract_state, state_sharding)
     if state is None:
         state = create_state(model, optimizer, init_rng, state_sharding)
