@@ -1,0 +1,74 @@
+"""`python -m pan_jax.main` refuses a bad --config in one line that names what is wrong."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pan_jax.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("file_text", "overrides", "expected"),
+    [
+        (None, [], "--config={config}: no such file"),
+        ("x = 1\n", [], "--config={config}: the file defines no get_config()"),
+        ("def get_config(:\n", [], "--config={config}: invalid syntax at {config}:1"),
+        (
+            "def get_config():\n    return 1 / 0\n",
+            [],
+            "--config={config}: ZeroDivisionError: division by zero (at {config}:2)",
+        ),
+        (
+            "def get_config():\n    raise ValueError('crop too small')\n",
+            [],
+            "--config={config}: ValueError: crop too small (at {config}:2)",
+        ),
+        (
+            "from configs import demo\n\ndef get_config():\n    return demo.get_config()\n",
+            ["--config.trian_steps=3"],
+            "--config.trian_steps: the config has no field 'trian_steps'; "
+            "did you mean 'num_train_steps'?",
+        ),
+        (
+            "from configs import demo\n\ndef get_config():\n    return demo.get_config()\n",
+            ["--config.seed=1", "--config.model.widht=3"],
+            "--config.model.widht: the config has no field 'widht'",
+        ),
+    ],
+)
+def test_bad_config_is_one_line_naming_it(tmp_path, file_text, overrides, expected):
+    config = tmp_path / "my_config.py"
+    if file_text is not None:
+        config.write_text(file_text)
+    result = run_main(f"--config={config}", f"--workdir={tmp_path / 'run'}", *overrides)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    fatal = [line for line in result.stderr.splitlines() if line.startswith("FATAL")]
+    assert fatal == [f"FATAL Flags parsing error: {expected.format(config=config)}"], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_arguments_and_bad_values_keep_absl_messages(tmp_path):
+    """A get_config argument it does not take, and a value of the wrong type."""
+    result = run_main("--config=configs/demo.py:foo", f"--workdir={tmp_path}")
+    assert "Traceback" not in result.stderr and result.returncode == 1
+    assert (
+        "FATAL Flags parsing error: --config=configs/demo.py:foo: TypeError: get_config() takes 0 "
+        "positional arguments but 1 was given"
+    ) in result.stderr
+    result = run_main("--config", "configs/demo.py", "--config.num_train_steps=abc")
+    assert "Traceback" not in result.stderr and result.returncode == 1
+    assert "--config.num_train_steps=abc: invalid literal for int()" in result.stderr
