@@ -180,3 +180,31 @@ def test_label_ids_past_33_are_refused_not_ignored():
     ids[0, 0] = 255
     with pytest.raises(ValueError, match=r"value 255: expected label ids 0\.\.33"):
         data.pipeline.decode_record(image, _png(ids), "a", spec.label_lut, spec.max_label_id)
+
+
+@pytest.mark.parametrize(
+    "stray", ["leftImg8bit/train/aachen/Thumbs.db", "leftImg8bit/val/README.txt"]
+)
+def test_stray_file_among_images_is_refused_naming_zip_and_entry(tmp_path, stray):
+    # tfds' builder takes an image id from every file in a city folder: any other file gave
+    # "AttributeError: 'NoneType' object has no attribute 'groups'", after extracting everything.
+    make_zips(tmp_path / "manual")
+    with zipfile.ZipFile(tmp_path / "manual" / "leftImg8bit_trainvaltest.zip", "a") as left:
+        left.writestr(stray, b"not an image")
+        left.writestr("leftImg8bit/README", "top-level files outside the split folders are fine")
+    cfg = data.default_data_config("cityscapes")
+    cfg.data_dir, cfg.manual_dir = str(tmp_path / "tfds"), str(tmp_path / "manual")
+    expected = rf"leftImg8bit_trainvaltest\.zip: \['{stray}'\] \(1 in all\)"
+    with pytest.raises(ValueError, match=expected):
+        data.prepare(cfg)
+    assert not (tmp_path / "tfds" / "downloads" / "extracted").exists()  # refused before extracting
+
+
+def test_truncated_zip_is_refused_naming_it(tmp_path):
+    make_zips(tmp_path / "manual")
+    fine = tmp_path / "manual" / "gtFine_trainvaltest.zip"
+    fine.write_bytes(fine.read_bytes()[:200])
+    cfg = data.default_data_config("cityscapes")
+    cfg.data_dir, cfg.manual_dir = str(tmp_path / "tfds"), str(tmp_path / "manual")
+    with pytest.raises(ValueError, match=r"gtFine_trainvaltest\.zip: not a readable zip"):
+        data.prepare(cfg)

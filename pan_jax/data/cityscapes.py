@@ -10,7 +10,11 @@ included, so evaluating on it would silently score against coarse polygons: the 
 that split (see `pipeline.load_source`).
 """
 
+import re
+import zipfile
+
 import numpy as np
+from etils import epath
 
 # trainId -> Cityscapes label id, from cityscapesScripts `helpers/labels.py`.
 TRAIN_ID_TO_LABEL_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
@@ -27,9 +31,43 @@ MAX_LABEL_ID = 33  # a *_gtFine_labelIds.png holds ids 0..33 (cityscapesscripts'
 
 # Files tfds' builder expects in its manual dir (cityscapes-dataset.com, registration needed).
 MANUAL_FILES = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
+EXTRA_MANUAL_FILES = ("leftImg8bit_trainextra.zip", "gtCoarse.zip")  # semantic_segmentation_extra
+# The only file names tfds' builder accepts in leftImg8bit/<split>/<city>/: it takes the image id
+# from every name there and fails with an AttributeError on any other (Thumbs.db, .DS_Store).
+LEFT_IMAGE_NAME = re.compile(r"[a-z\-]+_\d+_\d+_leftImg8bit\.png")
 TFDS_CONFIGS = ("semantic_segmentation", "semantic_segmentation_extra")
 # Splits whose labels are coarse polygons: never evaluate on them.
 COARSE_EVAL_SPLITS = {"semantic_segmentation_extra": ("validation",)}
+
+
+def check_manual_zips(manual_dir: epath.PathLike) -> None:
+    """Refuses, before tfds extracts anything, a zip that is not readable or an image zip with a
+    file tfds' builder cannot read as an image where it lists images (naming the zip and files)."""
+    for name in MANUAL_FILES + EXTRA_MANUAL_FILES:
+        path = epath.Path(manual_dir) / name
+        if not path.exists():
+            continue  # tfds' builder reports the zips its config needs
+        try:
+            with path.open("rb") as file, zipfile.ZipFile(file) as archive:
+                members = archive.namelist()
+        except zipfile.BadZipFile as e:
+            raise ValueError(
+                f"{path}: not a readable zip ({e}); a download cut short? Download it again."
+            ) from e
+        strays = [member for member in members if _is_stray_image_entry(member)]
+        if strays:
+            raise ValueError(
+                f"{path}: {strays[:3]} ({len(strays)} in all) where tfds' builder reads only "
+                "leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png; it cannot "
+                f"build the dataset with them. Remove them (zip -d {path} '<entry>') and run again."
+            )
+
+
+def _is_stray_image_entry(member: str) -> bool:
+    parts = member.split("/")
+    if parts[0] != "leftImg8bit" or len(parts) < 3 or member.endswith("/"):
+        return False  # outside the folders tfds lists, or a folder entry
+    return len(parts) != 4 or not LEFT_IMAGE_NAME.fullmatch(parts[3])
 
 
 def cityscapes_train_id_lut() -> np.ndarray:
