@@ -452,3 +452,25 @@ def test_an_unreadable_sbd_mat_names_the_file(tmp_path):
     path.write_bytes(b"<html><body>503 Service Unavailable</body></html>")
     with pytest.raises(voc_aug.VocAugError, match=rf"cannot read SBD mask .*cls/{S1}\.mat"):
         voc_aug._read_sbd_mask(epath.Path(path))
+
+
+def test_an_empty_id_list_is_refused_naming_it(tmp_path):
+    # tfds said only "No examples were yielded" for the split, naming no file
+    path = tmp_path / "val.txt"
+    path.write_text("\n \n")
+    with pytest.raises(voc_aug.VocAugError, match=rf"{path} lists no image ids"):
+        voc_aug.read_id_list(epath.Path(path))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_float_sbd_masks_must_hold_whole_classes(tmp_path, dtype):
+    path = tmp_path / "cls" / f"{S1}.mat"
+    path.parent.mkdir()
+    mask = _sbd_mask(S1).astype(dtype)
+    path.write_bytes(_mat(mask))
+    whole = voc_aug._check_mask(voc_aug._read_sbd_mask(epath.Path(path)), path)
+    np.testing.assert_array_equal(whole, _sbd_mask(S1))
+    mask[1, 2] = 2.5  # was read as class 2
+    path.write_bytes(_mat(mask))
+    with pytest.raises(voc_aug.VocAugError, match=rf"cls/{S1}\.mat holds .*\[2\.5\], expected"):
+        voc_aug._check_mask(voc_aug._read_sbd_mask(epath.Path(path)), path)

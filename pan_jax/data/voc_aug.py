@@ -84,6 +84,8 @@ def read_id_list(path: epath.Path) -> list[str]:
     if not path.exists():
         raise VocAugError(f"voc_aug: missing id list {path}")
     ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:  # tfds would fail later with "No examples were yielded", naming no file
+        raise VocAugError(f"voc_aug: {path} lists no image ids")
     if len(set(ids)) != len(ids):
         raise VocAugError(f"voc_aug: {path} lists some image ids twice")
     return ids
@@ -257,6 +259,15 @@ def _read_sbd_mask(path: epath.Path) -> np.ndarray:
 
 
 def _check_mask(mask: np.ndarray, path: epath.Path) -> np.ndarray:
+    if mask.dtype.kind == "f":  # a float .mat: 2.5 would otherwise be read as class 2
+        fractional = mask[mask != np.round(mask)]  # NaN included
+        if fractional.size:
+            raise VocAugError(
+                f"voc_aug: {path} holds {mask.dtype} values such as {fractional[:3].tolist()}, "
+                "expected integer class labels"
+            )
+    elif mask.dtype.kind not in "iub":
+        raise VocAugError(f"voc_aug: {path} holds {mask.dtype} values, expected integer labels")
     values = np.unique(mask)
     bad = values[((values > NUM_CLASSES - 1) & (values != IGNORE_LABEL)) | (values < 0)]
     if bad.size:
