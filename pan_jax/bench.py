@@ -132,6 +132,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         lower_bound=0.0,
         flag_values=flag_values,
     )
+    flags.DEFINE_enum(
+        "bn_moments",
+        "one_pass",
+        ["one_pass", "two_pass"],
+        "How BatchNorm reads the activations for its training statistics "
+        "(models.layers.BATCHNORM_ONE_PASS): to compare them.",
+        flag_values=flag_values,
+    )
     flags.DEFINE_string(
         "json", None, "Write every figure to this JSON file.", flag_values=flag_values
     )
@@ -476,7 +484,7 @@ def main(argv) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     arg_names = (
         "model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup",
-        "steps_per_sample", "pointwise_conv",
+        "steps_per_sample", "pointwise_conv", "bn_moments",
     )  # fmt: skip
     report: dict[str, Any] = {
         "machine": machine(),
@@ -485,6 +493,7 @@ def main(argv) -> int:
         "results": [],
     }
     layers.POINTWISE_AS_MATMUL = FLAGS.pointwise_conv == "matmul"
+    layers.BATCHNORM_ONE_PASS = FLAGS.bn_moments == "one_pass"
     on_cpu = jax.devices()[0].platform == "cpu"
     # 8192³ saturates a GPU or TPU; on a CPU it would take minutes, and 2048³ is as fast per FLOP.
     peak = FLAGS.peak_tflops or measure_matmul_tflops(FLAGS.dtype, 2048 if on_cpu else 8192)

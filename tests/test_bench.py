@@ -144,7 +144,7 @@ def bench_gpu_commands():
 
 def test_bench_gpu_script_flags_still_parse():
     commands = bench_gpu_commands()
-    assert len(commands) == 5, commands  # smp pan compile batch_* pointwise
+    assert len(commands) == 6, commands  # smp pan compile batch_* bn_two_pass pointwise
     for command in commands:
         parse_bench_flags(*command)
     first = parse_bench_flags(*commands[0])

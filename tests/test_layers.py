@@ -75,6 +75,37 @@ def test_batchnorm_train_step_matches_torch():
     )
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("shape", [(16, 1, 1, 8), (2, 6, 5, 8), (2, 64, 48, 4)])
+def test_batchnorm_statistics_hold_when_the_mean_dwarfs_the_spread(shape, one_pass, monkeypatch):
+    """|mean| = 10⁴·std, as on FPA/GAU's pooled maps: E[x²] − E[x]² in float32 would lose every
+    digit of the variance. Ours (float32) and its gradient equal torch's BatchNorm in float64,
+    in one pass (the default) and in the two the benchmark compares it with."""
+    monkeypatch.setattr(layers, "BATCHNORM_ONE_PASS", one_pass)
+    rng = np.random.default_rng(5)
+    x = (100.0 + 0.01 * rng.standard_normal(shape)).astype(np.float32)
+    cotangent = rng.standard_normal(shape).astype(np.float32)
+    torch_bn = torch.nn.BatchNorm2d(shape[-1]).double().train()
+    tx = to_torch(x).double().requires_grad_()
+    reference = torch_bn(tx)
+    (reference * to_torch(cotangent).double()).sum().backward()
+
+    bn = BatchNorm()
+    variables = bn.init(jax.random.key(0), jnp.asarray(x), train=False)
+
+    def loss(inputs):
+        y, updates = bn.apply(variables, inputs, train=True, mutable=["batch_stats"])
+        return jnp.sum(y * cotangent), (y, updates["batch_stats"])
+
+    grad_x, (ours, stats) = jax.grad(loss, has_aux=True)(jnp.asarray(x))
+    # float32 holds x to 100·2⁻²⁴ ≈ 6e-6 = 6e-4 std: the normalised values agree to that.
+    np.testing.assert_allclose(ours, from_torch(reference.detach()), atol=3e-3)
+    np.testing.assert_allclose(stats["var"], torch_bn.running_var.numpy(), rtol=1e-3)
+    np.testing.assert_allclose(stats["mean"], torch_bn.running_mean.numpy(), rtol=1e-6)
+    scale = np.abs(from_torch(tx.grad)).max()
+    np.testing.assert_allclose(grad_x / scale, from_torch(tx.grad) / scale, atol=3e-3)
+
+
 def test_batchnorm_bf16_keeps_float32_statistics():
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 4, 4, 8)), jnp.bfloat16)
     bn = BatchNorm(dtype=jnp.bfloat16)

@@ -267,7 +267,10 @@ def test_eight_devices_equal_one_device_and_batchnorm_is_global():
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
     error, bn_error = map(float, line.split()[1:])
-    assert error < 1e-5, error
+    # Float32 rounding of the two reduction orders, grown by two steps: 0.9e-5 to 4.8e-5 over
+    # three data seeds with the two-pass BatchNorm statistics, 2.7e-5 to 4.0e-5 with the one-pass
+    # ones. A per-device gradient or BatchNorm would be off by far more (bn_error checks the BN).
+    assert error < 1e-4, error
     assert bn_error < 1e-5, bn_error
 
 

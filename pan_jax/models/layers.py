@@ -28,6 +28,9 @@ xavier_uniform = nn.initializers.xavier_uniform()
 # Read when a model is traced; `python -m pan_jax.bench --pointwise_conv=conv` sets it to
 # compare the two lowerings on a device.
 POINTWISE_AS_MATMUL = True
+# Likewise `--bn_moments=two_pass`: BatchNorm's training statistics in two passes over the
+# activations (mean, then the mean squared deviation) instead of one.
+BATCHNORM_ONE_PASS = True
 
 # flax's NHWC/HWIO convolution dimension numbers, as `lax.ConvDimensionNumbers` spells them.
 _NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -283,17 +286,27 @@ class BatchNorm(nn.Module):
         if train:
             x32 = x.astype(jnp.float32)
             reduce_axes = tuple(range(x.ndim - 1))
-            # Two passes (mean, then the mean squared deviation), as PyTorch's Welford update:
-            # E[x²] − E[x]² cancels catastrophically in float32 when |mean| ≫ std, e.g. on the
-            # globally pooled 1×1 maps of FPA and GAU.
             count = np.prod([x.shape[a] for a in reduce_axes])
-            mean = jnp.mean(x32, reduce_axes)
+            # Both moments in one pass over x, which XLA fuses into one reduction (two passes,
+            # mean then the mean squared deviation, read every activation twice). They are
+            # taken about a shift near the mean: plain E[x²] − E[x]² cancels catastrophically in
+            # float32 when |mean| ≫ std, e.g. on the globally pooled 1×1 maps of FPA and GAU.
+            # The shift is the mean of a strided subsample, a small read; the variance does
+            # not depend on it, so no gradient flows through it.
+            if BATCHNORM_ONE_PASS:
+                shift = jax.lax.stop_gradient(jnp.mean(_spatial_subsample(x32), reduce_axes))
+            else:
+                shift = jax.lax.stop_gradient(jnp.mean(x32, reduce_axes))  # the exact mean
             if self.axis_name is not None:
-                mean = jax.lax.pmean(mean, self.axis_name)
-            var = jnp.mean(jnp.square(x32 - mean), reduce_axes)
+                shift = jax.lax.pmean(shift, self.axis_name)
+            centered = x32 - shift
+            moments = jnp.mean(centered, reduce_axes), jnp.mean(jnp.square(centered), reduce_axes)
             if self.axis_name is not None:
-                var = jax.lax.pmean(var, self.axis_name)
+                moments = jax.lax.pmean(moments, self.axis_name)
                 count = count * jax.lax.psum(1, self.axis_name)
+            offset, mean_square = moments
+            mean = shift + offset
+            var = jnp.maximum(mean_square - jnp.square(offset), 0.0)
             if not self.is_initializing():
                 unbiased = var * (count / max(count - 1, 1))
                 m = self.momentum
@@ -305,6 +318,13 @@ class BatchNorm(nn.Module):
         multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
         offset = bias - mean * multiplier
         return (x.astype(jnp.float32) * multiplier + offset).astype(self.dtype)
+
+
+def _spatial_subsample(x: jax.Array, samples_per_side: int = 8) -> jax.Array:
+    """Every image of `x` (N, ..., C) at a stride leaving about `samples_per_side` positions
+    along each spatial axis (all of a small map)."""
+    strides = [max(1, size // samples_per_side) for size in x.shape[1:-1]]
+    return x[(slice(None), *(slice(None, None, stride) for stride in strides), slice(None))]
 
 
 class ConvBN(nn.Module):
