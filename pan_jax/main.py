@@ -71,6 +71,11 @@ def _config_argument(argv: list[str]) -> str:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a failing config file or override reported in one line."""
+    # Config files import their siblings (`from configs import default`): make that work from
+    # any directory, not only the repository root.
+    folder = os.path.dirname(os.path.abspath(_config_argument(argv).split(":", 1)[0]))
+    if os.path.isfile(os.path.join(folder, "__init__.py")):
+        sys.path.insert(0, os.path.dirname(folder))
     try:
         remaining = FLAGS(argv)
         FLAGS.config.get("model")  # a file that failed to load gives a stand-in raising on use
@@ -108,6 +113,13 @@ def main(argv):
 
     config_argument = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or checkpointing.default_workdir(config_argument)
+    try:  # before anything is written into the workdir
+        if os.path.isfile(workdir):
+            raise ValueError(f"--workdir={workdir} is a file: expected a directory")
+        if FLAGS.mode == "eval":
+            checkpointing.directory_kind(workdir, FLAGS.step)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
     cache_dir = compile_cache.enable(workdir, FLAGS.config.get("compilation_cache", True))
     logging.info(
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()

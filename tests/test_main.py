@@ -16,7 +16,7 @@ def run_main(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin"},  # pan_jax as installed; configs/ from the file
     )
 
 
@@ -72,3 +72,22 @@ def test_config_arguments_and_bad_values_keep_absl_messages(tmp_path):
     result = run_main("--config", "configs/demo.py", "--config.num_train_steps=abc")
     assert "Traceback" not in result.stderr and result.returncode == 1
     assert "--config.num_train_steps=abc: invalid literal for int()" in result.stderr
+
+
+def test_a_workdir_that_is_a_file_or_holds_no_checkpoint_is_one_line(tmp_path):
+    """Checked before anything is written; run from another directory than the repository's
+    (config files import their siblings from any directory)."""
+    config = f"--config={REPO / 'configs' / 'demo.py'}"
+    workdir = tmp_path / "notes.txt"
+    workdir.write_text("mine")
+    result = run_main(config, f"--workdir={workdir}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: --workdir={workdir} is a file: expected a directory" in result.stderr
+    assert workdir.read_text() == "mine"
+
+    empty = tmp_path / "run"
+    empty.mkdir()
+    result = run_main(config, f"--workdir={empty}", "--mode=eval", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: {empty} is neither a pan_jax model directory" in result.stderr
+    assert not list(empty.iterdir())  # no compilation cache or log left in it
