@@ -4,11 +4,11 @@
 # The parts (BENCH_PARTS, default all, in order of importance: smp pan compile batch_smp
 # batch_pan bn_two_pass pointwise) run one after another, each time-boxed, all within
 # BENCH_BUDGET_S seconds (default 560: one 10-minute device call); a part that would not get
-# 30 s is skipped. On an H200 each process spent about a minute initialising ResNet-101 and a
-# minute compiling each step, so the parts take two or more device calls: by default the first
-# runs smp, pan and compile; the second `BENCH_PARTS="batch_smp batch_pan bn_two_pass"` with
-# BENCH_BATCH_SMP / BENCH_BATCH_PAN set to the largest batches the first call's smp and pan
-# parts estimated (bench.json).
+# 30 s is skipped. On an H200 each process spent about a minute initialising ResNet-101 (the
+# bench now fills its state on the host, in seconds) and a minute compiling each step, so the
+# parts take two or more device calls: by default the first runs smp, pan and compile; the
+# second `BENCH_PARTS="batch_smp batch_pan bn_two_pass"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN
+# set to the largest batches the first call's smp and pan parts estimated (bench.json).
 # The smp part also traces the training step and prints where its time goes.
 # OUTDIR gets few files, whatever the number of parts (a device call brings back at most 8),
 # rewritten after every part so that a cut run still leaves every finished figure:

@@ -5,9 +5,6 @@ import hashlib
 import http.server
 import threading
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import safetensors.torch
 import torch
 
@@ -15,23 +12,10 @@ import torch
 # compiled something crashes the process.
 import torchvision
 
+from pan_jax.models import random_variables  # noqa: F401 - the tests' stand-in for model.init
+
 # Where the Hugging Face Hub serves timm's torchvision ResNet-18 ("imagenet" for resnet18).
 HUB_RESNET18 = "/timm/resnet18.tv_in1k/resolve/main/model.safetensors"
-
-
-def random_variables(model, seed=0):
-    """He-initialised weights and identity BatchNorm, without compiling `model.init` (slow)."""
-    size = model.min_input_size
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        if path[-1].key == "kernel":
-            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-            return (rng.normal(size=leaf.shape) * std).astype(leaf.dtype)
-        return (np.ones if path[-1].key in ("var", "scale") else np.zeros)(leaf.shape, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 class Hub:

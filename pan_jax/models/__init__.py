@@ -220,3 +220,22 @@ def create(
 def parameter_count(params: Any) -> int:
     """Number of trainable parameters (batch statistics excluded)."""
     return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)))
+
+
+def random_variables(model: SegmentationModel, seed: int = 0) -> dict:
+    """He-initialised kernels, zero biases and identity BatchNorm, as host numpy arrays.
+
+    Filled without compiling `model.init`, which for ResNet-101 takes as long as compiling a
+    train step: for benchmarks and tests, whose results do not depend on the initialiser.
+    """
+    size = model.min_input_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    rng = np.random.default_rng(seed)
+
+    def fill(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        if path[-1].key == "kernel":
+            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return (rng.normal(size=leaf.shape) * std).astype(leaf.dtype)
+        return (np.ones if path[-1].key in ("var", "scale") else np.zeros)(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
