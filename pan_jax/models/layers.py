@@ -287,14 +287,16 @@ class BatchNorm(nn.Module):
             x32 = x.astype(jnp.float32)
             reduce_axes = tuple(range(x.ndim - 1))
             count = np.prod([x.shape[a] for a in reduce_axes])
-            # Both moments in one pass over x, which XLA fuses into one reduction (two passes,
-            # mean then the mean squared deviation, read every activation twice). They are
-            # taken about a shift near the mean: plain E[x²] − E[x]² cancels catastrophically in
-            # float32 when |mean| ≫ std, e.g. on the globally pooled 1×1 maps of FPA and GAU.
-            # The shift is the mean of a strided subsample, a small read; the variance does
-            # not depend on it, so no gradient flows through it.
+            # Both moments from one pass over x: two sibling reductions, which XLA can fuse
+            # into one kernel. The two-pass form (mean, then the mean squared deviation) reads
+            # every activation twice. The moments are taken about a shift near the mean: plain
+            # E[x²] − E[x]² cancels catastrophically in float32 when |mean| ≫ std, e.g. on the
+            # globally pooled 1×1 maps of FPA and GAU. The shift is the mean of a strided
+            # subsample, a small read. The variance does not depend on the shift, so no gradient
+            # flows through it.
             if BATCHNORM_ONE_PASS:
-                shift = jax.lax.stop_gradient(jnp.mean(_spatial_subsample(x32), reduce_axes))
+                sample = _spatial_subsample(x).astype(jnp.float32)
+                shift = jax.lax.stop_gradient(jnp.mean(sample, reduce_axes))
             else:
                 shift = jax.lax.stop_gradient(jnp.mean(x32, reduce_axes))  # the exact mean
             if self.axis_name is not None:
