@@ -1,6 +1,10 @@
 """Resize, adaptive pooling, BatchNorm, convolutions and the residual ReLU equal PyTorch's."""
 
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -104,6 +108,56 @@ def test_batchnorm_statistics_hold_when_the_mean_dwarfs_the_spread(shape, one_pa
     np.testing.assert_allclose(stats["mean"], torch_bn.running_mean.numpy(), rtol=1e-6)
     scale = np.abs(from_torch(tx.grad)).max()
     np.testing.assert_allclose(grad_x / scale, from_torch(tx.grad) / scale, atol=3e-3)
+
+
+SYNC_BN_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    from pan_jax.models.layers import BatchNorm
+
+    x = jnp.asarray(3 + np.random.default_rng(0).standard_normal((8, 6, 5, 3)), jnp.float32)
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+    variables = BatchNorm().init(jax.random.key(0), x, train=False)
+
+    def loss(bn, inputs, cotangent):
+        y, updates = bn.apply(variables, inputs, train=True, mutable=["batch_stats"])
+        return jnp.sum(y * cotangent), updates["batch_stats"]
+
+    def local(inputs, cotangent):  # one device's quarter of the batch, statistics over all
+        grad, stats = jax.grad(loss, argnums=1, has_aux=True)(
+            BatchNorm(axis_name="batch"), inputs, cotangent
+        )
+        return grad, stats
+
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("batch"), P("batch")),
+                                    out_specs=(P("batch"), P())))
+    grad, stats = sharded(x, cotangent)
+    full_grad, full_stats = jax.grad(loss, argnums=1, has_aux=True)(BatchNorm(), x, cotangent)
+    print("RESULT", float(jnp.max(jnp.abs(grad - full_grad))),
+          max(float(jnp.max(jnp.abs(stats[k] - full_stats[k]))) for k in ("mean", "var")))
+    """
+)
+
+
+def test_batchnorm_with_axis_name_inside_shard_map_is_sync_batchnorm():
+    """`BatchNorm(axis_name=...)` in shard_map: the statistics, the running averages (unbiased
+    over the global count) and the input gradient equal one BatchNorm over the whole batch."""
+    result = subprocess.run(
+        [sys.executable, "-c", SYNC_BN_SCRIPT],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
+    grad_error, stats_error = map(float, line.split()[1:])
+    assert grad_error < 1e-5 and stats_error < 1e-5, (grad_error, stats_error)
 
 
 def test_batchnorm_bf16_keeps_float32_statistics():
