@@ -2,12 +2,12 @@
 # The GPU benchmark suite of docs/benchmarks.md: PAN-R101 at 512², bf16, against SMP in PyTorch.
 # Usage: [BENCH_PARTS="smp pan"] bash launch/bench_gpu.sh OUTDIR
 # The parts (BENCH_PARTS, default all, in order of importance: smp pan compile batch_smp
-# batch_pan bn_two_pass pointwise) run one after another, each time-boxed, all within
+# batch_pan bn_moments pointwise) run one after another, each time-boxed, all within
 # BENCH_BUDGET_S seconds (default 560: one 10-minute device call); a part that would not get
 # 30 s is skipped. On an H200 each process spent about a minute initialising ResNet-101 (the
 # bench now fills its state on the host, in seconds) and a minute compiling each step, so the
 # parts take two or more device calls: by default the first runs smp, pan and compile; the
-# second `BENCH_PARTS="batch_smp batch_pan bn_two_pass"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN
+# second `BENCH_PARTS="batch_smp batch_pan bn_moments"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN
 # set to the largest batches the first call's smp and pan parts estimated (bench.json).
 # The smp part also traces the training step and prints where its time goes.
 # OUTDIR gets few files, whatever the number of parts (a device call brings back at most 8),
@@ -17,7 +17,7 @@
 #   for `python -m pan_jax.op_profile TRACE --hlo=HLO` (TensorBoard/Perfetto read the trace).
 # BENCH_EXTRA_ARGS (e.g. "--backbone=resnet18 --crop=128") is appended to every bench command.
 set -uo pipefail
-all_parts="smp pan compile batch_smp batch_pan bn_two_pass pointwise"
+all_parts="smp pan compile batch_smp batch_pan bn_moments pointwise"
 for part in ${BENCH_PARTS:-$all_parts}; do  # a misspelt part must not cost the others' time
   [[ " $all_parts " == *" $part "* ]] || { echo "unknown part $part (expected $all_parts)" >&2; exit 2; }
 done
@@ -115,9 +115,12 @@ for part in ${BENCH_PARTS:-$all_parts}; do
       echo "$part" >>"$parts/order"
       collect
     fi ;;
-  bn_two_pass)  # BatchNorm statistics in two passes over the activations (ours: one): A/B
-    run bn_two_pass 170 --model=pan_smp --batch=16 --what=train --peer=none \
-      --bn_moments=two_pass ;;
+  bn_moments)  # BatchNorm statistics in one pass over the activations (ours) or two: A/B,
+    # both in this call, one right after the other
+    for moments in one_pass two_pass; do
+      run "bn_$moments" 120 --model=pan_smp --batch=16 --what=train --peer=none \
+        --bn_moments="$moments"
+    done ;;
   pointwise)  # 1×1 convolutions as cuDNN convolutions instead of matmuls (our default): A/B
     run pointwise 170 --model=pan_smp --batch=16 --what=train --peer=none --pointwise_conv=conv ;;
   esac

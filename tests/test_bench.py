@@ -137,14 +137,14 @@ def bench_gpu_commands():
         if line.strip().startswith("run "):
             args = shlex.split(line.strip().removesuffix(";;"))[3:]  # after run NAME SECONDS
             commands.append([*shlex.split(common), *args])
-    values = {"$batch": "64", "$model": "pan", "$out": "out"}
+    values = {"$batch": "64", "$model": "pan", "$out": "out", "$moments": "two_pass"}
     return [[functools.reduce(lambda a, v: a.replace(*v), values.items(), arg) for arg in c]
             for c in commands]  # fmt: skip
 
 
 def test_bench_gpu_script_flags_still_parse():
     commands = bench_gpu_commands()
-    assert len(commands) == 6, commands  # smp pan compile batch_* bn_two_pass pointwise
+    assert len(commands) == 6, commands  # smp pan compile batch_* bn_moments pointwise
     for command in commands:
         parse_bench_flags(*command)
     first = parse_bench_flags(*commands[0])

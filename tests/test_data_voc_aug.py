@@ -460,6 +460,7 @@ def test_an_empty_id_list_is_refused_naming_it(tmp_path):
     path.write_text("\n \n")
     with pytest.raises(voc_aug.VocAugError, match=rf"{path} lists no image ids"):
         voc_aug.read_id_list(epath.Path(path))
+    assert voc_aug.read_id_list(epath.Path(path), allow_empty=True) == []  # SBD's lists
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -47,6 +47,30 @@ def run_main(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
             ["--config.seed=1", "--config.model.widht=3"],
             "--config.model.widht: the config has no field 'widht'",
         ),
+        (  # an AttributeError about get_config raised inside the file's own get_config
+            "import types\n\ndef get_config():\n    return types.SimpleNamespace().get_config()\n",
+            [],
+            "--config={config}: AttributeError: 'types.SimpleNamespace' object has no attribute "
+            "'get_config' (at {config}:4)",
+        ),
+        (  # a misspelt field inside the file: ConfigDict's quoted, escaped KeyError text
+            "from configs import demo\n\ndef get_config():\n    c = demo.get_config()\n"
+            "    return c.modle\n",
+            [],
+            "--config={config}: AttributeError: 'modle' Did you mean \"model\" instead of "
+            '"modle"? (at {config}:5)',
+        ),
+        (
+            "def get_config():\n    return open('/no/such/list.txt')\n",
+            [],
+            "--config={config}: FileNotFoundError: [Errno 2] No such file or directory: "
+            "'/no/such/list.txt' (at {config}:2)",
+        ),
+        (
+            "def get_config():\n    return None\n",
+            [],
+            "--config={config}: get_config() returned None, expected a ConfigDict",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_it(tmp_path, file_text, overrides, expected):
@@ -91,3 +115,17 @@ def test_a_workdir_that_is_a_file_or_holds_no_checkpoint_is_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"error: {empty} is neither a pan_jax model directory" in result.stderr
     assert not list(empty.iterdir())  # no compilation cache or log left in it
+
+
+def test_config_given_in_a_flagfile_is_named(tmp_path):
+    config = tmp_path / "bad.py"
+    config.write_text("def get_config(:\n")
+    flagfile = tmp_path / "flags.txt"
+    flagfile.write_text(f"--config={config}\n--workdir={tmp_path / 'run'}\n")
+    result = run_main(f"--flagfile={flagfile}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"--config={config}: invalid syntax at {config}:1" in result.stderr
+    # A good config from a flag file imports its siblings from another directory too.
+    flagfile.write_text(f"--config={REPO / 'configs' / 'demo.py'}\n--config.trian_steps=3\n")
+    result = run_main(f"--flagfile={flagfile}", cwd=tmp_path)
+    assert "--config.trian_steps: the config has no field 'trian_steps'" in result.stderr

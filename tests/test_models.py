@@ -137,3 +137,31 @@ def test_every_ablation_switch_changes_the_model(overrides):
         out_base = base.apply(v_base, images)
         out_variant = variant.apply(v_base, images)
         assert float(jnp.max(jnp.abs(out_base - out_variant))) > 1e-6
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_random_variables_have_the_shapes_of_init(name):
+    """The host-filled stand-in the bench and tests use for `model.init`."""
+    model = models.create(name, num_classes=5, backbone="resnet18", dtype=jnp.bfloat16)
+    size = model.min_input_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    filled = models.random_variables(model)
+    assert jax.tree.structure(filled) == jax.tree.structure(shapes)
+    for leaf, shape in zip(jax.tree.leaves(filled), jax.tree.leaves(shapes), strict=True):
+        assert (leaf.shape, leaf.dtype) == (shape.shape, shape.dtype)
+    stats = jax.tree_util.tree_leaves_with_path(filled["batch_stats"])
+    assert all(np.all(v == (path[-1].key == "var")) for path, v in stats)  # identity BN
+
+
+def test_random_variables_refuse_a_parameter_they_cannot_fill():
+    import flax.linen as nn
+
+    class Gamma(nn.Module):
+        min_input_size = 8
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            return x * self.param("gamma", nn.initializers.ones, (3,))
+
+    with pytest.raises(ValueError, match=r"no fill for .*gamma"):
+        models.random_variables(Gamma())

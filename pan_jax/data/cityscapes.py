@@ -50,7 +50,7 @@ def check_manual_zips(manual_dir: epath.PathLike) -> None:
         try:
             with path.open("rb") as file, zipfile.ZipFile(file) as archive:
                 members = archive.namelist()
-        except zipfile.BadZipFile as e:
+        except (zipfile.BadZipFile, OSError) as e:
             raise ValueError(
                 f"{path}: not a readable zip ({e}); a download cut short? Download it again."
             ) from e

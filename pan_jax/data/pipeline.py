@@ -161,8 +161,8 @@ def prepare(data_config: Any) -> None:
         )
     manual_dir = getattr(data_config, "manual_dir", None)
     if spec.tfds_name.startswith("cityscapes"):
-        data_root = epath.Path(builder.data_dir).parents[2]  # <root>/<name>/<config>/<version>
-        cityscapes.check_manual_zips(manual_dir or data_root / "downloads" / "manual")
+        default_manual_dir = epath.Path(builder.data_dir_root) / "downloads" / "manual"
+        cityscapes.check_manual_zips(manual_dir or default_manual_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
         builder.download_and_prepare(file_format="array_record", download_config=download_config)

@@ -79,12 +79,15 @@ class VocAugError(ValueError):
     """The archives' content breaks an assumption of the train_aug construction."""
 
 
-def read_id_list(path: epath.Path) -> list[str]:
-    """Image ids, one per line, of a VOC `ImageSets` or SBD `train.txt`/`val.txt` file."""
+def read_id_list(path: epath.Path, allow_empty: bool = False) -> list[str]:
+    """Image ids, one per line, of a VOC `ImageSets` or SBD `train.txt`/`val.txt` file.
+
+    An empty VOC list would be an empty split, which tfds refuses later with "No examples were
+    yielded", naming no file; SBD's only add to train_aug (`allow_empty`)."""
     if not path.exists():
         raise VocAugError(f"voc_aug: missing id list {path}")
     ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not ids:  # tfds would fail later with "No examples were yielded", naming no file
+    if not ids and not allow_empty:
         raise VocAugError(f"voc_aug: {path} lists no image ids")
     if len(set(ids)) != len(ids):
         raise VocAugError(f"voc_aug: {path} lists some image ids twice")
@@ -354,8 +357,8 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
             "voc_train": read_id_list(image_sets / "train.txt"),
             "voc_val": read_id_list(image_sets / "val.txt"),
             "voc_trainval": read_id_list(image_sets / "trainval.txt"),
-            "sbd_train": read_id_list(sbd_root / "train.txt"),
-            "sbd_val": read_id_list(sbd_root / "val.txt"),
+            "sbd_train": read_id_list(sbd_root / "train.txt", allow_empty=True),
+            "sbd_val": read_id_list(sbd_root / "val.txt", allow_empty=True),
         }
         splits = compute_splits(**lists)
         if official:

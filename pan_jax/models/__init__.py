@@ -233,9 +233,14 @@ def random_variables(model: SegmentationModel, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
 
     def fill(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
-        if path[-1].key == "kernel":
+        name = path[-1].key
+        if name == "kernel":
             std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
             return (rng.normal(size=leaf.shape) * std).astype(leaf.dtype)
-        return (np.ones if path[-1].key in ("var", "scale") else np.zeros)(leaf.shape, leaf.dtype)
+        if name in ("var", "scale"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if name in ("bias", "mean"):
+            return np.zeros(leaf.shape, leaf.dtype)
+        raise ValueError(f"random_variables: no fill for {jax.tree_util.keystr(path)}")
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
