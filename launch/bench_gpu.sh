@@ -98,8 +98,8 @@ for part in ${BENCH_PARTS:-$all_parts}; do
   smp)  # pan_smp vs SMP eager at batch 16, train and forward, and where our step's time goes
     run smp 240 --model=pan_smp --batch=16 --what=train,forward --peer=eager \
       --profile_dir="$parts/profile" ;;
-  pan)  # the paper's model (deep stem, 128-wide decoder)
-    run pan 170 --model=pan --batch=16 --what=train --peer=none ;;
+  pan)  # the paper's model (deep stem, 128-wide decoder), and a training run's init time
+    run pan 200 --model=pan --batch=16 --what=train --peer=none --time_init ;;
   compile)  # the torch.compile peer (its compile is slow, so it runs alone)
     run compile 150 --model=pan_smp --batch=16 --what=train --peer=compile --nojax \
       --peak_tflops=1 ;;

@@ -140,6 +140,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "(models.layers.BATCHNORM_ONE_PASS): to compare them.",
         flag_values=flag_values,
     )
+    flags.DEFINE_bool(
+        "time_init",
+        False,
+        "Also time a training run's initialisation (train.create_state: the model's compiled "
+        "init; the measurements themselves start from a host-filled state).",
+        flag_values=flag_values,
+    )
     flags.DEFINE_string(
         "json", None, "Write every figure to this JSON file.", flag_values=flag_values
     )
@@ -324,6 +331,20 @@ def _model_and_state(
     return model, optimizer, state
 
 
+def time_train_init(model_name: str, backbone: str, dtype: str) -> float:
+    """Seconds `train.create_state` takes (compile and run), as a training run pays them."""
+    model, optimizer, _ = _model_and_state(model_name, backbone, dtype)
+    start = time.perf_counter()
+    state = train.create_state(
+        model, optimizer, jax.random.key(0), sharding.replicated(sharding.create_mesh())
+    )
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - start
+    progress(f"train.create_state of {model_name} took {seconds:.1f} s")
+    del state
+    return seconds
+
+
 def jax_train(
     model_name: str, backbone: str, batch: int, crop: int, dtype: str, steps: int, warmup: int
 ) -> dict:
@@ -490,7 +511,7 @@ def main(argv) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     arg_names = (
         "model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup",
-        "steps_per_sample", "pointwise_conv", "bn_moments",
+        "steps_per_sample", "pointwise_conv", "bn_moments", "time_init",
     )  # fmt: skip
     report: dict[str, Any] = {
         "machine": machine(),
@@ -533,6 +554,9 @@ def main(argv) -> int:
         save()
         print(json.dumps(entry), flush=True)
 
+    if FLAGS.time_init and FLAGS.jax:
+        report["train_init_s"] = time_train_init(FLAGS.model, FLAGS.backbone, FLAGS.dtype)
+        save()
     steps, warmup, crop = FLAGS.steps, FLAGS.warmup, FLAGS.crop
     for batch in map(int, FLAGS.batch):
         for what in FLAGS.what:

@@ -30,7 +30,7 @@ def bench_report(tmp_path_factory):
         sys.executable, "-m", "pan_jax.bench", "--model=pan_smp", "--backbone=resnet18",
         "--batch=2", "--crop=128", "--dtype=float32", "--what=train,forward", "--peer=eager",
         "--steps=2", "--warmup=1", f"--json={out / 'bench.json'}",
-        f"--profile_dir={out / 'profile'}",
+        f"--profile_dir={out / 'profile'}", "--time_init",
     ]  # fmt: skip
     # A user's persistent compilation cache must not shorten the reported compile times.
     cache = out / "jax_cache"
@@ -62,6 +62,7 @@ def test_bench_measures_ours_and_the_peer(bench_report):
     train, forward = rows[("pan_jax pan_smp", "train")], rows[("pan_jax pan_smp", "forward")]
     assert 2.5 < train["flops_per_image"] / forward["flops_per_image"] < 3.5
     assert report["machine"]["jax"] == jax.__version__
+    assert report["train_init_s"] > 0  # --time_init: a training run's own initialisation
     # MFU for every row, ours and the peer's (same network, our FLOP count), against the
     # measured fp32 matmul rate of this CPU.
     assert report["peak_source"] == "float32 matmul" and report["peak_tflops"] > 0
