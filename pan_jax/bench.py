@@ -331,6 +331,24 @@ def _model_and_state(
     return model, optimizer, state
 
 
+def _time_and_profile(
+    dispatch: Callable[[], None],
+    wait: Callable[[], None],
+    steps: int,
+    warmup: int,
+    compiled: Any,
+    name: str,
+) -> tuple[float, dict]:
+    """The median seconds of one step, and its profile when --profile_dir asks for one."""
+    seconds = median_time(dispatch, wait, steps, warmup, steps_per_sample())
+
+    def run():
+        dispatch()
+        wait()
+
+    return seconds, _maybe_profile(run, compiled, name)
+
+
 def time_train_init(model_name: str, backbone: str, dtype: str) -> float:
     """Seconds `train.create_state` takes (compile and run), as a training run pays them."""
     model, optimizer, _ = _model_and_state(model_name, backbone, dtype)
@@ -380,11 +398,7 @@ def jax_train(
     def wait():
         jax.block_until_ready(holder[1])
 
-    def run():
-        dispatch()
-        wait()
-
-    seconds = median_time(dispatch, wait, steps, warmup, steps_per_sample())
+    seconds, profile = _time_and_profile(dispatch, wait, steps, warmup, compiled, f"train_b{batch}")
     return {
         "compile_s": compile_s,
         "step_s": seconds,
@@ -392,7 +406,7 @@ def jax_train(
         "flops_per_image": _count_flops(step, state_shapes, device_batch, key) / batch,
         "peak_memory_gb": _peak_memory_gb(),
         **memory,
-        **_maybe_profile(run, compiled, f"train_b{batch}"),
+        **profile,
     }
 
 
@@ -420,17 +434,15 @@ def jax_forward(
         jax.block_until_ready(outputs)
         outputs.clear()
 
-    def run():
-        dispatch()
-        wait()
-
-    seconds = median_time(dispatch, wait, steps, warmup, steps_per_sample())
+    seconds, profile = _time_and_profile(
+        dispatch, wait, steps, warmup, compiled, f"forward_b{batch}"
+    )
     return {
         "compile_s": compile_s,
         "step_s": seconds,
         "images_per_s": batch / seconds,
         "flops_per_image": _count_flops(forward, variables, images) / batch,
-        **_maybe_profile(run, compiled, f"forward_b{batch}"),
+        **profile,
     }
 
 
