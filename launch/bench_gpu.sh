@@ -5,8 +5,9 @@
 # batch_pan bn_moments pointwise) run one after another, each time-boxed, all within
 # BENCH_BUDGET_S seconds (default 560: one 10-minute device call); a part that would not get
 # 30 s is skipped. On an H200 each process spent about a minute initialising ResNet-101 (the
-# bench now fills its state on the host, in seconds) and a minute compiling each step, so the
-# parts take two or more device calls: by default the first runs smp, pan and compile; the
+# bench now fills its state on the host, in seconds; only the pan part times a training run's
+# init, after its row) and a minute compiling each step, so the parts take two or more device
+# calls: by default the first runs smp, pan and compile; the
 # second `BENCH_PARTS="batch_smp batch_pan bn_moments"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN
 # set to the largest batches the first call's smp and pan parts estimated (bench.json).
 # The smp part also traces the training step and prints where its time goes.
@@ -99,7 +100,7 @@ for part in ${BENCH_PARTS:-$all_parts}; do
     run smp 240 --model=pan_smp --batch=16 --what=train,forward --peer=eager \
       --profile_dir="$parts/profile" ;;
   pan)  # the paper's model (deep stem, 128-wide decoder), and a training run's init time
-    run pan 200 --model=pan --batch=16 --what=train --peer=none --time_init ;;
+    run pan 230 --model=pan --batch=16 --what=train --peer=none --time_init ;;
   compile)  # the torch.compile peer (its compile is slow, so it runs alone)
     run compile 150 --model=pan_smp --batch=16 --what=train --peer=compile --nojax \
       --peak_tflops=1 ;;

@@ -1,96 +1,136 @@
 """One-line reports of a bad `--config` file or `--config.*` override, for the command line.
 
-ml_collections raises plain Python errors from loading a config file and applying overrides
-(some wrapped in absl's flag errors, some carrying a traceback as text), which would reach the
-user as a traceback through absl's and ml_collections' internals.
+ml_collections raises plain Python errors from loading a config file and applying overrides,
+wrapped in absl's flag errors, re-raised with a traceback as text, or kept in a stand-in config
+that raises on first use: they would reach the user as a traceback through absl's and
+ml_collections' internals. `watch_config_flag` records which file the flag loads; `describe`
+finds the error that started it all and says where it was raised in the user's files.
 """
 
 import os
 import re
+import sys
 import traceback
 import types
 
+import ml_collections
 from absl import flags
 
-_NOT_AVAILABLE = "Configuration is not available"  # ml_collections' stand-in for a failed load
-_TRACEBACK_TEXT = "Error whilst parsing config file"  # its TypeError/ValueError with a traceback
+_LIBRARIES = (f"{os.sep}absl{os.sep}", f"{os.sep}ml_collections{os.sep}")
+_TRACEBACK_TEXT = "Error whilst parsing config file"  # ml_collections' re-raise of get_config's
+_loaded = {"path": None}  # the --config argument being (or last) loaded
 
 
-def _arguments(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
-    """The command line's arguments, flag files read."""
-    try:
-        return flag_values.read_flags_from_files(argv[1:], force_gnu=False)
-    except flags.Error:
-        return argv[1:]
+def watch_config_flag(flag_values: flags.FlagValues) -> None:
+    """Wraps the `config` flag's file loading.
+
+    It records the argument being loaded (absl parses every occurrence of the flag), puts the
+    file's package parent on `sys.path` while the file loads (config files import their
+    siblings, `from configs import default`, from any working directory), and refuses a
+    `get_config()` that returns no ConfigDict (absl reports the ValueError in one line).
+    """
+    parser = flag_values["config"].parser
+    load = parser.parse
+
+    def parse(argument: str):
+        _loaded["path"] = argument
+        folder = os.path.dirname(os.path.abspath(argument.split(":", 1)[0]))
+        root = os.path.dirname(folder)
+        added = os.path.isfile(os.path.join(folder, "__init__.py")) and root not in sys.path
+        if added:
+            sys.path.insert(0, root)
+        try:
+            config = load(argument)
+        finally:
+            if added:
+                sys.path.remove(root)
+        failed_to_load = hasattr(config, "_ReportError")  # ml_collections' stand-in
+        if not (isinstance(config, ml_collections.ConfigDict) or failed_to_load):
+            raise ValueError(
+                f"get_config() returned {type(config).__name__}, expected a ConfigDict"
+            )
+        return config
+
+    parser.parse = parse
 
 
-def config_argument(argv: list[str], flag_values: flags.FlagValues) -> str | None:
-    """The value of --config in `argv` (flag files read), or None."""
-    args = _arguments(argv, flag_values)
-    for index, arg in enumerate(args):
-        if arg.startswith(("--config=", "-config=")):
-            return arg.split("=", 1)[1]
-        if arg in ("--config", "-config") and index + 1 < len(args):
-            return args[index + 1]
-    return None
-
-
-def wrapped_error(error: Exception) -> Exception | None:
-    """The config error inside an absl flag error, if it holds one."""
-    if isinstance(error, flags.Error):
-        context = error.__context__
-        return context if context is not None and _TRACEBACK_TEXT in str(context) else None
-    return error
-
-
-def describe(argv: list[str], flag_values: flags.FlagValues, error: Exception) -> str:
-    """What is wrong, naming the file and line or the override."""
-    path, args = config_argument(argv, flag_values), _arguments(argv, flag_values)
+def describe(error: BaseException, arguments: list[str]) -> str | None:
+    """What is wrong with the config file or an override, in one line; None when the error
+    did not come from either (absl's own message says it better)."""
+    path = _loaded["path"]
     if path is None:
-        return f"--config: {error}"
-    file = os.path.abspath(path.split(":", 1)[0])
+        return None
+    where = f"--config={path}"
+    file = path.split(":", 1)[0]
+    if not os.path.exists(file):
+        return f"{where}: no such file"
     if not os.path.isfile(file):
-        return f"--config={path}: no such file"
-    if str(error).startswith(_NOT_AVAILABLE) and error.__cause__ is not None:
-        error = error.__cause__
-    if isinstance(error, SyntaxError):
-        return f"--config={path}: {error.msg} at {error.filename}:{error.lineno}"
-    module = getattr(error, "obj", None)
+        return f"{where}: not a file"
+    chain = _causes(error)
+    original = chain[-1]
+    if isinstance(original, SyntaxError):
+        return f"{where}: {original.msg} at {original.filename}:{original.lineno}"
+    module = getattr(original, "obj", None)
     if (
-        isinstance(error, AttributeError)
-        and error.name == "get_config"
+        isinstance(original, AttributeError)
+        and original.name == "get_config"
         and isinstance(module, types.ModuleType)
-        and os.path.abspath(getattr(module, "__file__", "") or "") == file
+        and os.path.samefile(getattr(module, "__file__", None) or os.devnull, file)
     ):
-        return f"--config={path}: the file defines no get_config()"
-    text = str(error)
-    if isinstance(error, AttributeError) and isinstance(error.__context__, KeyError):
-        # A ConfigDict field that does not exist: the KeyError's own text, on one line.
-        text = " ".join(str(error.__context__.args[0]).split("\n"))
-        overrides = [arg.split("=", 1)[0] for arg in args if arg.startswith("--config.")]
-        for override in overrides:
-            field = next((part for part in override.split(".")[1:] if f"'{part}'" in text), None)
-            if field:
-                suggestion = re.search(r'Did you mean "([^"]+)"', text)
-                hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
-                return f"{override}: the config has no field {field!r}{hint}"
-    if _TRACEBACK_TEXT in text:
-        frames = re.findall(r'File "([^"]+)", line (\d+)', text)
-        text = text.strip().splitlines()[-1]
-    else:
-        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
-        text = f"{type(error).__name__}: {text}"
-    # The innermost frame of the user's code, not of ml_collections or absl.
-    own = [f"{name}:{line}" for name, line in frames if _is_user_file(name)]
-    return f"--config={path}: {text}" + (f" (at {own[-1]})" if own else "")
+        return f"{where}: the file defines no get_config()"
+    frames = [
+        frame
+        for link in chain
+        for frame in traceback.extract_tb(link.__traceback__)
+        if _is_user_file(frame.filename)
+    ]
+    at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    text = " ".join(line.strip() for line in str(original).splitlines() if line.strip())
+    if isinstance(original, KeyError) and _raised_in_library(original):
+        # A ConfigDict field that does not exist: in the file (it ran through the user's
+        # frames) or in an override (it did not). The outermost KeyError says "did you mean".
+        missing_key = next(link for link in chain if isinstance(link, KeyError))
+        text = " ".join(str(missing_key.args[0]).split("\n")) if missing_key.args else text
+        field = re.match(r"'([^']*)'", text)
+        suggestion = re.search(r'Did you mean "([^"]+)"', text)
+        missing = f"the config has no field {field.group(0) if field else text}"
+        missing += f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
+        if frames:
+            return f"{where}: {missing}{at}"
+        overrides = [arg.split("=", 1)[0] for arg in arguments if arg.startswith("--config.")]
+        named = [o for o in overrides if field and field.group(1) in o.split(".")[1:]]
+        return f"{named[-1] if named else '--config.*'}: {missing}"
+    loading = any(_TRACEBACK_TEXT in str(link) for link in chain)  # failed in get_config()
+    if not (frames or loading):
+        return None
+    return f"{where}: {type(original).__name__}: {text}{at}"
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it wraps, outermost first: a link is followed only when absl or
+    ml_collections raised the outer one (an error raised while the user's own code handled
+    another is not caused by it)."""
+    chain = [error]
+    while _raised_in_library(chain[-1]):
+        inner = chain[-1].__cause__ or chain[-1].__context__
+        if inner is None or inner in chain:
+            break
+        chain.append(inner)
+    return chain
+
+
+def _raised_in_library(error: BaseException) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and any(part in frames[-1].filename for part in _LIBRARIES)
 
 
 def _is_user_file(filename: str) -> bool:
-    """Not Python's, an installed package's or pan_jax's own (the flag parsing)."""
+    """Not Python's, an installed package's, or pan_jax's (its flag parsing is on the stack)."""
     path = os.path.abspath(filename)
     return not (
         filename.startswith("<")
         or f"{os.sep}site-packages{os.sep}" in path
+        or f"{os.sep}dist-packages{os.sep}" in path
         or path.startswith(os.path.dirname(os.__file__) + os.sep)
         or path.startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep)
     )

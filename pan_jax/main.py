@@ -14,7 +14,11 @@ from ml_collections import config_flags
 from pan_jax import config_errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+try:  # ml_collections reads the command line (flag files too) already here, for the overrides
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+except (flags.Error, OSError) as error:
+    sys.exit(f"FATAL Flags parsing error: {error}")
+config_errors.watch_config_flag(FLAGS)
 flags.DEFINE_string("workdir", None, "Run directory (local or gs://); default runs/<config name>.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (with periodic eval) or evaluate.")
 flags.DEFINE_integer("step", None, "With --mode=eval: the checkpoint step (default: latest).")
@@ -31,23 +35,16 @@ class _QuietLibraries(std_logging.Filter):
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a failing config file or override reported in one line."""
-    path = config_errors.config_argument(argv, FLAGS)
-    if path:  # config files import their siblings (`from configs import default`), from any cwd
-        folder = os.path.dirname(os.path.abspath(path.split(":", 1)[0]))
-        if os.path.isfile(os.path.join(folder, "__init__.py")):
-            sys.path.insert(0, os.path.dirname(folder))
     try:
         remaining = FLAGS(argv)
         FLAGS.config.get("model")  # a file that failed to load gives a stand-in raising on use
         return remaining
     except Exception as error:  # whatever the user's config file raises
-        inner = config_errors.wrapped_error(error)
-        if inner is not None:
-            message = config_errors.describe(argv, FLAGS, inner)
-        elif path and "--config must have a value other than None" in str(error):
-            message = f"--config={path}: get_config() returned None, expected a ConfigDict"
-        else:
-            message = str(error)
+        try:
+            arguments = FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+        except flags.Error:
+            arguments = argv[1:]
+        message = config_errors.describe(error, arguments) or str(error)
     sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
     sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)

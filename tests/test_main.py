@@ -57,8 +57,8 @@ def run_main(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
             "from configs import demo\n\ndef get_config():\n    c = demo.get_config()\n"
             "    return c.modle\n",
             [],
-            "--config={config}: AttributeError: 'modle' Did you mean \"model\" instead of "
-            '"modle"? (at {config}:5)',
+            "--config={config}: the config has no field 'modle'; did you mean 'model'? "
+            "(at {config}:5)",
         ),
         (
             "def get_config():\n    return open('/no/such/list.txt')\n",
@@ -68,8 +68,38 @@ def run_main(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
         ),
         (
             "def get_config():\n    return None\n",
+            ["--config.seed=1"],
+            "flag --config={config}: get_config() returned NoneType, expected a ConfigDict",
+        ),
+        (
+            "def get_config():\n    return 1\n",
             [],
-            "--config={config}: get_config() returned None, expected a ConfigDict",
+            "flag --config={config}: get_config() returned int, expected a ConfigDict",
+        ),
+        (  # an error type that ml_collections cannot re-raise with its traceback text
+            "import json\n\ndef get_config():\n    return json.loads('{bad')\n",
+            [],
+            "--config={config}: JSONDecodeError: Expecting property name enclosed in double "
+            "quotes: line 1 column 2 (char 1) (at {config}:4)",
+        ),
+        (  # raised while the file handled a KeyError of its own: not caused by it
+            "import os\nfrom configs import demo\n\ndef get_config():\n    c = demo.get_config()\n"
+            "    try:\n        os.environ['PAN_JAX_NO_SUCH_VARIABLE']\n    except KeyError:\n"
+            "        c.seed.real.nope\n    return c\n",
+            [],
+            "--config={config}: AttributeError: 'int' object has no attribute 'nope' "
+            "(at {config}:9)",
+        ),
+        (  # an error in the file, with a valid override that names the same field
+            "from configs import demo\n\ndef get_config():\n    c = demo.get_config()\n"
+            "    c.eval.crop_size = c.stride\n    return c\n",
+            ["--config.eval.stride=256"],
+            "--config={config}: the config has no field 'stride' (at {config}:5)",
+        ),
+        (
+            "def get_config():\n    raise ValueError('crop too small\\nexpected >= 512')\n",
+            [],
+            "--config={config}: ValueError: crop too small expected >= 512 (at {config}:2)",
         ),
     ],
 )
@@ -85,8 +115,8 @@ def test_bad_config_is_one_line_naming_it(tmp_path, file_text, overrides, expect
     assert not (tmp_path / "run").exists()
 
 
-def test_config_arguments_and_bad_values_keep_absl_messages(tmp_path):
-    """A get_config argument it does not take, and a value of the wrong type."""
+def test_config_arguments_and_bad_override_values_are_one_line(tmp_path):
+    """A get_config argument it does not take, and a value of the wrong type (absl's words)."""
     result = run_main("--config=configs/demo.py:foo", f"--workdir={tmp_path}")
     assert "Traceback" not in result.stderr and result.returncode == 1
     assert (
@@ -129,3 +159,36 @@ def test_config_given_in_a_flagfile_is_named(tmp_path):
     flagfile.write_text(f"--config={REPO / 'configs' / 'demo.py'}\n--config.trian_steps=3\n")
     result = run_main(f"--flagfile={flagfile}", cwd=tmp_path)
     assert "--config.trian_steps: the config has no field 'trian_steps'" in result.stderr
+
+
+def test_the_config_named_is_the_one_that_failed(tmp_path):
+    """absl loads every --config given, the last one wins; the report names the failing one."""
+    bad = tmp_path / "boom.py"
+    bad.write_text("def get_config():\n    raise RuntimeError('boom')\n")
+    good = REPO / "configs" / "demo.py"
+    result = run_main(f"--config={good}", f"--config={bad}", cwd=tmp_path)
+    assert f"--config={bad}: RuntimeError: boom (at {bad}:2)" in result.stderr, result.stderr
+    result = run_main(f"--config={tmp_path}", cwd=tmp_path)
+    assert f"--config={tmp_path}: not a file" in result.stderr
+
+
+def test_a_missing_flagfile_is_one_line(tmp_path):
+    result = run_main(f"--flagfile={tmp_path / 'none.txt'}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "Unable to open flagfile" in result.stderr and "none.txt" in result.stderr
+
+
+def test_the_configs_parent_is_on_sys_path_only_while_it_loads(tmp_path):
+    """A module beside the configs folder must not shadow an installed one afterwards."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "__init__.py").write_text("")
+    (tmp_path / "configs" / "mine.py").write_text(
+        "import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict()\n"
+    )
+    (tmp_path / "jax.py").write_text("raise ImportError('the wrong jax')\n")
+    empty = tmp_path / "run"
+    empty.mkdir()
+    config = f"--config={tmp_path / 'configs' / 'mine.py'}"
+    result = run_main(config, f"--workdir={empty}", "--mode=eval", cwd=REPO)
+    assert "the wrong jax" not in result.stderr, result.stderr
+    assert f"error: {empty} is neither a pan_jax model directory" in result.stderr
