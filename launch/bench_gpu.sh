@@ -4,12 +4,12 @@
 # The parts (BENCH_PARTS, default all, in order of importance: smp pan compile batch_smp
 # batch_pan bn_moments pointwise) run one after another, each time-boxed, all within
 # BENCH_BUDGET_S seconds (default 560: one 10-minute device call); a part that would not get
-# 30 s is skipped. On an H200 each process spent about a minute initialising ResNet-101 (the
-# bench now fills its state on the host, in seconds; only the pan part times a training run's
-# init, after its row) and a minute compiling each step, so the parts take two or more device
-# calls: by default the first runs smp, pan and compile; the
-# second `BENCH_PARTS="batch_smp batch_pan bn_moments"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN
-# set to the largest batches the first call's smp and pan parts estimated (bench.json).
+# 30 s is skipped. Each part is one process, and on an H200 each step compile took about a
+# minute (the model's init took another until the bench filled its state on the host; only the
+# pan part still times a training run's init, after its row). So all the parts may take two
+# device calls: the first goes as far as its budget, the second takes what it skipped, e.g.
+# `BENCH_PARTS="batch_pan bn_moments"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN set to the
+# largest batches the first call's smp and pan parts estimated (bench.json).
 # The smp part also traces the training step and prints where its time goes.
 # OUTDIR gets few files, whatever the number of parts (a device call brings back at most 8),
 # rewritten after every part so that a cut run still leaves every finished figure:
