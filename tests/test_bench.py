@@ -411,3 +411,27 @@ def test_a_failed_flop_count_keeps_the_measurement(monkeypatch):
 
     monkeypatch.setattr(bench.flops, "count", broken)
     assert math.isnan(bench._count_flops(lambda x: x, 1.0))
+
+
+def test_bench_runs_without_tfds_grain_or_ml_collections(tmp_path):
+    """The GPU machine's image has none of them: the bench must neither import nor need them."""
+    script = (
+        "import runpy, sys\n"
+        "for name in ('grain', 'tensorflow', 'tensorflow_datasets', 'ml_collections'):\n"
+        "    sys.modules[name] = None  # any import of them raises ImportError\n"
+        f"sys.argv = ['bench', *{list(TINY)!r}, '--crop=128', '--what=train,forward',\n"
+        f"            '--time_init', '--json={tmp_path / 'b.json'}']\n"
+        "runpy.run_module('pan_jax.bench', run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert [r["what"] for r in rows] == ["train", "forward"]
+    assert not any("error" in r for r in rows), rows
