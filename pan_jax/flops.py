@@ -27,8 +27,17 @@ def count(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     body's shapes and so its count are one shard's)."""
     jaxpr = jax.make_jaxpr(fn)(*args, **kwargs).jaxpr
     # Without the work no output depends on, as XLA drops it: a traced gradient holds some.
-    live, _ = partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    live, _ = _dce_jaxpr()(jaxpr, [True] * len(jaxpr.outvars))
     return jaxpr_flops(live)
+
+
+def _dce_jaxpr() -> Callable:
+    """jax's dead-code elimination of a jaxpr: public in `jax.interpreters.partial_eval` up to
+    jax 0.10 at least, which has been deprecating names there; else jax's own module."""
+    dce = getattr(partial_eval, "dce_jaxpr", None)
+    if dce is None:
+        from jax._src.interpreters.partial_eval import dce_jaxpr as dce
+    return dce
 
 
 def jaxpr_flops(jaxpr: jex_core.Jaxpr) -> float:
