@@ -318,14 +318,10 @@ def _model_and_state(
     )
     optimizer = train.create_optimizer(paper_optimizer_config())
     start = time.perf_counter()
-    variables = models.random_variables(model)
-    state = train.TrainState(
-        step=np.zeros((), np.int32),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        opt_state=jax.jit(optimizer.init)(variables["params"]),
-    )
-    state = jax.device_put(state, sharding.replicated(sharding.create_mesh()))
+    state = jax.jit(
+        functools.partial(train.state_from_variables, optimizer=optimizer),
+        out_shardings=sharding.replicated(sharding.create_mesh()),
+    )(models.random_variables(model))
     jax.block_until_ready(state)
     progress(f"initialised {model_name} in {time.perf_counter() - start:.1f} s")
     return model, optimizer, state

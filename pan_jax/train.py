@@ -146,6 +146,11 @@ def init_state(
     image_size: int,
 ) -> TrainState:
     variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3)), train=False)
+    return state_from_variables(variables, optimizer)
+
+
+def state_from_variables(variables: dict, optimizer: optax.GradientTransformation) -> TrainState:
+    """The train state at step 0 of given variables (initialised, converted or host-filled)."""
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),

@@ -192,12 +192,7 @@ def test_training_steps_equal_smp_trained_in_pytorch():
     config.num_train_steps, config.learning_rate, config.warmup_steps = steps, lr, 0
     model, optimizer = train.create_model(config), train.create_optimizer(config)
     initial = convert.from_smp(torch_model.state_dict())
-    state = train.TrainState(
-        step=jax.numpy.zeros((), jax.numpy.int32),
-        params=initial["params"],
-        batch_stats=initial["batch_stats"],
-        opt_state=optimizer.init(initial["params"]),
-    )
+    state = train.state_from_variables(initial, optimizer)
     step = jax.jit(
         lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, optimizer=optimizer)
     )
