@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite of docs/benchmarks.md: PAN-R101 at 512², bf16, against SMP in PyTorch.
 # Usage: [BENCH_PARTS="smp pan"] bash launch/bench_gpu.sh OUTDIR
-# The parts (BENCH_PARTS, default all, in order of importance: smp pan compile batch_smp
-# batch_pan bn_moments pointwise) run one after another, each time-boxed, all within
+# The parts (BENCH_PARTS, default all, in order of importance: smp pan batch_smp batch_pan
+# compile bn_moments pointwise; the torch.compile peer was measured in the ninth session, the
+# batch rows never) run one after another, each time-boxed, all within
 # BENCH_BUDGET_S seconds (default 560: one 10-minute device call); a part that would not get
 # 30 s is skipped. Each part is one process, and on an H200 each step compile took about a
 # minute (the model's init took another until the bench filled its state on the host; only the
-# pan part still times a training run's init, after its row). So all the parts may take two
+# pan part still times a training run's init, after its row: on the host's CPU, as training now
+# does, then on the GPU for comparison). So all the parts may take two
 # device calls: the first goes as far as its budget, the second takes what it skipped, e.g.
 # `BENCH_PARTS="batch_pan bn_moments"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN set to the
 # largest batches the first call's smp and pan parts estimated (bench.json).
@@ -18,7 +20,7 @@
 #   for `python -m pan_jax.op_profile TRACE --hlo=HLO` (TensorBoard/Perfetto read the trace).
 # BENCH_EXTRA_ARGS (e.g. "--backbone=resnet18 --crop=128") is appended to every bench command.
 set -uo pipefail
-all_parts="smp pan compile batch_smp batch_pan bn_moments pointwise"
+all_parts="smp pan batch_smp batch_pan compile bn_moments pointwise"
 for part in ${BENCH_PARTS:-$all_parts}; do  # a misspelt part must not cost the others' time
   [[ " $all_parts " == *" $part "* ]] || { echo "unknown part $part (expected $all_parts)" >&2; exit 2; }
 done
@@ -100,6 +102,7 @@ for part in ${BENCH_PARTS:-$all_parts}; do
     run smp 240 --model=pan_smp --batch=16 --what=train,forward --peer=eager \
       --profile_dir="$parts/profile" ;;
   pan)  # the paper's model (deep stem, 128-wide decoder), and a training run's init time
+        # (train_init_s, on the host; train_init_on_devices_s, on the GPU)
     run pan 230 --model=pan --batch=16 --what=train --peer=none --time_init ;;
   compile)  # the torch.compile peer (its compile is slow, so it runs alone)
     run compile 150 --model=pan_smp --batch=16 --what=train --peer=compile --nojax \

@@ -145,7 +145,7 @@ def bench_gpu_commands():
 
 def test_bench_gpu_script_flags_still_parse():
     commands = bench_gpu_commands()
-    assert len(commands) == 6, commands  # smp pan compile batch_* bn_moments pointwise
+    assert len(commands) == 6, commands  # smp pan batch_* compile bn_moments pointwise
     for command in commands:
         parse_bench_flags(*command)
     first = parse_bench_flags(*commands[0])
@@ -435,3 +435,27 @@ def test_bench_runs_without_tfds_grain_or_ml_collections(tmp_path):
     rows = json.loads((tmp_path / "b.json").read_text())["results"]
     assert [r["what"] for r in rows] == ["train", "forward"]
     assert not any("error" in r for r in rows), rows
+
+
+def test_time_init_compares_the_host_and_the_devices_on_an_accelerator(monkeypatch):
+    monkeypatch.setattr(bench, "FLAGS", parse_bench_flags("--time_init"))
+    calls, saved = [], []
+
+    def fake_time(model, backbone, dtype, on_host):
+        calls.append(on_host)
+        if on_host is False:
+            raise MemoryError("out of memory")
+        return 7.0
+
+    monkeypatch.setattr(bench, "time_train_init", fake_time)
+    report: dict = {}
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+    bench.time_train_inits(report, lambda: saved.append(dict(report)))
+    # A training run's own choice first, saved before the devices' init may be cut short.
+    assert calls == [None, False]
+    assert saved[0] == {"train_init_s": 7.0}
+    assert report["train_init_on_devices_error"] == "MemoryError: out of memory"
+    calls.clear()
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "cpu")
+    bench.time_train_inits({}, lambda: None)
+    assert calls == [None]  # on a CPU the host is the device

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -288,6 +290,38 @@ def test_create_state_is_init_state_compiled_onto_its_sharding():
         # Unoptimised code rounds differently: a few float32 ulps of the same draws.
         np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-5, atol=1e-6)
         assert leaf.sharding == state_sharding
+
+
+def test_create_state_on_the_host_equals_it_on_the_devices():
+    config = tiny_config("unused")
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    state_sharding = sharding.replicated(sharding.create_mesh())
+    on_devices = train.create_state(model, optimizer, jax.random.key(3), state_sharding)
+    on_host = train.create_state(model, optimizer, jax.random.key(3), state_sharding, on_host=True)
+    leaves = jax.tree.leaves(on_host)
+    assert len(leaves) == len(jax.tree.leaves(on_devices))
+    for leaf, expected in zip(leaves, jax.tree.leaves(on_devices), strict=True):
+        np.testing.assert_array_equal(leaf, expected)
+        assert leaf.sharding == state_sharding
+
+
+def test_create_state_initialises_on_the_host_for_one_process_with_accelerators(monkeypatch):
+    def devices(platform: str) -> Any:
+        return types.SimpleNamespace(device_set=[types.SimpleNamespace(platform=platform)])
+
+    assert train._host_init_is_faster(devices("gpu"))
+    assert train._host_init_is_faster(devices("tpu"))
+    assert not train._host_init_is_faster(devices("cpu"))  # the same backend: nothing to gain
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    # Each host's CPU would draw the replicas' values: they must be the same everywhere.
+    assert not train._host_init_is_faster(devices("gpu"))
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+
+    def no_cpu_backend(backend=None):
+        raise RuntimeError(f"Unknown backend {backend}")
+
+    monkeypatch.setattr(jax, "local_devices", no_cpu_backend)  # JAX_PLATFORMS=cuda
+    assert not train._host_init_is_faster(devices("gpu"))
 
 
 def test_create_state_compiles_as_usual_where_the_backend_refuses_the_option(monkeypatch):
