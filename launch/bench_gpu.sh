@@ -2,8 +2,8 @@
 # The GPU benchmark suite of docs/benchmarks.md: PAN-R101 at 512², bf16, against SMP in PyTorch.
 # Usage: [BENCH_PARTS="smp pan"] bash launch/bench_gpu.sh OUTDIR
 # The parts (BENCH_PARTS, default all, in order of importance: smp pan batch_smp batch_pan
-# compile bn_moments pointwise; the torch.compile peer was measured in the ninth session, the
-# batch rows never) run one after another, each time-boxed, all within
+# bn_moments pointwise compile; the torch.compile peer was measured in the ninth session, the
+# batch rows and the A/Bs never) run one after another, each time-boxed, all within
 # BENCH_BUDGET_S seconds (default 560: one 10-minute device call); a part that would not get
 # 30 s is skipped. Each part is one process, and on an H200 each step compile took about a
 # minute (the model's init took another until the bench filled its state on the host; only the
@@ -20,7 +20,7 @@
 #   for `python -m pan_jax.op_profile TRACE --hlo=HLO` (TensorBoard/Perfetto read the trace).
 # BENCH_EXTRA_ARGS (e.g. "--backbone=resnet18 --crop=128") is appended to every bench command.
 set -uo pipefail
-all_parts="smp pan batch_smp batch_pan compile bn_moments pointwise"
+all_parts="smp pan batch_smp batch_pan bn_moments pointwise compile"
 for part in ${BENCH_PARTS:-$all_parts}; do  # a misspelt part must not cost the others' time
   [[ " $all_parts " == *" $part "* ]] || { echo "unknown part $part (expected $all_parts)" >&2; exit 2; }
 done
@@ -119,13 +119,11 @@ for part in ${BENCH_PARTS:-$all_parts}; do
       echo "$part" >>"$parts/order"
       collect
     fi ;;
-  bn_moments)  # BatchNorm statistics in one pass over the activations (ours) or two: A/B,
-    # both in this call, one right after the other
-    for moments in one_pass two_pass; do
-      run "bn_$moments" 120 --model=pan_smp --batch=16 --what=train --peer=none \
-        --bn_moments="$moments"
-    done ;;
+  bn_moments)  # BatchNorm statistics in two passes over the activations instead of one (our
+    # default): the other side of the A/B is the smp part's train row (the same program)
+    run bn_moments 120 --model=pan_smp --batch=16 --what=train --peer=none --bn_moments=two_pass ;;
   pointwise)  # 1×1 convolutions as cuDNN convolutions instead of matmuls (our default): A/B
+    # against the smp part's train row likewise
     run pointwise 170 --model=pan_smp --batch=16 --what=train --peer=none --pointwise_conv=conv ;;
   esac
 done

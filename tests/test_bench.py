@@ -145,7 +145,7 @@ def bench_gpu_commands():
 
 def test_bench_gpu_script_flags_still_parse():
     commands = bench_gpu_commands()
-    assert len(commands) == 6, commands  # smp pan batch_* compile bn_moments pointwise
+    assert len(commands) == 6, commands  # smp pan batch_* bn_moments pointwise compile
     for command in commands:
         parse_bench_flags(*command)
     first = parse_bench_flags(*commands[0])
