@@ -186,10 +186,10 @@ def create_state(
 
     `on_host`: compute it on the host's CPU and copy it to the accelerators. By default (None)
     a single process with accelerators does so: XLA:CPU compiles and runs PAN-ResNet-101's init
-    in 8.4–8.8 s on 2 cores, where XLA:GPU took about a minute on an H200 (at default optimisation;
-    bench `--time_init` measures both). Several
-    processes initialise on their devices, which run the same program everywhere; the hosts'
-    CPUs, not always of one kind, could round the random draws differently in each replica.
+    in 8.4–8.8 s on 2 cores, where XLA:GPU took about a minute on an H200 (at its default
+    optimisation level; bench `--time_init` measures both). Several processes initialise on
+    their devices, which run the same program everywhere; the hosts' CPUs, not always of one
+    kind, could round the random draws differently in each replica.
     """
     if on_host is None:
         on_host = _host_init_is_faster(state_sharding)
