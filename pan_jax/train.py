@@ -11,6 +11,7 @@ train step on machines that have only jax, flax and optax.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 import signal
@@ -462,6 +463,25 @@ class _StepTrace:
         self.stop()
 
 
+def _compile_in_background(step_fn: Callable, *args: Any) -> concurrent.futures.Future:
+    """Compiles the train step for `args` (shape-dtype structs) in a thread, while the state is
+    initialised or restored and the input pipeline starts: jit's first call of the same
+    signature then reuses the executable (a call that differs compiles anew)."""
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step")
+    future = executor.submit(lambda: step_fn.lower(*args).compile())
+    executor.shutdown(wait=False)
+    return future
+
+
+def _wait_for_compilation(future: concurrent.futures.Future) -> None:
+    try:
+        future.result()
+    except Exception as error:  # the first step compiles it again, and raises what is wrong
+        logging.warning(
+            "compiling the train step ahead failed: %s: %s", type(error).__name__, error
+        )
+
+
 def _check_config(config: ml_collections.ConfigDict) -> int:
     """Checks the fields a run would otherwise trip over later, deep inside; returns the
     per-process batch size."""
@@ -535,6 +555,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     init_rng, step_rng = jax.random.split(rng)
     state_sharding = sharding.replicated(mesh)
     abstract_state = jax.eval_shape(_initializer(model, optimizer), init_rng)
+    batch_sharding = sharding.batch_sharding(mesh, 2)
+    step_fn = make_train_step(model, optimizer, mesh, state_sharding)
+    step_compiled = None
+    if (manager.latest_step() or 0) < config.num_train_steps:
+        # As the arrays the loop passes, shardings included: jit reuses an executable only for
+        # the same signature.
+        logging.info("compiling the train step while the state and the input pipeline start")
+        micro_steps = config.grad_accum_steps
+        batch_spec = pipeline.train_batch_spec(config.data, config.batch_size)
+        step_compiled = _compile_in_background(
+            step_fn,
+            jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding),
+                abstract_state,
+            ),
+            {
+                key: jax.ShapeDtypeStruct(
+                    (micro_steps, shape[0] // micro_steps, *shape[1:]),
+                    dtype,
+                    sharding=batch_sharding,
+                )
+                for key, (shape, dtype) in batch_spec.items()
+            },
+            step_rng,
+        )
     state = checkpointing.restore_or_none(manager, abstract_state, state_sharding)
     if state is None:
         state = create_state(model, optimizer, init_rng, state_sharding)
@@ -560,7 +605,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         config.num_train_steps,
     )
 
-    step_fn = make_train_step(model, optimizer, mesh, state_sharding)
     if config.eval_every_steps:  # checked now, not after the first eval_every_steps of training
         from pan_jax import evaluate
 
@@ -579,7 +623,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         )
     writer = summary.MetricWriter(workdir_path, enabled=jax.process_index() == 0)
     schedule = learning_rate_schedule(config)
-    batch_sharding = sharding.batch_sharding(mesh, 2)
     images_per_step = config.batch_size
     pending: list[tuple[int, dict]] = []
     interval_sums: dict[str, float] = {}  # of each metric over the steps since the last log
@@ -649,7 +692,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         with _Preemption() as preemption, trace:
             step = start_step
             if step < config.num_train_steps:
-                logging.info("compiling the train step (first step is slow) ...")
+                logging.info("first step (waits for the train step's compilation) ...")
             while step < config.num_train_steps:
                 host_batch = next(train_iter)
                 if config.get("log_batch_digests"):
@@ -658,6 +701,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 batch = sharding.global_batch(
                     host_batch_for_step(host_batch, config.grad_accum_steps), batch_sharding
                 )
+                if step_compiled is not None:
+                    _wait_for_compilation(step_compiled)
+                    step_compiled = None
                 trace.before_step(step + 1)
                 state, metrics = step_fn(state, batch, step_rng)
                 step += 1

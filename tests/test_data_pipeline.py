@@ -76,6 +76,9 @@ def test_train_batches_shapes_values_and_seed_determinism(cfg):
         assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].shape == (4, 32, 32) and batch["label"].dtype == np.uint8
         assert batch["image_size"].shape == (4, 2) and batch["image_size"].dtype == np.int32
+        # What the trainer compiles its step for before the first batch is read.
+        spec = data.train_batch_spec(cfg, 4)
+        assert {key: (value.shape, value.dtype) for key, value in batch.items()} == spec
         values = set(np.unique(batch["label"]).tolist())
         assert values <= set(range(synthetic.NUM_CLASSES)) | {255}
     again, _ = _take(

@@ -1,6 +1,7 @@
 """Training: the optimizer equals PyTorch's, sharding changes nothing, runs resume exactly."""
 
 import json
+import logging as std_logging
 import math
 import os
 import re
@@ -779,3 +780,32 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir
         train.train_and_evaluate(other, workdir)
     # No refused run replaced the record of the run that owns the workdir.
     assert record == {name: (Path(workdir) / name).read_text() for name in record}
+
+
+def test_the_train_step_compiles_once_ahead_while_the_run_starts(
+    data_dir, tmp_path, caplog, monkeypatch
+):
+    """The step compiles in a thread during init and the input pipeline's start; its first call
+    must reuse that executable (the batch spec matches what the pipeline yields), not compile
+    it a second time."""
+    started = []
+    compile_in_background = train._compile_in_background
+
+    def recorded(*args):
+        started.append(args)
+        return compile_in_background(*args)
+
+    monkeypatch.setattr(train, "_compile_in_background", recorded)
+    workdir = str(tmp_path / "run")
+    config = tiny_config(data_dir, num_train_steps=2, grad_accum_steps=2)
+    jax.config.update("jax_log_compiles", True)  # for every thread (the context is per thread)
+    try:
+        with caplog.at_level(std_logging.WARNING):
+            train.train_and_evaluate(config, workdir)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [r for r in caplog.records if "compilation of jit(train_step)" in r.getMessage()]
+    assert len(started) == 1
+    assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]
+    train.train_and_evaluate(config, workdir)  # finished: nothing to compile ahead
+    assert len(started) == 1

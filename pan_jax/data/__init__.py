@@ -15,6 +15,7 @@ from pan_jax.data.pipeline import (
     load_source,
     num_examples,
     prepare,
+    train_batch_spec,
     train_dataset,
 )
 from pan_jax.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize
@@ -35,6 +36,7 @@ __all__ = [
     "num_examples",
     "prepare",
     "synthetic",
+    "train_batch_spec",
     "train_dataset",
     "voc_aug",
 ]

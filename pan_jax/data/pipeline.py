@@ -564,6 +564,17 @@ def train_dataset(
     )
 
 
+def train_batch_spec(data_config: Any, batch_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{key: (shape, dtype)} of `train_dataset`'s batches of `batch_size` rows, known before the
+    first one is read (the trainer compiles its step from it while the input pipeline starts)."""
+    crop = int(data_config.crop_size)
+    return {
+        "image": ((batch_size, crop, crop, 3), np.uint8),
+        "label": ((batch_size, crop, crop), np.uint8),
+        "image_size": ((batch_size, 2), np.int32),
+    }
+
+
 def eval_dataset(
     data_config: Any, *, process_index: int | None = None, process_count: int | None = None
 ) -> grain.IterDataset:
