@@ -531,6 +531,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     from pan_jax import summary
     from pan_jax.data import pipeline
 
+    started = time.perf_counter()
     per_process_batch = _check_config(config)
     spec = model_spec(config)
     model = create_model(config, spec)  # unknown options fail before the workdir is touched
@@ -710,6 +711,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 trace.after_step(step, step_fn, state, batch, step_rng)
                 if step == start_step + 1:  # compilation: not part of any rate
                     jax.block_until_ready(state)
+                    logging.info(
+                        "first step done %.1f s after the run started",
+                        time.perf_counter() - started,
+                    )
                     flops_per_image = _flops_per_image(step_fn, (state, batch, step_rng), config)
                     last_timed = (step, time.perf_counter())
                 pending.append((step, metrics))
