@@ -10,8 +10,9 @@
 # pan part still times a training run's init, after its row: on the host's CPU, as training now
 # does, then on the GPU for comparison). So all the parts may take two
 # device calls: the first goes as far as its budget, the second takes what it skipped, e.g.
-# `BENCH_PARTS="batch_pan bn_moments"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN set to the
-# largest batches the first call's smp and pan parts estimated (bench.json).
+# `BENCH_PARTS="batch_pan bn_moments pointwise"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN set to
+# the largest batches the first call's smp and pan parts estimated (bench.json). The A/B parts
+# compare with the smp part's train row of the same call, or else run our default step first.
 # The smp part also traces the training step and prints where its time goes.
 # OUTDIR gets few files, whatever the number of parts (a device call brings back at most 8),
 # rewritten after every part so that a cut run still leaves every finished figure:
@@ -96,6 +97,12 @@ batch_of() {  # batch_of PART: the largest batch for a batch_* part, or nothing
   if [[ -n $given ]]; then echo "$given"; else largest "$parts/$model.json"; fi
 }
 
+baseline() {  # the A/Bs' other side: the smp part's train row when this call ran it (the same
+  # program), else the default step once, since another call may have got another machine
+  [[ -s $parts/smp.json || -s $parts/baseline.json ]] ||
+    run baseline 120 --model=pan_smp --batch=16 --what=train --peer=none
+}
+
 for part in ${BENCH_PARTS:-$all_parts}; do
   case $part in
   smp)  # pan_smp vs SMP eager at batch 16, train and forward, and where our step's time goes
@@ -120,10 +127,12 @@ for part in ${BENCH_PARTS:-$all_parts}; do
       collect
     fi ;;
   bn_moments)  # BatchNorm statistics in two passes over the activations instead of one (our
-    # default): the other side of the A/B is the smp part's train row (the same program)
+    # default): A/B against our default step on this machine (see baseline)
+    baseline
     run bn_moments 120 --model=pan_smp --batch=16 --what=train --peer=none --bn_moments=two_pass ;;
   pointwise)  # 1×1 convolutions as cuDNN convolutions instead of matmuls (our default): A/B
-    # against the smp part's train row likewise
+    # likewise
+    baseline
     run pointwise 170 --model=pan_smp --batch=16 --what=train --peer=none --pointwise_conv=conv ;;
   esac
 done

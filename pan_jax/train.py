@@ -12,9 +12,13 @@ train step on machines that have only jax, flax and optax.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
+import itertools
 import math
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -193,7 +197,7 @@ def create_state(
     kind, could round the random draws differently in each replica.
     """
     if on_host is None:
-        on_host = _host_init_is_faster(state_sharding)
+        on_host = _init_on_host_by_default(state_sharding)
     if not on_host:
         return _run_init(model, optimizer, rng, state_sharding)
     cpu = jax.local_devices(backend="cpu")[0]
@@ -202,7 +206,7 @@ def create_state(
     return jax.device_put(state, state_sharding)
 
 
-def _host_init_is_faster(state_sharding: jax.sharding.Sharding) -> bool:
+def _init_on_host_by_default(state_sharding: jax.sharding.Sharding) -> bool:
     if jax.process_count() > 1 or all(d.platform == "cpu" for d in state_sharding.device_set):
         return False
     try:
@@ -463,23 +467,64 @@ class _StepTrace:
         self.stop()
 
 
-def _compile_in_background(step_fn: Callable, *args: Any) -> concurrent.futures.Future:
-    """Compiles the train step for `args` (shape-dtype structs) in a thread, while the state is
-    initialised or restored and the input pipeline starts: jit's first call of the same
-    signature then reuses the executable (a call that differs compiles anew)."""
-    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step")
-    future = executor.submit(lambda: step_fn.lower(*args).compile())
-    executor.shutdown(wait=False)
-    return future
+class _CompileAhead:
+    """Compiles the train step in a thread while the state is initialised or restored and the
+    input pipeline starts; jit's first call of the same signature then reuses the executable.
+
+    `args` are shape-dtype structs with the shardings of the arrays the loop will pass. A step
+    traced under other thread-local JAX settings (e.g. a caller's `jax.default_matmul_precision`
+    context, which the thread does not inherit) would compile again: then nothing is compiled
+    ahead. Leaving the block waits for the compile, which XLA cannot stop; after an error it
+    logs the error first, and Ctrl-C while it waits exits the process at once.
+    """
+
+    def __init__(self, step_fn: Callable, *args: Any) -> None:
+        self._context = _trace_context()
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
+        self._future = executor.submit(self._compile, step_fn, args)
+        executor.shutdown(wait=False)
+
+    def _compile(self, step_fn: Callable, args: tuple) -> bool:
+        if _trace_context() != self._context:
+            return False
+        step_fn.lower(*args).compile()  # no compiler options: jit's own call must match it
+        return True
+
+    def __enter__(self) -> _CompileAhead:
+        return self
+
+    def __exit__(self, error_type: type | None, error: BaseException | None, *_: Any) -> None:
+        if error_type is not None:
+            if not self._future.done():  # say what went wrong now, not after the compile
+                logging.error("%s: %s", error_type.__name__, error)
+                logging.warning(
+                    "waiting for XLA's compilation of the train step to end before exiting (it "
+                    "cannot be stopped; Ctrl-C exits at once)"
+                )
+                try:
+                    concurrent.futures.wait([self._future])
+                except KeyboardInterrupt:  # Python's own exit would wait for the thread again
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(130)
+            return
+        try:
+            if not self._future.result():
+                logging.info("train step not compiled ahead: the caller's JAX settings differ")
+        except Exception as failure:  # the first step compiles it again, and raises the error
+            logging.warning(
+                "compiling the train step ahead failed: %s: %s",
+                type(failure).__name__,
+                str(failure)[:500],
+            )
 
 
-def _wait_for_compilation(future: concurrent.futures.Future) -> None:
-    try:
-        future.result()
-    except Exception as error:  # the first step compiles it again, and raises what is wrong
-        logging.warning(
-            "compiling the train step ahead failed: %s: %s", type(error).__name__, error
-        )
+def _trace_context() -> Any:
+    """JAX's thread-local settings that key its trace cache (private; None where absent)."""
+    from jax._src import config as jax_config
+
+    trace_context = getattr(jax_config, "trace_context", None)
+    return trace_context() if trace_context else None
 
 
 def _check_config(config: ml_collections.ConfigDict) -> int:
@@ -557,55 +602,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state_sharding = sharding.replicated(mesh)
     abstract_state = jax.eval_shape(_initializer(model, optimizer), init_rng)
     batch_sharding = sharding.batch_sharding(mesh, 2)
-    step_fn = make_train_step(model, optimizer, mesh, state_sharding)
-    step_compiled = None
-    if (manager.latest_step() or 0) < config.num_train_steps:
-        # As the arrays the loop passes, shardings included: jit reuses an executable only for
-        # the same signature.
-        logging.info("compiling the train step while the state and the input pipeline start")
-        micro_steps = config.grad_accum_steps
-        batch_spec = pipeline.train_batch_spec(config.data, config.batch_size)
-        step_compiled = _compile_in_background(
-            step_fn,
-            jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding),
-                abstract_state,
-            ),
-            {
-                key: jax.ShapeDtypeStruct(
-                    (micro_steps, shape[0] // micro_steps, *shape[1:]),
-                    dtype,
-                    sharding=batch_sharding,
-                )
-                for key, (shape, dtype) in batch_spec.items()
-            },
-            step_rng,
-        )
-    state = checkpointing.restore_or_none(manager, abstract_state, state_sharding)
-    if state is None:
-        state = create_state(model, optimizer, init_rng, state_sharding)
-        if config.model.get("pretrained"):
-            state = _load_pretrained(state, model, config, state_sharding)
-        else:
-            logging.info("training from scratch: config.model.pretrained is empty")
-    start_step = int(state.step)
-    train_iter = iter(
-        pipeline.train_dataset(
-            config.data,
-            per_process_batch_size=per_process_batch,
-            seed=config.seed,
-            start_batch=start_step,  # one batch per step
-        )
-    )
-    logging.info(
-        "model %s/%s, %s parameters, start at step %d of %d",
-        config.model.name,
-        config.model.backbone,
-        f"{models.parameter_count(state.params):,}",
-        start_step,
-        config.num_train_steps,
-    )
-
     if config.eval_every_steps:  # checked now, not after the first eval_every_steps of training
         from pan_jax import evaluate
 
@@ -622,6 +618,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             pipeline.num_examples(config.data, config.data.eval_split),  # a wrong split fails now
             config.data.eval_split,
         )
+    step_fn = make_train_step(model, optimizer, mesh, state_sharding)
+    compile_ahead = contextlib.nullcontext()
+    if (manager.latest_step() or 0) < config.num_train_steps:
+        logging.info("compiling the train step while the state and the input pipeline start")
+        micro_steps = config.grad_accum_steps
+        batch_spec = pipeline.train_batch_spec(config.data, config.batch_size)
+        compile_ahead = _CompileAhead(
+            step_fn,
+            jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding),
+                abstract_state,
+            ),
+            {
+                key: jax.ShapeDtypeStruct(
+                    (micro_steps, shape[0] // micro_steps, *shape[1:]),
+                    dtype,
+                    sharding=batch_sharding,
+                )
+                for key, (shape, dtype) in batch_spec.items()
+            },
+            step_rng,
+        )
+    with compile_ahead:
+        state = checkpointing.restore_or_none(manager, abstract_state, state_sharding)
+        if state is None:
+            state = create_state(model, optimizer, init_rng, state_sharding)
+            if config.model.get("pretrained"):
+                state = _load_pretrained(state, model, config, state_sharding)
+            else:
+                logging.info("training from scratch: config.model.pretrained is empty")
+        start_step = int(state.step)
+        train_iter = iter(
+            pipeline.train_dataset(
+                config.data,
+                per_process_batch_size=per_process_batch,
+                seed=config.seed,
+                start_batch=start_step,  # one batch per step
+            )
+        )
+        if start_step < config.num_train_steps:  # the pipeline's start-up overlaps the compile
+            train_iter = itertools.chain([next(train_iter)], train_iter)
+    logging.info(
+        "model %s/%s, %s parameters, start at step %d of %d",
+        config.model.name,
+        config.model.backbone,
+        f"{models.parameter_count(state.params):,}",
+        start_step,
+        config.num_train_steps,
+    )
+
     writer = summary.MetricWriter(workdir_path, enabled=jax.process_index() == 0)
     schedule = learning_rate_schedule(config)
     images_per_step = config.batch_size
@@ -702,9 +748,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 batch = sharding.global_batch(
                     host_batch_for_step(host_batch, config.grad_accum_steps), batch_sharding
                 )
-                if step_compiled is not None:
-                    _wait_for_compilation(step_compiled)
-                    step_compiled = None
                 trace.before_step(step + 1)
                 state, metrics = step_fn(state, batch, step_rng)
                 step += 1
@@ -712,7 +755,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if step == start_step + 1:  # compilation: not part of any rate
                     jax.block_until_ready(state)
                     logging.info(
-                        "first step done %.1f s after the run started",
+                        "first step done %.1f s after train_and_evaluate started",
                         time.perf_counter() - started,
                     )
                     flops_per_image = _flops_per_image(step_fn, (state, batch, step_rng), config)

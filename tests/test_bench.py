@@ -138,19 +138,22 @@ def bench_gpu_commands():
         if line.strip().startswith("run "):
             args = shlex.split(line.strip().removesuffix(";;"))[3:]  # after run NAME SECONDS
             commands.append([*shlex.split(common), *args])
-    values = {"$batch": "64", "$model": "pan", "$out": "out", "$moments": "two_pass"}
+    values = {"$batch": "64", "$model": "pan", "$out": "out"}
     return [[functools.reduce(lambda a, v: a.replace(*v), values.items(), arg) for arg in c]
             for c in commands]  # fmt: skip
 
 
 def test_bench_gpu_script_flags_still_parse():
     commands = bench_gpu_commands()
-    assert len(commands) == 6, commands  # smp pan batch_* bn_moments pointwise compile
+    # In file order: baseline smp pan compile batch_* bn_moments pointwise
+    assert len(commands) == 7, commands
     for command in commands:
         parse_bench_flags(*command)
-    first = parse_bench_flags(*commands[0])
-    assert first.what == ["train", "forward"] and first.peer == ["eager"]
-    assert first.batch == ["16"] and first.model == "pan_smp"
+    baseline, smp = (parse_bench_flags(*command) for command in commands[:2])
+    assert smp.what == ["train", "forward"] and smp.peer == ["eager"]
+    assert smp.batch == ["16"] and smp.model == "pan_smp"
+    # The A/Bs' baseline is the smp part's train row: the same step.
+    assert (baseline.what, baseline.batch, baseline.model) == (["train"], ["16"], "pan_smp")
 
 
 def run_bench(*args):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 from pathlib import Path
@@ -253,7 +254,13 @@ SHARDED_SCRIPT = textwrap.dedent(
     first, _ = step(first, first_batch, jax.random.key(1))
     mean = np.asarray(first.batch_stats["backbone"]["stem_bn0"]["mean"])
     bn_error = float(np.max(np.abs(mean - 0.1 * np.asarray(stem).mean(axis=(0, 1, 2)))))
-    print("RESULT", error, bn_error)
+    # The init computed on the host and copied onto all 8 devices equals theirs.
+    states = [train.create_state(model, optimizer, jax.random.key(0), sharding.replicated(mesh),
+                                 on_host=on_host) for on_host in (True, False)]
+    host_init_equal = all(
+        np.array_equal(a, b) and a.sharding == b.sharding and len(a.sharding.device_set) == 8
+        for a, b in zip(*map(jax.tree.leaves, states)))
+    print("RESULT", error, bn_error, host_init_equal)
     """
 )
 
@@ -269,7 +276,8 @@ def test_eight_devices_equal_one_device_and_batchnorm_is_global():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    error, bn_error = map(float, line.split()[1:])
+    error, bn_error = map(float, line.split()[1:3])
+    assert line.split()[3] == "True"  # train.create_state(on_host=True) over 8 devices
     # Float32 rounding of the two reduction orders, grown by two steps: 0.9e-5 to 4.8e-5 over
     # three data seeds with the two-pass BatchNorm statistics, 2.7e-5 to 4.0e-5 with the one-pass
     # ones. A per-device gradient or BatchNorm would be off by far more (bn_error checks the BN).
@@ -310,19 +318,19 @@ def test_create_state_initialises_on_the_host_for_one_process_with_accelerators(
     def devices(platform: str) -> Any:
         return types.SimpleNamespace(device_set=[types.SimpleNamespace(platform=platform)])
 
-    assert train._host_init_is_faster(devices("gpu"))
-    assert train._host_init_is_faster(devices("tpu"))
-    assert not train._host_init_is_faster(devices("cpu"))  # the same backend: nothing to gain
+    assert train._init_on_host_by_default(devices("gpu"))
+    assert train._init_on_host_by_default(devices("tpu"))
+    assert not train._init_on_host_by_default(devices("cpu"))  # the same backend: nothing to gain
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     # Each host's CPU would draw the replicas' values: they must be the same everywhere.
-    assert not train._host_init_is_faster(devices("gpu"))
+    assert not train._init_on_host_by_default(devices("gpu"))
     monkeypatch.setattr(jax, "process_count", lambda: 1)
 
     def no_cpu_backend(backend=None):
         raise RuntimeError(f"Unknown backend {backend}")
 
     monkeypatch.setattr(jax, "local_devices", no_cpu_backend)  # JAX_PLATFORMS=cuda
-    assert not train._host_init_is_faster(devices("gpu"))
+    assert not train._init_on_host_by_default(devices("gpu"))
 
 
 def test_create_state_compiles_as_usual_where_the_backend_refuses_the_option(monkeypatch):
@@ -782,22 +790,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir
     assert record == {name: (Path(workdir) / name).read_text() for name in record}
 
 
-def test_the_train_step_compiles_once_ahead_while_the_run_starts(
-    data_dir, tmp_path, caplog, monkeypatch
-):
-    """The step compiles in a thread during init and the input pipeline's start; its first call
-    must reuse that executable (the batch spec matches what the pipeline yields), not compile
-    it a second time."""
-    started = []
-    compile_in_background = train._compile_in_background
-
-    def recorded(*args):
-        started.append(args)
-        return compile_in_background(*args)
-
-    monkeypatch.setattr(train, "_compile_in_background", recorded)
-    workdir = str(tmp_path / "run")
-    config = tiny_config(data_dir, num_train_steps=2, grad_accum_steps=2)
+def train_step_compiles(config, workdir, caplog) -> tuple[list[str], list[str]]:
+    """(train_step compilations, every log message) of a run, in every thread."""
     jax.config.update("jax_log_compiles", True)  # for every thread (the context is per thread)
     try:
         with caplog.at_level(std_logging.INFO):
@@ -805,10 +799,86 @@ def test_the_train_step_compiles_once_ahead_while_the_run_starts(
     finally:
         jax.config.update("jax_log_compiles", False)
     messages = [r.getMessage() for r in caplog.records]
-    compiles = [m[:200] for m in messages if "compilation of jit(train_step)" in m]
+    return [m[:200] for m in messages if "compilation of jit(train_step)" in m], messages
+
+
+def test_the_train_step_compiles_once_ahead_while_the_run_starts(
+    data_dir, tmp_path, caplog, monkeypatch
+):
+    """The step compiles in a thread during init and the input pipeline's start; its first call
+    must reuse that executable (the batch spec matches what the pipeline yields), not compile
+    it a second time."""
+    started = []
+
+    class Recorded(train._CompileAhead):
+        def _compile(self, step_fn, args):
+            started.append(args)
+            return super()._compile(step_fn, args)
+
+    monkeypatch.setattr(train, "_CompileAhead", Recorded)
+    workdir = str(tmp_path / "run")
+    config = tiny_config(data_dir, num_train_steps=2, grad_accum_steps=2)
+    compiles, messages = train_step_compiles(config, workdir, caplog)
     assert len(started) == 1
     assert len(compiles) == 1, compiles
     # Time to the first step, start-up included, as a user waits for it.
-    assert any(re.fullmatch(r"first step done [\d.]+ s after the run started", m) for m in messages)
+    pattern = r"first step done [\d.]+ s after train_and_evaluate started"
+    assert any(re.fullmatch(pattern, m) for m in messages)
     train.train_and_evaluate(config, workdir)  # finished: nothing to compile ahead
     assert len(started) == 1
+
+
+def test_a_caller_s_jax_context_is_not_compiled_ahead_in_vain(data_dir, tmp_path, caplog):
+    # The thread does not inherit a caller's thread-local settings: its step would differ from
+    # the one the loop calls, and compile twice.
+    with jax.default_matmul_precision("bfloat16"):  # conftest sets "highest" for all
+        compiles, messages = train_step_compiles(
+            tiny_config(data_dir, num_train_steps=1), str(tmp_path / "run"), caplog
+        )
+    assert len(compiles) == 1, compiles
+    assert "train step not compiled ahead: the caller's JAX settings differ" in messages
+
+
+def test_an_error_during_start_up_is_logged_before_the_compile_ends(
+    data_dir, tmp_path, caplog, monkeypatch
+):
+    def broken(*args, **kwargs):
+        raise ValueError("no state today")
+
+    monkeypatch.setattr(train, "create_state", broken)
+    with caplog.at_level(std_logging.INFO), pytest.raises(ValueError, match="no state today"):
+        train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "run"))
+    messages = [r.getMessage() for r in caplog.records]
+    assert "ValueError: no state today" in messages
+    waiting = [i for i, m in enumerate(messages) if m.startswith("waiting for XLA's compilation")]
+    if waiting:  # else the compile had already ended
+        assert waiting[0] > messages.index("ValueError: no state today")
+    # The error leaves no compile running (Python's exit would wait for it).
+    assert not any(t.name.startswith("compile_ahead") for t in threading.enumerate())
+
+
+def test_ctrl_c_while_the_compile_is_awaited_exits_at_once():
+    script = textwrap.dedent(
+        """
+        import os, signal, threading, time, types
+        from pan_jax import train
+
+        def slow_compile():
+            time.sleep(60)
+
+        step_fn = types.SimpleNamespace(
+            lower=lambda *args: types.SimpleNamespace(compile=slow_compile)
+        )
+        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # the second Ctrl-C
+        with train._CompileAhead(step_fn):
+            raise KeyboardInterrupt  # the first one, during start-up
+        """
+    )
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert time.perf_counter() - start < 30  # not the compile's 60 s
+    assert "waiting for XLA's compilation" in result.stderr
+    assert "terminate called" not in result.stderr
