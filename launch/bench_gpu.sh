@@ -32,6 +32,30 @@ export PYTHONUNBUFFERED=1
 read -ra extra <<<"${BENCH_EXTRA_ARGS:-}"
 deadline=$((SECONDS + ${BENCH_BUDGET_S:-560}))
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$parts/gpu.log"
+# Training compiles its step in a thread while it starts (train._CompileAhead); that only pays
+# if this jax reuses the executable at jit's first call (checked in tests with jax 0.10 on CPU).
+timeout 60 python3 - <<'PY' 2>&1 | grep -v -i -e warn -e libtpu | tee -a "$parts/gpu.log"
+import logging
+import jax, jax.numpy as jnp
+from pan_jax import sharding, train
+mesh = sharding.create_mesh()
+state, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+step = jax.jit(lambda s, b: (s + b.mean(), b.sum()), in_shardings=(state, batch),
+               out_shardings=(state, state), donate_argnums=0)
+s = jax.device_put(jnp.ones((1024,)), state)
+b = jax.device_put(jnp.ones((8 * jax.device_count(), 16)), batch)
+compiles = []
+handler = logging.Handler()
+handler.emit = lambda r: compiles.append(r) if "XLA compilation of jit(" in r.getMessage() else 0
+logging.getLogger("jax").addHandler(handler)
+jax.config.update("jax_log_compiles", True)
+with train._CompileAhead(step, *(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+                                 for a in (s, b))):
+    pass
+step(s, b)
+print(f"compile ahead (jax {jax.__version__}): {len(compiles)} compile(s) of the step,",
+      "reused" if len(compiles) == 1 else "NOT reused: the first step compiles again")
+PY
 echo gpu >"$parts/order"
 
 collect() {  # merges the parts into OUTDIR (see the top)

@@ -462,3 +462,18 @@ def test_time_init_compares_the_host_and_the_devices_on_an_accelerator(monkeypat
     monkeypatch.setattr(bench.jax, "default_backend", lambda: "cpu")
     bench.time_train_inits({}, lambda: None)
     assert calls == [None]  # on a CPU the host is the device
+
+
+def test_bench_gpu_script_checks_that_compiling_ahead_is_reused():
+    with open(os.path.join(ROOT, "launch", "bench_gpu.sh")) as f:
+        check = re.search(r"timeout 60 python3 - <<'PY'.*?\n(.*?)\nPY\n", f.read(), re.S).group(1)
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 compile(s) of the step, reused" in result.stdout
