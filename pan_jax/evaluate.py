@@ -604,13 +604,16 @@ def evaluate_dataset(
             log_progress(now)
             last_log = now
 
-    def log_progress(now: float) -> None:
+    def log_progress(now: float, done: bool = False) -> None:
         rate = num_images / max(now - start, 1e-9)
-        eta = (num_images_hint - num_images) / rate if num_images_hint else float("nan")
+        eta = ""  # none without a hint, or once done
+        if num_images_hint and not done:
+            eta = f", ETA {max(num_images_hint - num_images, 0) / rate:.0f} s"
         logging.info(
-            "eval: %d%s images, %.2f img/s, ETA %.0f s",
+            "eval%s: %d%s images, %.2f img/s%s",
+            " done" if done else "",
             num_images,
-            f"/{num_images_hint}" if num_images_hint else "",
+            f"/{num_images_hint}" if num_images_hint and not done else "",
             rate,
             eta,
         )
@@ -640,7 +643,7 @@ def evaluate_dataset(
     while pending:
         confusion = add(confusion, pending.popleft())
     if num_images:
-        log_progress(time.perf_counter())
+        log_progress(time.perf_counter(), done=True)
     confusion = metrics.allreduce(confusion)
     total_images = int(metrics.allreduce(np.array([[num_images]], np.int64))[0, 0])
     result = metrics.compute_metrics(confusion)

@@ -2,6 +2,8 @@
 
 import functools
 import json
+import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -498,3 +500,20 @@ def test_images_are_spread_over_the_local_devices(tmp_path):
         text = program.read_text()
         for collective in ("all-reduce", "all-gather", "collective-permute", "all-to-all"):
             assert f" {collective}(" not in text, (program.name, collective)
+
+
+@pytest.mark.parametrize("hint", [None, 1])
+def test_the_last_progress_line_has_no_eta(model_and_variables, caplog, hint):
+    model, variables = model_and_variables
+    image = random_image(128, 128)
+    label = np.zeros((128, 128), np.int32)
+    with caplog.at_level(logging.INFO):
+        evaluate.evaluate_dataset(
+            model,
+            variables,
+            [{"image": image, "label": label}],
+            num_classes=NUM_CLASSES,
+            num_images_hint=hint,
+        )
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval")]
+    assert re.fullmatch(r"eval done: 1 images, [\d.]+ img/s", lines[-1]), lines  # was "ETA nan s"
