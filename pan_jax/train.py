@@ -508,6 +508,8 @@ class _CompileAhead:
                     sys.stderr.flush()
                     os._exit(130)
             return
+        if not self._future.done():
+            logging.info("waiting for the train step's compilation ...")
         try:
             if not self._future.result():
                 logging.info("train step not compiled ahead: the caller's JAX settings differ")
@@ -739,7 +741,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         with _Preemption() as preemption, trace:
             step = start_step
             if step < config.num_train_steps:
-                logging.info("first step (waits for the train step's compilation) ...")
+                logging.info("first step ...")
             while step < config.num_train_steps:
                 host_batch = next(train_iter)
                 if config.get("log_batch_digests"):
