@@ -32,12 +32,12 @@ export PYTHONUNBUFFERED=1
 read -ra extra <<<"${BENCH_EXTRA_ARGS:-}"
 deadline=$((SECONDS + ${BENCH_BUDGET_S:-560}))
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$parts/gpu.log"
-# Training compiles its step in a thread while it starts (train._CompileAhead); that only pays
+# Training compiles its step in a thread while it starts (pan_jax.compile_ahead); that only pays
 # if this jax reuses the executable at jit's first call (checked in tests with jax 0.10 on CPU).
 timeout 60 python3 - <<'PY' 2>&1 | grep -v -i -e warn -e libtpu | tee -a "$parts/gpu.log"
 import logging
 import jax, jax.numpy as jnp
-from pan_jax import sharding, train
+from pan_jax import compile_ahead, sharding
 mesh = sharding.create_mesh()
 state, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 step = jax.jit(lambda s, b: (s + b.mean(), b.sum()), in_shardings=(state, batch),
@@ -49,8 +49,8 @@ handler = logging.Handler()
 handler.emit = lambda r: compiles.append(r) if "XLA compilation of jit(" in r.getMessage() else 0
 logging.getLogger("jax").addHandler(handler)
 jax.config.update("jax_log_compiles", True)
-with train._CompileAhead(step, *(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
-                                 for a in (s, b))):
+structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in (s, b)]
+with compile_ahead.CompileAhead(step, *structs):
     pass
 step(s, b)
 print(f"compile ahead (jax {jax.__version__}): {len(compiles)} compile(s) of the step,",

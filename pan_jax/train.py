@@ -11,14 +11,11 @@ train step on machines that have only jax, flax and optax.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import itertools
 import math
-import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -32,7 +29,7 @@ from absl import logging
 from flax import traverse_util
 from jax import lax
 
-from pan_jax import checkpointing, models, normalization, sharding
+from pan_jax import checkpointing, compile_ahead, models, normalization, sharding
 from pan_jax import flops as flops_lib
 
 if TYPE_CHECKING:  # the benchmark runs this module where ml_collections is not installed
@@ -467,68 +464,6 @@ class _StepTrace:
         self.stop()
 
 
-class _CompileAhead:
-    """Compiles the train step in a thread while the state is initialised or restored and the
-    input pipeline starts; jit's first call of the same signature then reuses the executable.
-
-    `args` are shape-dtype structs with the shardings of the arrays the loop will pass. A step
-    traced under other thread-local JAX settings (e.g. a caller's `jax.default_matmul_precision`
-    context, which the thread does not inherit) would compile again: then nothing is compiled
-    ahead. Leaving the block waits for the compile, which XLA cannot stop; after an error it
-    logs the error first, and Ctrl-C while it waits exits the process at once.
-    """
-
-    def __init__(self, step_fn: Callable, *args: Any) -> None:
-        self._context = _trace_context()
-        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
-        self._future = executor.submit(self._compile, step_fn, args)
-        executor.shutdown(wait=False)
-
-    def _compile(self, step_fn: Callable, args: tuple) -> bool:
-        if _trace_context() != self._context:
-            return False
-        step_fn.lower(*args).compile()  # no compiler options: jit's own call must match it
-        return True
-
-    def __enter__(self) -> _CompileAhead:
-        return self
-
-    def __exit__(self, error_type: type | None, error: BaseException | None, *_: Any) -> None:
-        if error_type is not None:
-            if not self._future.done():  # say what went wrong now, not after the compile
-                logging.error("%s: %s", error_type.__name__, error)
-                logging.warning(
-                    "waiting for XLA's compilation of the train step to end before exiting (it "
-                    "cannot be stopped; Ctrl-C exits at once)"
-                )
-                try:
-                    concurrent.futures.wait([self._future])
-                except KeyboardInterrupt:  # Python's own exit would wait for the thread again
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(130)
-            return
-        if not self._future.done():
-            logging.info("waiting for the train step's compilation ...")
-        try:
-            if not self._future.result():
-                logging.info("train step not compiled ahead: the caller's JAX settings differ")
-        except Exception as failure:  # the first step compiles it again, and raises the error
-            logging.warning(
-                "compiling the train step ahead failed: %s: %s",
-                type(failure).__name__,
-                str(failure)[:500],
-            )
-
-
-def _trace_context() -> Any:
-    """JAX's thread-local settings that key its trace cache (private; None where absent)."""
-    from jax._src import config as jax_config
-
-    trace_context = getattr(jax_config, "trace_context", None)
-    return trace_context() if trace_context else None
-
-
 def _check_config(config: ml_collections.ConfigDict) -> int:
     """Checks the fields a run would otherwise trip over later, deep inside; returns the
     per-process batch size."""
@@ -621,12 +556,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             config.data.eval_split,
         )
     step_fn = make_train_step(model, optimizer, mesh, state_sharding)
-    compile_ahead = contextlib.nullcontext()
+    ahead = contextlib.nullcontext()
     if (manager.latest_step() or 0) < config.num_train_steps:
         logging.info("compiling the train step while the state and the input pipeline start")
         micro_steps = config.grad_accum_steps
         batch_spec = pipeline.train_batch_spec(config.data, config.batch_size)
-        compile_ahead = _CompileAhead(
+        ahead = compile_ahead.CompileAhead(
             step_fn,
             jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding),
@@ -642,7 +577,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             },
             step_rng,
         )
-    with compile_ahead:
+    with ahead:
         state = checkpointing.restore_or_none(manager, abstract_state, state_sharding)
         if state is None:
             state = create_state(model, optimizer, init_rng, state_sharding)

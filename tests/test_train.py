@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from configs import demo
-from pan_jax import checkpointing, compile_cache, convert, sharding, train
+from pan_jax import checkpointing, compile_ahead, compile_cache, convert, sharding, train
 from pan_jax import flops as flops_lib
 from pan_jax.data import pipeline, synthetic
 from tests.helpers import HUB_RESNET18, resnet18_safetensors
@@ -810,12 +810,12 @@ def test_the_train_step_compiles_once_ahead_while_the_run_starts(
     it a second time."""
     started = []
 
-    class Recorded(train._CompileAhead):
+    class Recorded(compile_ahead.CompileAhead):
         def _compile(self, step_fn, args):
             started.append(args)
             return super()._compile(step_fn, args)
 
-    monkeypatch.setattr(train, "_CompileAhead", Recorded)
+    monkeypatch.setattr(compile_ahead, "CompileAhead", Recorded)
     workdir = str(tmp_path / "run")
     config = tiny_config(data_dir, num_train_steps=2, grad_accum_steps=2)
     compiles, messages = train_step_compiles(config, workdir, caplog)
@@ -861,7 +861,7 @@ def test_ctrl_c_while_the_compile_is_awaited_exits_at_once():
     script = textwrap.dedent(
         """
         import os, signal, threading, time, types
-        from pan_jax import train
+        from pan_jax import compile_ahead
 
         def slow_compile():
             time.sleep(60)
@@ -870,7 +870,7 @@ def test_ctrl_c_while_the_compile_is_awaited_exits_at_once():
             lower=lambda *args: types.SimpleNamespace(compile=slow_compile)
         )
         threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # the second Ctrl-C
-        with train._CompileAhead(step_fn):
+        with compile_ahead.CompileAhead(step_fn):
             raise KeyboardInterrupt  # the first one, during start-up
         """
     )
