@@ -613,7 +613,7 @@ def evaluate_dataset(
             "eval%s: %d%s images, %.2f img/s%s",
             " done" if done else "",
             num_images,
-            f"/{num_images_hint}" if num_images_hint and not done else "",
+            f"/{num_images_hint}" if num_images_hint else "",
             rate,
             eta,
         )

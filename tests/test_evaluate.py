@@ -516,4 +516,6 @@ def test_the_last_progress_line_has_no_eta(model_and_variables, caplog, hint):
             num_images_hint=hint,
         )
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval")]
-    assert re.fullmatch(r"eval done: 1 images, [\d.]+ img/s", lines[-1]), lines  # was "ETA nan s"
+    count = "1" if hint is None else "1/1"  # this process's images, of its share
+    expected = rf"eval done: {count} images, [\d.]+ img/s"
+    assert re.fullmatch(expected, lines[-1]), lines  # it ended in "ETA nan s"

@@ -325,4 +325,4 @@ def test_evaluation_across_two_processes_sums_the_confusion_matrices(tmp_path, s
     assert report["miou"] == pytest.approx(single["miou"], abs=1e-12)
     # Each process scored only its half, yet both report the global result.
     for log in logs:
-        assert "eval: 6/6 images" in log and "| 12 images" in log, log[-3000:]
+        assert "eval done: 6/6 images" in log and "| 12 images" in log, log[-3000:]
