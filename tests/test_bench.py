@@ -156,6 +156,18 @@ def test_bench_gpu_script_flags_still_parse():
     assert (baseline.what, baseline.batch, baseline.model) == (["train"], ["16"], "pan_smp")
 
 
+def run_python(script: str) -> subprocess.CompletedProcess:
+    """`script` in a fresh CPU-only Python at the repository's root."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def run_bench(*args):
     return subprocess.run(
         [sys.executable, "-m", "pan_jax.bench", *args],
@@ -426,14 +438,7 @@ def test_bench_runs_without_tfds_grain_or_ml_collections(tmp_path):
         f"            '--time_init', '--json={tmp_path / 'b.json'}']\n"
         "runpy.run_module('pan_jax.bench', run_name='__main__')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python(script)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "b.json").read_text())["results"]
     assert [r["what"] for r in rows] == ["train", "forward"]
@@ -467,13 +472,6 @@ def test_time_init_compares_the_host_and_the_devices_on_an_accelerator(monkeypat
 def test_bench_gpu_script_checks_that_compiling_ahead_is_reused():
     with open(os.path.join(ROOT, "launch", "bench_gpu.sh")) as f:
         check = re.search(r"timeout 60 python3 - <<'PY'.*?\n(.*?)\nPY\n", f.read(), re.S).group(1)
-    result = subprocess.run(
-        [sys.executable, "-c", check],
-        cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python(check)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 compile(s) of the step, reused" in result.stdout
