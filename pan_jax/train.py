@@ -341,6 +341,21 @@ def make_train_step(
     )
 
 
+def _abstract_step_batch(
+    batch_spec: dict[str, tuple[tuple[int, ...], Any]], micro_steps: int
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """What `host_batch_for_step` makes of a batch of `batch_spec`, as shape-dtype structs."""
+    return {
+        key: jax.ShapeDtypeStruct((micro_steps, shape[0] // micro_steps, *shape[1:]), dtype)
+        for key, (shape, dtype) in batch_spec.items()
+    }
+
+
+def _placed(tree: Any, placement: jax.sharding.Sharding) -> Any:
+    """Shape-dtype structs of `tree` with the sharding its arrays will have."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), tree)
+
+
 def host_batch_for_step(batch: dict[str, np.ndarray], micro_steps: int) -> dict[str, np.ndarray]:
     """(B, ...) rows of this process → (micro_steps, B / micro_steps, ...)."""
     out = {}
@@ -559,22 +574,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ahead = contextlib.nullcontext()
     if (manager.latest_step() or 0) < config.num_train_steps:
         logging.info("compiling the train step while the state and the input pipeline start")
-        micro_steps = config.grad_accum_steps
         batch_spec = pipeline.train_batch_spec(config.data, config.batch_size)
         ahead = compile_ahead.CompileAhead(
             step_fn,
-            jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding),
-                abstract_state,
-            ),
-            {
-                key: jax.ShapeDtypeStruct(
-                    (micro_steps, shape[0] // micro_steps, *shape[1:]),
-                    dtype,
-                    sharding=batch_sharding,
-                )
-                for key, (shape, dtype) in batch_spec.items()
-            },
+            _placed(abstract_state, state_sharding),
+            _placed(_abstract_step_batch(batch_spec, config.grad_accum_steps), batch_sharding),
             step_rng,
         )
     with ahead:

@@ -12,8 +12,6 @@ import torch
 # compiled something crashes the process.
 import torchvision
 
-from pan_jax.models import random_variables  # noqa: F401 - the tests' stand-in for model.init
-
 # Where the Hugging Face Hub serves timm's torchvision ResNet-18 ("imagenet" for resnet18).
 HUB_RESNET18 = "/timm/resnet18.tv_in1k/resolve/main/model.safetensors"
 

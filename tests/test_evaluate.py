@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pan_jax import checkpointing, evaluate, metrics, models
+from pan_jax.models import random_variables
 from pan_jax.models.layers import resize_bilinear
-from tests.helpers import random_variables
 
 NUM_CLASSES = 5
 

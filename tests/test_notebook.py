@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from pan_jax import checkpointing, evaluate, models
-from tests.helpers import random_variables
+from pan_jax.models import random_variables
 
 NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "pan_jax_colab.ipynb"
 

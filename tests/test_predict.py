@@ -13,7 +13,7 @@ from cityscapesscripts.helpers import labels as cs_labels
 from PIL import Image
 
 from pan_jax import checkpointing, evaluate, models, predict
-from tests.helpers import random_variables
+from pan_jax.models import random_variables
 
 NUM_CLASSES = 21  # VOC-like: the masks are palette PNGs
 

@@ -851,8 +851,7 @@ def test_an_error_during_start_up_is_logged_before_the_compile_ends(
     messages = [r.getMessage() for r in caplog.records]
     assert "ValueError: no state today" in messages
     waiting = [i for i, m in enumerate(messages) if m.startswith("waiting for XLA's compilation")]
-    if waiting:  # else the compile had already ended
-        assert waiting[0] > messages.index("ValueError: no state today")
+    assert waiting and waiting[0] > messages.index("ValueError: no state today")
     # The error leaves no compile running (Python's exit would wait for it).
     assert not any(t.name.startswith("compile_ahead") for t in threading.enumerate())
 
