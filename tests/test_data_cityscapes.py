@@ -152,7 +152,17 @@ def test_coarse_validation_is_refused_coarse_training_allowed(built):
         data.load_source(cfg, "validation")
     with pytest.raises(ValueError, match="coarse labels"):
         data.eval_dataset(cfg, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="coarse labels"):  # not only the expression's first part
+        data.load_source(cfg, "train_extra[:1]+validation")
     assert len(data.load_source(cfg, "train_extra")) == 2
+
+
+def test_split_unions_are_read_and_each_part_checked(built):
+    cfg, _ = built
+    both = len(data.load_source(cfg, "train")) + len(data.load_source(cfg, "validation"))
+    assert len(data.load_source(cfg, "train+validation")) == both  # e.g. for the test server
+    with pytest.raises(ValueError, match=r"no split 'val' \(in 'train\+val\[:1\]'"):
+        data.load_source(cfg, "train+val[:1]")
 
 
 def test_missing_zips_error_says_where_they_come_from(tmp_path):
@@ -162,10 +172,23 @@ def test_missing_zips_error_says_where_they_come_from(tmp_path):
     (tmp_path / "manual").mkdir()
     (tmp_path / "manual" / "unrelated.txt").write_text("x")
     with pytest.raises(
-        FileNotFoundError, match=r"gtFine_trainvaltest\.zip.*cityscapes-dataset\.com"
+        FileNotFoundError, match=r"gtFine_trainvaltest\.zip MISSING.*cityscapes-dataset\.com"
     ):
         data.prepare(cfg)
     assert not tfds.builder("cityscapes/semantic_segmentation", data_dir=cfg.data_dir).is_prepared()
+
+
+def test_the_extra_configs_missing_zips_are_the_ones_named(tmp_path):
+    make_zips(tmp_path / "manual")  # the fine config's zips: the extra one needs other labels
+    cfg = data.default_data_config("cityscapes/semantic_segmentation_extra")
+    cfg.data_dir, cfg.manual_dir = str(tmp_path / "tfds"), str(tmp_path / "manual")
+    with pytest.raises(FileNotFoundError) as error:
+        data.prepare(cfg)
+    message = str(error.value)
+    assert "leftImg8bit_trainvaltest.zip found" in message
+    assert "leftImg8bit_trainextra.zip MISSING" in message
+    assert "gtCoarse.zip MISSING" in message
+    assert "gtFine" not in message
 
 
 def test_label_ids_past_33_are_refused_not_ignored():

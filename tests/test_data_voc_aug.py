@@ -475,3 +475,58 @@ def test_float_sbd_masks_must_hold_whole_classes(tmp_path, dtype):
     path.write_bytes(_mat(mask))
     with pytest.raises(voc_aug.VocAugError, match=rf"cls/{S1}\.mat holds .*\[2\.5\], expected"):
         voc_aug._check_mask(voc_aug._read_sbd_mask(epath.Path(path)), path)
+
+
+def test_moved_archives_are_extracted_from_where_they_are_now(tmp_path):
+    # The md5-named link of the first build pointed at the old place: the rebuild failed on it,
+    # or, with another file now under the old name, would have extracted that one.
+    masks, _ = make_archives(tmp_path / "old")
+    cfg = _config(tmp_path)
+    cfg.manual_dir = str(tmp_path / "old")
+    data.prepare(cfg)
+    shutil.rmtree(tmp_path / "tfds" / "downloads" / "extracted")  # frees the disk
+    shutil.rmtree(tmp_path / "tfds" / "voc_aug")
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    make_archives(tmp_path / "old", voc_masks={**masks, E: np.zeros_like(masks[E])})
+    (tmp_path / "old" / voc_aug.VOC.file_name).write_bytes(
+        (tmp_path / "new" / voc_aug.VOC.file_name).read_bytes()[:2048]  # and cut short
+    )
+    cfg.manual_dir = str(tmp_path / "new")
+    data.prepare(cfg)
+    assert np.array_equal(_records(cfg, "val")[E]["label"], masks[E])
+
+
+def test_an_archive_cut_short_is_named_with_its_md5(tmp_path):
+    make_archives(tmp_path / "manual")
+    voc_tar = tmp_path / "manual" / voc_aug.VOC.file_name
+    with tarfile.open(voc_tar) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(f"{E}.png"))
+    voc_tar.write_bytes(voc_tar.read_bytes()[: member.offset_data + member.size // 2])
+    with pytest.raises(voc_aug.VocAugError) as error:
+        data.prepare(_config(tmp_path))
+    message = str(error.value)
+    assert f"Not the official archive: {voc_tar} ({voc_tar.stat().st_size:,} bytes" in message
+    assert "download it again" in message
+    assert not tfds.builder("voc_aug", data_dir=str(tmp_path / "tfds")).is_prepared()
+
+
+def test_voc_masks_are_read_through_epath_as_in_a_bucket(tmp_path, monkeypatch):
+    # launch/README.md builds into data_dir=gs://...: tfds extracts there, and PIL, handed the
+    # path, would open it as a local file. A gs:// bucket is emulated by etils' mock_epath.
+    from etils.epath import gpath
+    from etils.epath import testing as epath_testing
+
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # else tf.io.gfile serves it
+    local = tmp_path / "bucket"
+    (local / "SegmentationClass").mkdir(parents=True)
+    (local / "SegmentationClass" / f"{E}.png").write_bytes(_png_p(_voc_mask(E)))
+
+    def to_local(path):
+        return str(path).replace("gs://bucket", str(local))
+
+    with epath_testing.mock_epath(
+        open=lambda open_, path, mode: open_(to_local(path), mode),
+        exists=lambda exists, path: exists(to_local(path)),
+    ):
+        mask = voc_aug._read_voc_mask(epath.Path(f"gs://bucket/SegmentationClass/{E}.png"))
+    assert np.array_equal(mask, _voc_mask(E))

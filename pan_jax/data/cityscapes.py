@@ -40,13 +40,26 @@ TFDS_CONFIGS = ("semantic_segmentation", "semantic_segmentation_extra")
 COARSE_EVAL_SPLITS = {"semantic_segmentation_extra": ("validation",)}
 
 
-def check_manual_zips(manual_dir: epath.PathLike) -> None:
-    """Refuses, before tfds extracts anything, a zip that is not readable or an image zip with a
-    file tfds' builder cannot read as an image where it lists images (naming the zip and files)."""
-    for name in MANUAL_FILES + EXTRA_MANUAL_FILES:
-        path = epath.Path(manual_dir) / name
-        if not path.exists():
-            continue  # tfds' builder reports the zips its config needs
+def manual_files(config: str) -> tuple[str, ...]:
+    """The zips tfds' builder reads for `config` (one of TFDS_CONFIGS)."""
+    if config == "semantic_segmentation_extra":  # coarse labels for every split, no gtFine
+        return (MANUAL_FILES[0], *EXTRA_MANUAL_FILES)
+    return MANUAL_FILES
+
+
+def check_manual_zips(manual_dir: epath.PathLike, config: str) -> None:
+    """Refuses, before tfds extracts anything, a missing or unreadable zip, or an image zip with
+    a file tfds' builder cannot read as an image where it lists images (naming the zip and files).
+    """
+    paths = [epath.Path(manual_dir) / name for name in manual_files(config)]
+    if not all(path.exists() for path in paths):
+        listing = "; ".join(f"{path} {'found' if path.exists() else 'MISSING'}" for path in paths)
+        raise FileNotFoundError(
+            f"cityscapes/{config} is built from {len(paths)} zips: {listing}. Download the "
+            "missing ones from https://www.cityscapes-dataset.com/downloads/ (free registration) "
+            "into that folder (data.manual_dir), unextracted."
+        )
+    for path in paths:
         try:
             with path.open("rb") as file, zipfile.ZipFile(file) as archive:
                 members = archive.namelist()

@@ -162,19 +162,11 @@ def prepare(data_config: Any) -> None:
     manual_dir = getattr(data_config, "manual_dir", None)
     if spec.tfds_name.startswith("cityscapes"):
         default_manual_dir = epath.Path(builder.data_dir_root) / "downloads" / "manual"
-        cityscapes.check_manual_zips(manual_dir or default_manual_dir)
+        cityscapes.check_manual_zips(
+            manual_dir or default_manual_dir, spec.tfds_name.partition("/")[2]
+        )
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    try:
-        builder.download_and_prepare(file_format="array_record", download_config=download_config)
-    except AssertionError as e:
-        if not spec.tfds_name.startswith("cityscapes"):
-            raise
-        # tfds' Cityscapes builder asserts on missing zips; say where they come from.
-        raise FileNotFoundError(
-            f"cityscapes: {e}. Download {' and '.join(cityscapes.MANUAL_FILES)} from "
-            "https://www.cityscapes-dataset.com/downloads/ (free registration) into the manual "
-            f"dir ({manual_dir or '<data_dir>/downloads/manual'}), unextracted."
-        ) from e
+    builder.download_and_prepare(file_format="array_record", download_config=download_config)
 
 
 def _check_random_access(builder: tfds.core.DatasetBuilder) -> None:
@@ -260,18 +252,20 @@ class SegmentationSource(Sequence):
                 "--file_format=array_record`)"
             )
         _check_random_access(builder)
-        split_name = split.split("[")[0]
-        if split_name not in builder.info.splits:
-            raise ValueError(
-                f"{spec.tfds_name} has no split {split_name!r} (data.train_split / "
-                f"data.eval_split); it has {sorted(builder.info.splits)}"
-            )
         config = spec.tfds_name.partition("/")[2]
-        if split_name in cityscapes.COARSE_EVAL_SPLITS.get(config, ()):
-            raise ValueError(
-                f"{spec.tfds_name}/{split_name} has coarse labels (tfds puts gtCoarse into every "
-                "split of this config); use name='cityscapes' (semantic_segmentation) to evaluate"
-            )
+        # tfds' split expressions: "train", "train[:10%]", "train+validation[:5]".
+        for split_name in (part.split("[")[0].strip() for part in split.split("+")):
+            if split_name not in builder.info.splits:
+                raise ValueError(
+                    f"{spec.tfds_name} has no split {split_name!r} (in {split!r}: "
+                    f"data.train_split / data.eval_split); it has {sorted(builder.info.splits)}"
+                )
+            if split_name in cityscapes.COARSE_EVAL_SPLITS.get(config, ()):
+                raise ValueError(
+                    f"{spec.tfds_name}/{split_name} has coarse labels (tfds puts gtCoarse into "
+                    "every split of this config); use name='cityscapes' (semantic_segmentation) "
+                    "to evaluate"
+                )
         self.spec, self.split, self.on_corrupt = spec, split, on_corrupt
         self.num_skipped = 0
         skip = tfds.decode.SkipDecoding()  # Decoded here, with errors that name the file.

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 from PIL import Image
+from tensorflow_datasets.core.download import extractor as tfds_extractor
 
 CLASS_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -234,7 +235,9 @@ def _read_voc_mask(path: epath.Path) -> np.ndarray:
     if not path.exists():
         raise VocAugError(f"voc_aug: missing VOC mask {path}")
     try:
-        with Image.open(path) as mask:
+        # A file object, not the path: PIL opens any path as a local file, and the extraction
+        # may be in a bucket (data_dir=gs://...).
+        with path.open("rb") as f, Image.open(f) as mask:
             if mask.mode not in ("P", "L"):
                 raise VocAugError(
                     f"voc_aug: {path} has PIL mode {mask.mode}, expected a palette ('P') PNG "
@@ -345,6 +348,30 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         archives = locate_archives(dl_manager)
         md5s = {key: _md5(archives[key]) for key in ARCHIVES}
+        try:
+            return self._splits(dl_manager, archives, md5s)
+        except (VocAugError, tfds_extractor.ExtractError) as error:
+            # tfds names its link to the archive, and a tar cut between two members extracts
+            # "fine" and fails later on a missing file: point at the user's archive instead.
+            unofficial = [
+                f"{archives[key]} ({archives[key].stat().length:,} bytes, md5 {md5s[key]}; "
+                f"the official {ARCHIVES[key].description} has md5 {ARCHIVES[key].md5})"
+                for key in ARCHIVES
+                if md5s[key] != ARCHIVES[key].md5
+            ]
+            if not unofficial:
+                raise
+            raise VocAugError(
+                f"{error}\nNot the official archive: {'; '.join(unofficial)}. If a download was "
+                "cut short or replaced by an error page, download it again."
+            ) from error
+
+    def _splits(
+        self,
+        dl_manager: tfds.download.DownloadManager,
+        archives: dict[str, epath.Path],
+        md5s: dict[str, str],
+    ) -> dict:
         official = all(md5s[key] == ARCHIVES[key].md5 for key in ARCHIVES)
         roots = {}
         for key, inside in (("voc", "VOCdevkit/VOC2012"), ("sbd", "benchmark_RELEASE/dataset")):
@@ -389,10 +416,15 @@ def _extract(
     link named `<md5>.<name>`; where no link can be made (a bucket), the archive itself.
     """
     link = epath.Path(dl_manager.download_dir) / "archives_by_md5" / f"{md5}.{archive.name}"
+    target = os.path.abspath(archive)
     try:
-        if not os.path.lexists(link):
+        # An earlier build's link may point where the archive no longer is (moved, or replaced
+        # by another file of that name): re-point it, atomically.
+        if not os.path.lexists(link) or os.readlink(link) != target:
             link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(os.path.abspath(archive), link)
+            fresh = link.with_name(f"{link.name}.{os.getpid()}.tmp")
+            os.symlink(target, fresh)
+            os.replace(fresh, link)
     except (OSError, NotImplementedError, TypeError):
         link = archive
     return epath.Path(dl_manager.extract(link))
