@@ -96,8 +96,20 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict, ModelSpec]:
     model = model_from_spec(spec)
     size = model.min_input_size
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-    with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(path / "variables", template)
+    where = f"{path / 'variables'} does not fit the model of {spec_file}"
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(path / "variables", template)
+    except (ValueError, KeyError) as error:  # another structure (e.g. another backbone)
+        raise CheckpointMismatchError(f"{where}: {error}") from error
+    # orbax restores an array of another shape as it is stored (e.g. num_classes edited).
+    stored_leaves = jax.tree_util.tree_leaves_with_path(variables)
+    for (key_path, stored), expected in zip(stored_leaves, jax.tree.leaves(template), strict=True):
+        if stored.shape != expected.shape:
+            raise CheckpointMismatchError(
+                f"{where}: {jax.tree_util.keystr(key_path)} is stored as {stored.shape}, the "
+                f"model has {expected.shape}"
+            )
     return variables, spec
 
 

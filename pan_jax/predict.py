@@ -26,9 +26,10 @@ otherwise the default is 16, so every size SMP's PAN accepts (multiples of its o
 16 or 32) runs unpadded and gives SMP's own masks. --pad_multiple=1 never pads (one
 compilation per image size).
 
-Inputs: a file, a directory (every file with an image extension PIL knows, recursively) or a glob.
+Inputs: a file, a directory (every file in a format PIL decodes, recursively) or a glob.
 Images are read with PIL in any mode: EXIF orientation is applied, grayscale/palette/CMYK are
-converted to RGB, alpha is dropped, 16-bit samples are scaled to 8 bits. A file that cannot be
+converted to RGB, alpha is dropped, 16-bit samples are scaled to 8 bits (32-bit and float
+grayscale: see `_gray_to_uint8`). A file that cannot be
 read as an image is reported by name and skipped; the others are still processed, and the exit
 status is 1 if any file failed. A directory or glob skips the files inside --output (a previous
 run's masks). Inputs and options are checked before the model loads: no inputs, or a mask or
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageFile
 
 from pan_jax import checkpointing, evaluate
 from pan_jax.normalization import normalize
@@ -127,6 +128,50 @@ def output_format_for(dataset_name: str | None, num_classes: int) -> str:
     return "voc" if num_classes == 21 else "indices"
 
 
+# EXIF orientation -> the transposition that shows the image upright (as ImageOps.exif_transpose).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(image: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """The image rotated as displayed (camera JPEGs). Not `ImageOps.exif_transpose`: it rewrites
+    the EXIF block, and raises on malformed tags that leave the pixels perfectly readable."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception as e:  # an unreadable EXIF block: shown unrotated by most viewers too
+        logging.warning("%s: EXIF orientation not read (%s); taken as upright", path, e)
+        return image
+    method = _EXIF_TRANSPOSE.get(orientation)
+    return image.transpose(method) if method is not None else image
+
+
+def _gray_to_uint8(image: Image.Image, file_format: str | None) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grayscale image as uint8 (H, W).
+
+    16-bit samples (PIL's I;16 modes, and a PNG's I) span 0..65535: scaled by 1/257, where
+    convert("L") would clip everything above 255 to white. For 32-bit integers and floats
+    the file says nothing of the range: integers within 0..255 are taken as they are, others
+    scaled from 0..65535 (or their maximum, if larger); floats within 0..1 are scaled by 255,
+    others clipped to 0..255.
+    """
+    gray = np.asarray(image).astype(np.float64)
+    top = float(gray.max(initial=0.0))
+    if image.mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0
+    elif image.mode.startswith("I;16") or file_format == "PNG" or top > 255:
+        scale = 255.0 / max(65535.0, top)
+    else:
+        scale = 1.0
+    return np.clip(np.round(gray * scale), 0, 255).astype(np.uint8)
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Reads an image file (local or gs://) as uint8 RGB (H, W, 3), upright.
 
@@ -135,24 +180,16 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     try:
         # Through epath, so that gs:// paths work too (notebooks).
         with epath.Path(path).open("rb") as f, Image.open(f) as opened:
-            image = ImageOps.exif_transpose(opened)  # Camera JPEGs: rotate as displayed.
-            image.load()
-            mode = image.mode
-            if mode.startswith("I;16") or mode == "I":
-                # 16-bit samples (PIL opens 16-bit grayscale PNGs as I;16 or I): convert("L")
-                # would clip everything above 255 to white, so scale 0..65535 to 0..255.
-                gray = np.asarray(image).astype(np.float64)
-                gray = np.clip(np.round(gray / 257.0), 0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=-1)
-            if mode == "F":
-                gray = np.clip(np.round(np.asarray(image)), 0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=-1)
-            if mode == "P":
+            opened.load()
+            image = _upright(opened, path)
+            if image.mode.startswith("I") or image.mode == "F":
+                return np.repeat(_gray_to_uint8(image, opened.format)[..., None], 3, axis=-1)
+            if image.mode == "P":
                 image = image.convert("RGBA")  # A palette may carry transparency.
             # Grayscale, CMYK, YCbCr, alpha modes: PIL's conversion; alpha is dropped (the
             # stored colors are kept as they are under transparent pixels).
             rgb = np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Exception as e:  # PIL's decoders fail on malformed files in many ways
         raise ImageReadError(f"{os.fspath(path)}: cannot read it as an image ({e})") from e
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8 or min(rgb.shape[:2]) < 1:
         raise ImageReadError(f"{os.fspath(path)}: decoded to {rgb.shape} {rgb.dtype}, not RGB")
@@ -213,6 +250,21 @@ def _glob_root(pattern: str) -> str:
     return os.sep.join(literal) or (os.sep if pattern.startswith(os.sep) else os.curdir)
 
 
+def _image_extensions() -> set[str]:
+    """Extensions of the formats PIL decodes by itself. Not the write-only ones (.pdf, .palm),
+    the stubs that need a handler (.h5, .grib), PostScript (Ghostscript) nor MPEG video."""
+    Image.init()
+
+    def decodes(file_format: str) -> bool:
+        factory = Image.OPEN.get(file_format, (None,))[0]
+        return factory is not None and not (
+            isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+        )
+
+    extensions = {ext.lower() for ext, fmt in Image.registered_extensions().items() if decodes(fmt)}
+    return (extensions | {".mpo"}) - {".eps", ".ps", ".mpeg", ".mpg"}  # MPO: JPEG's plugin opens
+
+
 def list_inputs(pattern: str, exclude_dir: str | None = None) -> list[tuple[str, str]]:
     """(path, name for outputs) of every input: a file, a directory (recursive) or a glob.
 
@@ -224,7 +276,7 @@ def list_inputs(pattern: str, exclude_dir: str | None = None) -> list[tuple[str,
     if os.path.isfile(pattern):
         return [(pattern, os.path.splitext(os.path.basename(pattern))[0])]
     if os.path.isdir(pattern):
-        extensions = {ext.lower() for ext in Image.registered_extensions()}
+        extensions = _image_extensions()
         paths = []
         for root, dirs, files in os.walk(pattern):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -256,7 +308,7 @@ def list_inputs(pattern: str, exclude_dir: str | None = None) -> list[tuple[str,
     named = []
     seen: set[str] = set()
     for path in paths:
-        relative = os.path.relpath(path, base) if base else os.path.basename(path)
+        relative = os.path.relpath(path, base or os.curdir)  # '' for a glob like */a.png
         stem = os.path.splitext(relative)[0]
         if stem in seen:  # a.jpg and a.png: keep both outputs apart.
             stem = relative
@@ -299,6 +351,22 @@ def check_outputs_spare_inputs(
             written[resolved] = f"{kind} of {path}"
 
 
+def check_output_format(output_format: str, num_classes: int) -> None:
+    """Refuses a format that cannot hold the model's classes (e.g. a forced --dataset)."""
+    if output_format not in FORMATS:
+        raise ValueError(f"output format {output_format!r}: expected one of {FORMATS}")
+    if output_format == "cityscapes" and num_classes != len(CITYSCAPES_PALETTE):
+        raise ValueError(
+            f"--dataset=cityscapes writes the 19 trainIds as label ids, but the model has "
+            f"{num_classes} classes; use --dataset=indices (or auto)"
+        )
+    if output_format == "voc" and evaluate.mask_classes(num_classes) > 256:
+        raise ValueError(
+            f"--dataset=voc writes 8-bit palette PNGs, but the model has {num_classes} classes; "
+            "use --dataset=indices (16-bit) or auto"
+        )
+
+
 def predict_files(
     model: Any,
     variables: Any,
@@ -313,8 +381,7 @@ def predict_files(
 
     Returns (written mask paths, error messages); a failing file is logged and skipped.
     """
-    if output_format not in FORMATS:
-        raise ValueError(f"output format {output_format!r}: expected one of {FORMATS}")
+    check_output_format(output_format, model.num_classes)
     palette = palette_for(output_format, model.num_classes)
     written, errors = [], []
     for index, (path, name) in enumerate(inputs):
@@ -488,11 +555,20 @@ def main(argv: Sequence[str]) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
 
-    model, variables, spec, step = evaluate.load_model(directory, FLAGS.step)
+    try:
+        model, variables, spec, step = evaluate.load_model(directory, FLAGS.step)
+    except checkpointing.CheckpointMismatchError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     dataset_name = (run_config.get("data") or {}).get("name")
     output_format = FLAGS.dataset
     if output_format == "auto":
         output_format = output_format_for(dataset_name, model.num_classes)
+    try:
+        check_output_format(output_format, model.num_classes)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     logging.info(
         "%s (%s, %d classes, step %s): %d inputs -> %s as %s, %s",
         directory,

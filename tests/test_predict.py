@@ -4,13 +4,14 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from cityscapesscripts.helpers import labels as cs_labels
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pan_jax import checkpointing, evaluate, models, predict
 from pan_jax.models import random_variables
@@ -92,6 +93,76 @@ def test_load_image_names_a_bad_file(inputs, tmp_path):
         predict.load_image(tmp_path / "truncated.png")
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientations_are_pillows(tmp_path, orientation):
+    stored = smooth_rgb(24, 40, orientation)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "a.png", exif=exif)
+    with Image.open(tmp_path / "a.png") as opened:
+        want = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    np.testing.assert_array_equal(predict.load_image(tmp_path / "a.png"), want)
+
+
+def test_a_malformed_exif_tag_does_not_stop_the_image(tmp_path):
+    # Orientation 6 beside YPosition stored as ASCII instead of RATIONAL, as some cameras write:
+    # ImageOps.exif_transpose raised a TypeError rewriting the block, which ended the whole run.
+    def entry(tag, kind, count, value):
+        return struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0")
+
+    entries = [entry(0x0112, 3, 1, struct.pack("<H", 6)), entry(0x011F, 2, 4, b"Cam\0")]
+    tiff = b"II*\0" + struct.pack("<IH", 8, len(entries)) + b"".join(entries) + b"\0" * 4
+    stored = smooth_rgb(24, 32)
+    Image.fromarray(stored).save(tmp_path / "a.png", exif=b"Exif\0\0" + tiff)
+    with Image.open(tmp_path / "a.png") as opened, pytest.raises(TypeError):
+        ImageOps.exif_transpose(opened)
+    np.testing.assert_array_equal(predict.load_image(tmp_path / "a.png"), np.rot90(stored, k=-1))
+
+
+@pytest.mark.parametrize(
+    "values, mode, want",
+    [
+        (np.full((4, 5), 200, np.int32), "I", 200),  # 32-bit integers within 0..255: as they are
+        (np.full((4, 5), 257 * 100, np.int32), "I", 100),  # beyond: as 16-bit samples
+        (np.full((4, 5), 0.5, np.float32), "F", 128),  # floats within 0..1: scaled by 255
+        (np.full((4, 5), 77.0, np.float32), "F", 77),
+    ],
+)
+def test_wide_grayscale_tiffs_keep_their_brightness(tmp_path, values, mode, want):
+    Image.fromarray(values).save(tmp_path / "a.tif")
+    assert Image.open(tmp_path / "a.tif").mode == mode
+    np.testing.assert_array_equal(predict.load_image(tmp_path / "a.tif"), np.full((4, 5, 3), want))
+
+
+def test_a_directory_lists_only_formats_pil_can_open(tmp_path):
+    Image.fromarray(smooth_rgb(8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF-1.4")  # PIL writes PDFs, never reads them
+    (tmp_path / "data.h5").write_bytes(b"\x89HDF")  # a stub: PIL needs a handler for it
+    assert [name for _, name in predict.list_inputs(str(tmp_path))] == ["a"]
+
+
+def test_a_relative_glob_keeps_the_subdirectories(tmp_path, monkeypatch):
+    for folder in ("x", "y", "z"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(smooth_rgb(8, 8)).save(tmp_path / folder / "a.png")
+    monkeypatch.chdir(tmp_path)
+    for pattern in ("*/a.png", "./*/a.png"):
+        names = [name for _, name in predict.list_inputs(pattern)]
+        assert names == [os.path.join(folder, "a") for folder in ("x", "y", "z")], pattern
+
+
+def test_a_forced_format_must_hold_the_models_classes():
+    predict.check_output_format("cityscapes", 19)
+    predict.check_output_format("voc", 256)
+    with pytest.raises(ValueError, match=r"--dataset=cityscapes.*21 classes"):
+        predict.check_output_format("cityscapes", 21)
+    with pytest.raises(ValueError, match=r"--dataset=voc.*301 classes"):
+        predict.check_output_format("voc", 301)
+    with pytest.raises(ValueError, match="expected one of"):
+        predict.check_output_format("coco", 21)
+
+
 def test_list_inputs(inputs):
     root, _ = inputs
     names = dict((os.path.relpath(p, root), n) for p, n in predict.list_inputs(str(root)))
@@ -171,6 +242,47 @@ def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, saved_model, tm
     image = predict.load_image(root / "rgb.jpg")
     classes = predict.segment(model, variables, image, flip=True)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "rgb.png")), classes)
+
+
+def test_predict_refuses_a_format_that_cannot_hold_the_models_classes(saved_model, tmp_path):
+    # --dataset=cityscapes on a 21-class model wrote classes 19 and 20 as label id 0, exit 0.
+    _, _, model_dir = saved_model
+    Image.fromarray(smooth_rgb(40, 40)).save(tmp_path / "a.png")
+    result = run_predict(
+        f"--model_dir={model_dir}",
+        f"--input={tmp_path / 'a.png'}",
+        f"--output={tmp_path / 'out'}",
+        "--dataset=cityscapes",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --dataset=cityscapes")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, names",
+    [({"num_classes": 19}, "['params']['head']['bias'] is stored as (21,), the model has (19,)"),
+     ({"backbone": "resnet34"}, "")],
+)  # fmt: skip
+def test_a_model_json_that_does_not_fit_its_variables_is_named(saved_model, tmp_path, edit, names):
+    # Both were accepted: the first failed on the first image with flax's shape error, the
+    # second with orbax's structure dump; neither named the model directory.
+    _, _, model_dir = saved_model
+    shutil.copytree(model_dir, tmp_path / "m")
+    spec = json.loads((tmp_path / "m" / "model.json").read_text())
+    (tmp_path / "m" / "model.json").write_text(json.dumps({**spec, **edit}))
+    with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+        checkpointing.load_variables(tmp_path / "m")
+    assert f"{tmp_path / 'm' / 'variables'} does not fit the model of" in str(error.value)
+    assert names in str(error.value)
+    Image.fromarray(smooth_rgb(40, 40)).save(tmp_path / "a.png")
+    result = run_predict(
+        f"--model_dir={tmp_path / 'm'}",
+        f"--input={tmp_path / 'a.png'}",
+        f"--output={tmp_path / 'o'}",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'm'}")
 
 
 def test_predict_refuses_to_overwrite_its_inputs(saved_model, tmp_path):
