@@ -53,8 +53,10 @@ def check_spec(saved: ModelSpec, expected: ModelSpec, where: str) -> None:
             differences.append(
                 f"{key}: checkpoint {saved.get(key)!r}, config {expected.get(key)!r}"
             )
-    saved_overrides = json.loads(json.dumps(saved.get("overrides") or {}))
-    expected_overrides = json.loads(json.dumps(expected.get("overrides") or {}))
+    saved_overrides, expected_overrides = (
+        models.explicit_overrides(spec["name"], json.loads(json.dumps(spec.get("overrides") or {})))
+        for spec in (saved, expected)
+    )
     for key in sorted(set(saved_overrides) | set(expected_overrides)):
         if key != "dtype" and saved_overrides.get(key) != expected_overrides.get(key):
             differences.append(
@@ -166,11 +168,16 @@ def default_workdir(config_argument: str) -> str:
 
 
 def prepare_workdir(
-    workdir: str | os.PathLike, config: Any, spec: ModelSpec, manager: ocp.CheckpointManager
+    workdir: str | os.PathLike,
+    config: Any,
+    spec: ModelSpec,
+    manager: ocp.CheckpointManager,
+    optimizer_layout: str | None = None,
 ) -> epath.Path:
     """Writes the resolved config and model spec into the workdir (process 0 only), once the
-    workdir's latest checkpoint, if any, is known to be of the same model: a refused run leaves
-    the record of the run that owns the workdir as it was.
+    workdir's latest checkpoint, if any, is known to be of the same model and optimizer
+    layout (see `save`): a refused run leaves the record of the run that owns the workdir as
+    it was.
 
     Raises CheckpointMismatchError if the latest checkpoint was written for another model.
     """
@@ -178,7 +185,15 @@ def prepare_workdir(
     step = manager.latest_step()
     if step is not None:
         where = f"checkpoint {step} in {manager.directory}"
-        check_spec(_read_meta(manager, step)["model"], spec, where)
+        meta = _read_meta(manager, step)
+        check_spec(meta["model"], spec, where)
+        saved_layout = meta.get("optimizer")  # absent in checkpoints of before 2026-11-27
+        if saved_layout and optimizer_layout and saved_layout != optimizer_layout:
+            raise CheckpointMismatchError(
+                f"{where} holds the optimizer state of {saved_layout}; this config makes "
+                f"{optimizer_layout}, a state of another structure. Resume with the "
+                "checkpoint's setting, or train in another workdir."
+            )
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
         resolved = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
@@ -218,14 +233,14 @@ def save(
     state: Any,
     spec: ModelSpec,
     force: bool = False,
+    optimizer_layout: str | None = None,
 ) -> bool:
-    """Saves the train state and the model spec (every process calls it)."""
+    """Saves the train state, the model spec and the optimizer layout, a description of what
+    the optimizer state's structure depends on (every process calls it)."""
+    meta = {"model": spec, "step": int(step), "optimizer": optimizer_layout}
     return manager.save(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"model": spec, "step": int(step)}),
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=force,
     )
 

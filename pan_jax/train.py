@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import math
 import signal
 import time
@@ -139,6 +140,14 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     return optax.multi_transform(
         {"backbone": sgd(1.0), "decoder": sgd(config.decoder_lr_multiplier)}, labels
     )
+
+
+def optimizer_layout(config: ml_collections.ConfigDict) -> str:
+    """What the structure of `create_optimizer`'s state depends on: a checkpoint restores only
+    into a run of the same layout (stored with it, checked on resume)."""
+    if config.decoder_lr_multiplier == 1.0:
+        return "one SGD for all parameters (config.decoder_lr_multiplier=1.0)"
+    return "an SGD each for the backbone and the decoder (config.decoder_lr_multiplier != 1.0)"
 
 
 def init_state(
@@ -492,10 +501,20 @@ def _check_config(config: ml_collections.ConfigDict) -> int:
             f"config.data.min_scale={config.data.min_scale} and config.data.max_scale="
             f"{config.data.max_scale}: expected 0 < min_scale <= max_scale"
         )
-    if config.model.dtype not in ("float32", "bfloat16", "float16"):
+    for field in ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
+        if config[field] < 1:  # 0 would divide by zero, or (keep) delete every checkpoint
+            raise ValueError(f"config.{field}={config[field]}: expected at least 1")
+    if config.num_train_steps < 0 or config.eval_every_steps < 0:
         raise ValueError(
-            f"config.model.dtype={config.model.dtype!r}: expected 'float32', 'bfloat16' or "
-            "'float16' (the compute dtype; parameters stay float32)"
+            f"config.num_train_steps={config.num_train_steps} and config.eval_every_steps="
+            f"{config.eval_every_steps}: expected at least 0 (eval_every_steps=0: no evaluation)"
+        )
+    # float16 is not offered: without loss scaling, the gradients of the head's weights (sums
+    # over every pixel of the batch) overflow its 65,504 at the paper's 512² crops.
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(
+            f"config.model.dtype={config.model.dtype!r}: expected 'float32' or 'bfloat16' (the "
+            "compute dtype; parameters stay float32)"
         )
     devices = jax.device_count()
     if config.batch_size % devices:
@@ -531,7 +550,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     started = time.perf_counter()
     per_process_batch = _check_config(config)
     spec = model_spec(config)
-    model = create_model(config, spec)  # unknown options fail before the workdir is touched
+    model = create_model(config, spec)
+    optimizer = create_optimizer(config)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    # Traced now: a bad option value fails before the dataset is built and the workdir written.
+    abstract_state = jax.eval_shape(_initializer(model, optimizer), init_rng)
     if config.model.get("pretrained") and not checkpointing.has_checkpoints(workdir):
         # Before the workdir is written and the dataset built (minutes for VOC): a bad name or
         # no network fails now. A resumed run needs no weights, and so no network.
@@ -545,14 +568,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # The data first: a run refused for its data leaves the workdir's record (config.json) of
     # the run that owns it as it was.
     _process_zero_first(functools.partial(pipeline.prepare, config.data), "dataset prepared")
-    workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager)
+    layout = optimizer_layout(config)
+    workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager, layout)
 
     mesh = sharding.create_mesh()
-    optimizer = create_optimizer(config)
-    rng = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
     state_sharding = sharding.replicated(mesh)
-    abstract_state = jax.eval_shape(_initializer(model, optimizer), init_rng)
     batch_sharding = sharding.batch_sharding(mesh, 2)
     if config.eval_every_steps:  # checked now, not after the first eval_every_steps of training
         from pan_jax import evaluate
@@ -670,6 +690,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 )
                 last_timed = (done_step, now)
 
+    def run_eval(step: int) -> None:
+        report = evaluate.evaluate_dataset(
+            model,
+            state.variables,
+            pipeline.eval_dataset(config.data),
+            num_classes=config.data.num_classes,
+            **eval_options,
+        )
+        scalars = {"eval/miou": report["miou"], "eval/pixel_accuracy": report["pixel_accuracy"]}
+        writer.write_scalars(step, scalars)
+        logging.info(
+            "eval at step %d: mIoU %.4f over %d images", step, report["miou"], report["num_images"]
+        )
+
+    if _eval_owed(workdir_path, start_step, config):
+        logging.info("step %d was checkpointed but not evaluated: evaluating it now", start_step)
+        run_eval(start_step)
+
     # After the step that compiles, so the trace holds steady-state steps only.
     trace = _StepTrace(
         workdir_path / "tensorboard",
@@ -708,7 +746,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 # Never checkpoint a NaN state.
                 flush_metrics(step, force=must_save, final=bool(stop))
                 if must_save:
-                    checkpointing.save(manager, step, state, spec, force=True)
+                    checkpointing.save(
+                        manager, step, state, spec, force=True, optimizer_layout=layout
+                    )
                     logging.info("saved checkpoint at step %d", step)
                 if stop:
                     manager.wait_until_finished()
@@ -718,28 +758,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         step,
                     )
                     break
-                if config.eval_every_steps and (step % config.eval_every_steps == 0 or at_end):
+                if _is_eval_step(step, config):
                     flush_metrics(step, force=True)  # this step's rate must not include the eval
-                    report = evaluate.evaluate_dataset(
-                        model,
-                        state.variables,
-                        pipeline.eval_dataset(config.data),
-                        num_classes=config.data.num_classes,
-                        **eval_options,
-                    )
-                    writer.write_scalars(
-                        step,
-                        {
-                            "eval/miou": report["miou"],
-                            "eval/pixel_accuracy": report["pixel_accuracy"],
-                        },
-                    )
-                    logging.info(
-                        "eval at step %d: mIoU %.4f over %d images",
-                        step,
-                        report["miou"],
-                        report["num_images"],
-                    )
+                    run_eval(step)
                     last_timed = (step, time.perf_counter())  # evaluation is not throughput
             flush_metrics(step, force=True)
             if step == config.num_train_steps:  # launchers look for this line (tpu_pod.sh)
@@ -749,6 +770,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager.close()
     writer.close()
     return state
+
+
+def _is_eval_step(step: int, config: ml_collections.ConfigDict) -> bool:
+    every = config.eval_every_steps
+    return bool(every) and (step % every == 0 or step == config.num_train_steps)
+
+
+def _eval_owed(workdir: epath.Path, step: int, config: ml_collections.ConfigDict) -> bool:
+    """Whether the run restored at `step`, an eval step, has no evaluation of it in its
+    metrics.jsonl: the run before stopped (preempted, killed) between its save and its eval.
+    Process 0 reads the file and tells the others, which must evaluate with it."""
+    if step == 0 or not _is_eval_step(step, config):
+        return False
+    owed = False
+    if jax.process_index() == 0:
+        owed = step not in _evaluated_steps(workdir / "metrics.jsonl")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        owed = bool(multihost_utils.broadcast_one_to_all(np.int32(owed)))
+    return owed
+
+
+def _evaluated_steps(metrics_file: epath.Path) -> set[int]:
+    steps = set()
+    for line in metrics_file.read_text().splitlines() if metrics_file.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run
+            continue
+        if "eval/miou" in record:
+            steps.add(record["step"])
+    return steps
 
 
 def format_duration(seconds: float) -> str:
@@ -770,8 +824,6 @@ def _digest(batch: dict[str, np.ndarray]) -> str:
 def _log_example_digests(workdir: Any, step: int, batch: dict[str, np.ndarray]) -> None:
     """Every process appends its per-example digests to `example_digests.<process>.jsonl`
     (with config.log_batch_digests), so a test can see that the hosts' shards are disjoint."""
-    import json
-
     rows = len(batch["image"])
     digests = [_digest({k: v[i] for k, v in batch.items()}) for i in range(rows)]
     with (workdir / f"example_digests.{jax.process_index()}.jsonl").open("a") as f:

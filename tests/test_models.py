@@ -98,6 +98,24 @@ def test_too_small_input_is_a_clear_error():
         model.init(jax.random.key(0), jnp.zeros((1, 100, 200, 3)), train=False)
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"fpa_kernels": (7,)}, r"fpa_kernels=\(7,\): expected 3 odd kernel sizes"),
+        ({"fpa_kernels": (7, 4, 3)}, "fpa_kernels"),
+        ({"decoder_channels": 0}, r"decoder_channels=0: expected a positive integer"),
+        ({"head_kernel": 2}, r"head_kernel=2: expected an odd kernel size"),
+        ({"gau_low_kernel": 0}, "gau_low_kernel=0"),
+        ({"dropout_rate": 1.5}, r"dropout_rate=1\.5: expected a rate in \[0, 1\)"),
+    ],
+)
+def test_option_values_are_checked_naming_the_option(options, message):
+    # They failed at init with "not enough values to unpack", "float division by zero", or not
+    # at all (an even head kernel, a dropout rate past 1).
+    with pytest.raises(ValueError, match=message):
+        models.create("pan", num_classes=3, backbone="resnet18", **options)
+
+
 def test_unknown_names_and_options_are_clear_errors():
     with pytest.raises(ValueError, match="known models: pan, pan_smp"):
         models.create("deeplab", num_classes=3)

@@ -747,7 +747,12 @@ def test_relative_workdirs_and_model_directories_as_in_the_readme(tmp_path, data
     [
         ("batch_size", 0, r"config\.batch_size=0 .* at least 1"),
         ("data.min_scale", 2.5, r"config\.data\.min_scale=2\.5 and .*max_scale=2\.0"),
-        ("model.dtype", "bf16", r"config\.model\.dtype='bf16': expected 'float32', 'bfloat16'"),
+        ("model.dtype", "bf16", r"config\.model\.dtype='bf16': expected 'float32' or 'bfloat16'"),
+        ("model.dtype", "float16", r"config\.model\.dtype='float16': expected"),
+        ("keep_checkpoints", 0, r"config\.keep_checkpoints=0: expected at least 1"),
+        ("checkpoint_every_steps", 0, r"config\.checkpoint_every_steps=0: expected at least 1"),
+        ("log_every_steps", 0, r"config\.log_every_steps=0: expected at least 1"),
+        ("num_train_steps", -1, r"config\.num_train_steps=-1 and .*at least 0"),
     ],
 )
 def test_bad_fields_are_named_before_the_workdir_is_touched(
@@ -756,6 +761,66 @@ def test_bad_fields_are_named_before_the_workdir_is_touched(
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(tiny_config(data_dir, **{field: value}), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_model_option_value_fails_before_the_workdir_is_touched(tmp_path, data_dir):
+    config = tiny_config(data_dir)
+    config.model.overrides.output_stride = 4  # checked by the backbone, as the model is traced
+    with pytest.raises(ValueError, match="output_stride"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpointed_but_unevaluated_step_is_evaluated_on_resume(
+    tmp_path, data_dir, monkeypatch
+):
+    # A run stopped between its save and its eval (preempted, killed during the final eval)
+    # resumed to "training finished" with no evaluation of that step, ever.
+    from pan_jax import evaluate
+
+    calls = []
+    real_evaluate_dataset = evaluate.evaluate_dataset
+
+    def evaluate_dataset(*args, **kwargs):
+        calls.append(1)
+        return real_evaluate_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_dataset", evaluate_dataset)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), str(workdir))
+    config = tiny_config(data_dir, num_train_steps=2, eval_every_steps=2)
+    train.train_and_evaluate(config, str(workdir))
+    assert len(calls) == 1
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/miou" in r] == [2]
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "train/lo')  # a line cut short by a kill
+    train.train_and_evaluate(config, str(workdir))  # evaluated now: nothing more to do
+    assert len(calls) == 1
+
+    # The optimizer's layout is checked like the model, naming the field.
+    config.num_train_steps, config.decoder_lr_multiplier = 4, 10.0
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r"config\.decoder_lr_multiplier=1\.0.*config\.decoder_lr_multiplier != 1\.0",
+    ):
+        train.train_and_evaluate(config, str(workdir))
+
+
+def test_an_option_spelled_out_at_its_default_is_the_same_model():
+    # Resuming with --config.model.overrides.output_stride=16 (pan_smp's own) was refused.
+    plain = {"name": "pan_smp", "backbone": "resnet18", "num_classes": 3, "overrides": {}}
+    spelled = {
+        **plain,
+        "overrides": {"output_stride": 16, "fpa_kernels": [7, 5, 3], "avg_down": False},
+    }
+    checkpointing.check_spec(plain, spelled, "test")
+    checkpointing.check_spec(spelled, plain, "test")
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r"overrides\.output_stride: checkpoint None, config 8",
+    ):
+        checkpointing.check_spec(plain, {**plain, "overrides": {"output_stride": 8}}, "test")
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):

@@ -50,7 +50,9 @@ __all__ = [
     "valid_overrides",
 ]
 
-_PAPER_BACKBONE = dict(stem="deep64", dilation_rule="torchvision", output_stride=16)
+_PAPER_BACKBONE = dict(
+    stem="deep64", dilation_rule="torchvision", output_stride=16, avg_down=False, align_corners=True
+)
 _PAPER_PAN = dict(
     decoder_channels=128,
     pyramid_features=128,
@@ -63,11 +65,17 @@ _PAPER_PAN = dict(
     gau_gate="relu",
     conv_bias=False,
     head_kernel=3,
+    use_fpa=True,
+    use_gau=True,
 )
 _SMP_PAN = dict(
     stem="torchvision",
     dilation_rule="smp",
     output_stride=16,
+    avg_down=False,
+    align_corners=True,
+    use_fpa=True,
+    use_gau=True,
     decoder_channels=32,
     pyramid_features=1,
     fpa_kernels=(7, 5, 3),
@@ -87,8 +95,22 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "fcn": {"decoder": "none", **_PAPER_BACKBONE, "head_kernel": 1},
     "fpa": {"decoder": "pan", **_PAPER_BACKBONE, **_PAPER_PAN, "use_gau": False, "head_kernel": 1},
     "gau": {"decoder": "pan", **_PAPER_BACKBONE, **_PAPER_PAN, "use_fpa": False},
-    "psp": {"decoder": "psp", **_PAPER_BACKBONE, "decoder_channels": 512, "head_kernel": 1},
-    "aspp": {"decoder": "aspp", **_PAPER_BACKBONE, "decoder_channels": 256, "head_kernel": 1},
+    "psp": {
+        "decoder": "psp",
+        **_PAPER_BACKBONE,
+        "decoder_channels": 512,
+        "head_kernel": 1,
+        "bins": (1, 2, 3, 6),
+        "dropout_rate": 0.1,
+    },
+    "aspp": {
+        "decoder": "aspp",
+        **_PAPER_BACKBONE,
+        "decoder_channels": 256,
+        "head_kernel": 1,
+        "rates": (6, 12, 18),
+        "dropout_rate": 0.5,
+    },
 }
 MODEL_NAMES = tuple(_PRESETS)
 
@@ -147,6 +169,33 @@ OVERRIDE_TYPES: dict[str, type] = {
 }
 
 
+def _check_values(settings: dict[str, Any]) -> None:
+    """Refuses values that would fail deep in the model with a message naming no option."""
+
+    def refuse(key: str, expected: str) -> None:
+        raise ValueError(f"option {key}={settings[key]!r}: expected {expected}")
+
+    def odd_kernel(value: Any) -> bool:
+        return isinstance(value, int) and value >= 1 and value % 2 == 1
+
+    for key in ("head_kernel", "gau_low_kernel"):  # padded by k // 2 on each side, as torch
+        if key in settings and not odd_kernel(settings[key]):
+            refuse(key, "an odd kernel size, at least 1")
+    kernels = settings.get("fpa_kernels", (7, 5, 3))
+    if len(tuple(kernels)) != 3 or not all(odd_kernel(k) for k in kernels):
+        refuse("fpa_kernels", "3 odd kernel sizes for the pyramid's 1/2, 1/4, 1/8 levels")
+    if "decoder_channels" in settings and not (
+        isinstance(settings["decoder_channels"], int) and settings["decoder_channels"] >= 1
+    ):
+        refuse("decoder_channels", "a positive integer")
+    if "dropout_rate" in settings and not 0.0 <= settings["dropout_rate"] < 1.0:
+        refuse("dropout_rate", "a rate in [0, 1)")
+    for key in ("bins", "rates"):
+        values = tuple(settings.get(key, (1,)))
+        if not values or not all(isinstance(v, int) and v >= 1 for v in values):
+            refuse(key, "a non-empty tuple of positive integers")
+
+
 def create(
     name: str, *, num_classes: int, backbone: str = "resnet101", **overrides: Any
 ) -> SegmentationModel:
@@ -170,15 +219,16 @@ def create(
             f"{sorted(_valid_overrides(decoder_kind))}"
         )
     settings.update(overrides)
+    _check_values(settings)
     dtype = jnp.dtype(settings.get("dtype", jnp.float32))
-    align_corners = settings.get("align_corners", True)
+    align_corners = settings["align_corners"]
 
     resnet = ResNet(
         depth=_DEPTHS[backbone],
         stem=settings["stem"],
         output_stride=settings["output_stride"],
         dilation_rule=settings["dilation_rule"],
-        avg_down=settings.get("avg_down", False),
+        avg_down=settings["avg_down"],
         dtype=dtype,
     )
     decoder: Any
@@ -192,17 +242,17 @@ def create(
     elif decoder_kind == "psp":
         decoder = PyramidPoolingDecoder(
             features=settings["decoder_channels"],
-            bins=tuple(settings.get("bins", (1, 2, 3, 6))),
-            dropout_rate=settings.get("dropout_rate", 0.1),
+            bins=tuple(settings["bins"]),
+            dropout_rate=settings["dropout_rate"],
             align_corners=align_corners,
             dtype=dtype,
         )
     elif decoder_kind == "aspp":
         decoder = ASPPDecoder(
             features=settings["decoder_channels"],
-            rates=tuple(settings.get("rates", (6, 12, 18))),
+            rates=tuple(settings["rates"]),
             output_stride=settings["output_stride"],
-            dropout_rate=settings.get("dropout_rate", 0.5),
+            dropout_rate=settings["dropout_rate"],
             dtype=dtype,
         )
     else:
@@ -215,6 +265,18 @@ def create(
         align_corners=align_corners,
         dtype=dtype,
     )
+
+
+def explicit_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides that change model `name` from its defaults (lists read as tuples): equal
+    specs describe equal models, whether a default is spelled out or left implicit."""
+    defaults = _PRESETS.get(name, {})
+    return {
+        key: value
+        for key, value in overrides.items()
+        if key not in defaults
+        or (tuple(value) if isinstance(value, list) else value) != defaults[key]
+    }
 
 
 def parameter_count(params: Any) -> int:
