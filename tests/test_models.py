@@ -116,6 +116,21 @@ def test_option_values_are_checked_naming_the_option(options, message):
         models.create("pan", num_classes=3, backbone="resnet18", **options)
 
 
+def test_a_new_decoder_width_widens_the_papers_pyramid_with_it():
+    # The paper preset's pyramid is as wide as its decoder (128): decoder_channels=64 alone
+    # failed at init with "pyramid_features must be 1 or features=64, got 128".
+    model = models.create("pan", num_classes=3, backbone="resnet18", decoder_channels=64)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3))))
+    assert shapes["params"]["decoder"]["fpa"]["down1"]["conv"]["kernel"].shape[-1] == 64
+    assert models.explicit_overrides("pan", {"decoder_channels": 64, "pyramid_features": 64}) == {
+        "decoder_channels": 64
+    }
+    smp = models.explicit_overrides("pan_smp", {"decoder_channels": 64, "pyramid_features": 1})
+    assert smp == {"decoder_channels": 64}  # SMP's single-channel pyramid stays 1
+    with pytest.raises(ValueError, match=r"pyramid_features=32: expected 1 or decoder_channels"):
+        models.create("pan", num_classes=3, decoder_channels=64, pyramid_features=32)
+
+
 def test_unknown_names_and_options_are_clear_errors():
     with pytest.raises(ValueError, match="known models: pan, pan_smp"):
         models.create("deeplab", num_classes=3)

@@ -8,6 +8,7 @@ import torch
 
 from pan_jax import checkpointing, convert, models
 from pan_jax.convert import cli
+from tests.helpers import Hub
 
 
 def randomized_smp_pan(
@@ -75,6 +76,25 @@ def test_options_the_weights_cannot_show_come_from_smps_config_json(tmp_path, ca
     assert cli.main(["--from=smp", f"--input={weights}", f"--output={tmp_path / 'n'}"]) == 1
     assert "decoder_interpolation='nearest'" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+
+
+def test_hub_weights_take_the_config_json_of_their_repository(tmp_path, monkeypatch):
+    # Only model.safetensors was fetched: an output-stride-32 PAN converted as 16, silently.
+    hub = Hub()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("PAN_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    randomized_smp_pan("resnet18", classes=3, encoder_output_stride=32).save_pretrained(
+        tmp_path / "os32"
+    )
+    for name in ("model.safetensors", "config.json"):
+        data = (tmp_path / "os32" / name).read_bytes()
+        hub.serve_like_the_hub(f"/me/pan-os32/resolve/main/{name}", data)
+        hub.serve_like_the_hub(f"/me/plain/resolve/main/{name}", data)
+    del hub.routes["/me/plain/resolve/main/config.json"]  # a bare state dict uploaded
+    assert cli.main(["--from=smp", "--input=hf-hub:me/pan-os32", f"--output={tmp_path / 'a'}"]) == 0
+    assert checkpointing.load_variables(tmp_path / "a")[1]["overrides"]["output_stride"] == 32
+    assert cli.main(["--from=smp", "--input=hf-hub:me/plain", f"--output={tmp_path / 'b'}"]) == 0
+    assert "output_stride" not in checkpointing.load_variables(tmp_path / "b")[1]["overrides"]
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.error
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
 
 from pan_jax import models
@@ -99,17 +101,19 @@ def smp_spec(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def saved_config_options(weights: str | os.PathLike, backbone: str) -> dict[str, Any]:
-    """pan_smp options from the `config.json` beside an SMP `save_pretrained` weights file.
+    """pan_smp options from the `config.json` beside an SMP `save_pretrained` weights file
+    (local, or in the same folder of a Hub repository for `hf-hub:` weights).
 
     A state dict cannot tell output stride 16 from 32 (the same shapes) nor the decoder's
     interpolation, so such a model would convert silently wrong; SMP's config.json records
     them. Returns {} without one (a plain state dict), `{"output_stride": 32}` for such a
     model, and refuses options pan_smp does not have, naming them.
     """
-    if download.is_remote(weights):  # only the weights file was downloaded
-        return {}
-    path = epath.Path(weights).parent / "config.json"
-    if not path.exists():
+    if download.is_remote(weights):
+        path = _remote_config(weights)
+    else:
+        path = epath.Path(weights).parent / "config.json"
+    if path is None or not path.exists():
         return {}
     try:
         config = json.loads(path.read_text())
@@ -134,6 +138,26 @@ def saved_config_options(weights: str | os.PathLike, backbone: str) -> dict[str,
     if problems:
         raise ConversionError(f"{path}: SMP options pan_smp does not have: {'; '.join(problems)}")
     return {"output_stride": 32} if stride == 32 else {}
+
+
+def _remote_config(weights: str) -> epath.Path | None:
+    """The config.json in the Hub folder of `hf-hub:` weights (None where there is none)."""
+    if not weights.startswith(download.HF_PREFIX):
+        logging.warning(
+            "%s: a URL's neighbouring config.json is not looked for, so an SMP PAN of encoder "
+            "output stride 32 converts as 16. Download both files and convert the local one.",
+            weights,
+        )
+        return None
+    parts = weights.removeprefix(download.HF_PREFIX).strip("/").split("/")
+    folder = parts if len(parts) == 2 else parts[:-1]  # OWNER/REPO: its model.safetensors
+    try:
+        return epath.Path(download.fetch(download.HF_PREFIX + "/".join([*folder, "config.json"])))
+    except download.DownloadError as error:
+        cause = error.__cause__
+        if isinstance(cause, urllib.error.HTTPError) and cause.code == 404:
+            return None  # a plain state dict uploaded, not a save_pretrained folder
+        raise
 
 
 def from_smp(source: Source, model: models.SegmentationModel | None = None) -> dict:

@@ -188,6 +188,11 @@ def _check_values(settings: dict[str, Any]) -> None:
         isinstance(settings["decoder_channels"], int) and settings["decoder_channels"] >= 1
     ):
         refuse("decoder_channels", "a positive integer")
+    if "pyramid_features" in settings and settings["pyramid_features"] not in (
+        1,
+        settings["decoder_channels"],
+    ):
+        refuse("pyramid_features", f"1 or decoder_channels ({settings['decoder_channels']})")
     if "dropout_rate" in settings and not 0.0 <= settings["dropout_rate"] < 1.0:
         refuse("dropout_rate", "a rate in [0, 1)")
     for key in ("bins", "rates"):
@@ -210,15 +215,14 @@ def create(
         raise ValueError(f"unknown backbone {backbone!r}; known backbones: {', '.join(_DEPTHS)}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    settings = dict(_PRESETS[name])
-    decoder_kind = settings.pop("decoder")
+    decoder_kind = _PRESETS[name]["decoder"]
     unknown = set(overrides) - _valid_overrides(decoder_kind)
     if unknown:
         raise ValueError(
             f"unknown option(s) {sorted(unknown)} for model {name!r}; valid options: "
             f"{sorted(_valid_overrides(decoder_kind))}"
         )
-    settings.update(overrides)
+    settings = _settings(name, overrides)
     _check_values(settings)
     dtype = jnp.dtype(settings.get("dtype", jnp.float32))
     align_corners = settings["align_corners"]
@@ -267,16 +271,33 @@ def create(
     )
 
 
+def _settings(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Model `name`'s preset with `overrides`. Where the preset's pyramid is as wide as its
+    decoder (the paper's per-channel attention), a new decoder width widens the pyramid too."""
+    settings = {**_PRESETS[name], **overrides}
+    del settings["decoder"]
+    preset = _PRESETS[name]
+    tied = "pyramid_features" in preset and preset["pyramid_features"] == preset["decoder_channels"]
+    if tied and "decoder_channels" in overrides and "pyramid_features" not in overrides:
+        settings["pyramid_features"] = settings["decoder_channels"]
+    return settings
+
+
+_NO_DEFAULT = object()
+
+
 def explicit_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The overrides that change model `name` from its defaults (lists read as tuples): equal
-    specs describe equal models, whether a default is spelled out or left implicit."""
-    defaults = _PRESETS.get(name, {})
-    return {
-        key: value
-        for key, value in overrides.items()
-        if key not in defaults
-        or (tuple(value) if isinstance(value, list) else value) != defaults[key]
-    }
+    """The overrides that change model `name` from what it is without them (lists read as
+    tuples): equal specs describe equal models, whether a default is spelled out or not."""
+    if name not in _PRESETS:
+        return dict(overrides)
+    explicit = {}
+    for key, value in overrides.items():
+        others = {k: v for k, v in overrides.items() if k != key}
+        default = _settings(name, others).get(key, _NO_DEFAULT)
+        if (tuple(value) if isinstance(value, list) else value) != default:
+            explicit[key] = value
+    return explicit
 
 
 def parameter_count(params: Any) -> int:
