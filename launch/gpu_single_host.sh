@@ -14,10 +14,11 @@ Usage: launch/gpu_single_host.sh [--dry-run] [--processes=N] [MAIN_FLAGS...]
   --dry-run                print the commands instead of running them.
 
 Ctrl-C or SIGTERM to this script makes every process save a checkpoint at the same step and
-exit; running the same command again resumes from WORKDIR. Logs: WORKDIR.process_<i>.log
-(runs/<last part of WORKDIR>.process_<i>.log when WORKDIR is a bucket, gs://...).
-Settings are environment variables: CONFIG [configs/voc.py], WORKDIR [runs/<config name>, or
-runs/<name>_<ROW> for file.py:ROW], TFDS_DATA_DIR [~/tensorflow_datasets], PYTHON [python3],
+exit; running the same command again resumes from WORKDIR. Logs, appended to by every attempt:
+WORKDIR.process_<i>.log (runs/<last part of WORKDIR>.process_<i>.log when WORKDIR is a bucket,
+gs://...). Settings are environment variables: CONFIG [configs/voc.py], WORKDIR
+[runs/<config name>, or runs/<name>_<ROW> for file.py:ROW], TFDS_DATA_DIR
+[~/tensorflow_datasets], PYTHON [.venv/bin/python, the README's install, if there; else python3],
 NUM_WORKERS [grain decoding processes per training process], PORT [12355].
 EOF
 }
@@ -27,7 +28,7 @@ config_name=$(basename "${CONFIG%%:*}" .py)  # configs/voc_ablation.py:ROW -> vo
 [[ $CONFIG == *:* ]] && config_name+="_${CONFIG#*:}"
 WORKDIR="${WORKDIR:-runs/${config_name}}"
 TFDS_DATA_DIR="${TFDS_DATA_DIR:-${HOME}/tensorflow_datasets}"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-}"
 PORT="${PORT:-12355}"
 PROCESSES=1
 DRY_RUN=0
@@ -52,6 +53,10 @@ CORES="$(nproc)"
 NUM_WORKERS="${NUM_WORKERS:-$(((CORES / PROCESSES) > 2 ? CORES / PROCESSES - 2 : 1))}"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ -z "$PYTHON" && -x .venv/bin/python ]]; then
+  PYTHON=.venv/bin/python
+fi
+PYTHON="${PYTHON:-python3}"
 export TFDS_DATA_DIR PYTHONUNBUFFERED=1
 main=("$PYTHON" -m pan_jax.main --config="$CONFIG" --workdir="$WORKDIR"
   --config.data.num_workers="$NUM_WORKERS" "$@")
@@ -81,12 +86,12 @@ for ((i = 0; i < PROCESSES; i++)); do
   fi
   log="${log_prefix}.process_${i}.log"
   if ((DRY_RUN)); then
-    echo "${env_vars[*]}${env_vars[*]:+ }${main[*]} > ${log} 2>&1 &"
+    echo "${env_vars[*]}${env_vars[*]:+ }${main[*]} >> ${log} 2>&1 &"
     continue
   fi
   # Its own session: Ctrl-C reaches only this script, which turns it into SIGTERM (a SIGINT
   # would interrupt Python without a checkpoint).
-  setsid env "${env_vars[@]}" "${main[@]}" > "$log" 2>&1 &
+  setsid env "${env_vars[@]}" "${main[@]}" >> "$log" 2>&1 &  # keeps what a resumed attempt said
   pids+=("$!")
 done
 if ((DRY_RUN)); then

@@ -160,6 +160,9 @@ main_command() {
 }
 
 cmd_train() {
+  # A second process on a worker could not get its TPU, and would truncate the live run's log.
+  on_workers all "if pgrep -f '[p]ython -m pan_jax.main' > /dev/null; then
+echo \"\$(hostname): pan_jax.main is still running (the logs command follows it)\" >&2; exit 1; fi"
   on_workers all "$(main_command "$@")"
 }
 
@@ -215,19 +218,27 @@ cmd_all() {
 
 # ----------------------------------------------------------------------------- main
 main() {
-  if [[ "${1:-}" == "--dry-run" ]]; then
-    DRY_RUN=1
+  # --dry-run anywhere before `--`; MAIN_FLAGS only after it (a stray flag must never be taken
+  # for the main program's while the gcloud commands run for real).
+  local command="" arg
+  while (($#)); do
+    arg=$1
     shift
-  fi
-  local command="${1:-}"
+    case "$arg" in
+      --dry-run) DRY_RUN=1 ;;
+      --) break ;;
+      -h | --help) command=help ;;
+      -*) die "unknown option before --: $arg (MAIN_FLAGS go after --, e.g. -- $arg)" ;;
+      *)
+        [[ -z "$command" ]] || die "one COMMAND expected, got $command and $arg"
+        command=$arg
+        ;;
+    esac
+  done
   [[ -n "$command" ]] || {
     usage
     exit 2
   }
-  shift
-  if [[ "${1:-}" == "--" ]]; then
-    shift
-  fi
   case "$command" in
     create | setup | logs | maintenance | status | delete)
       (($# == 0)) || die "$command takes no MAIN_FLAGS"

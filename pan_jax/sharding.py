@@ -19,30 +19,36 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 # Environment variables by which a cluster says that this is one process of several.
-_CLUSTER_VARIABLES = (
-    "JAX_COORDINATOR_ADDRESS",
+_CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")
+# What `srun` sets for each task of a step, and JAX's SLURM detection reads: a job's allocation
+# alone (salloc, an sbatch script's own shell) has SLURM_JOB_ID but runs one process.
+_SRUN_VARIABLES = (
     "SLURM_JOB_ID",
-    "TPU_WORKER_HOSTNAMES",
-    "OMPI_COMM_WORLD_SIZE",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
 )
 
 
 def initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` when the environment describes a multi-process job.
 
-    Cloud TPU pods, SLURM and Open MPI are detected by JAX itself; on a single machine set
-    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single-process SLURM
-    allocation (one task) is left alone. A Cloud TPU VM slice describes itself in the GCE
-    metadata server, not in the environment (TPU_WORKER_HOSTNAMES is GKE's), so
-    launch/tpu_pod.sh sets PAN_JAX_DISTRIBUTED=1: without the distributed client, orbax's
-    multi-host checkpointing and JAX's preemption sync point do not work.
+    SLURM (an `srun` step of several tasks; a process started in an allocation without `srun`,
+    or a one-task step, is left alone), Open MPI and GKE's TPUs are detected by JAX itself. On
+    a single machine set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, as
+    launch/gpu_single_host.sh does; they win over SLURM's variables. A Cloud TPU VM slice
+    describes itself in the GCE metadata server, not in the environment (TPU_WORKER_HOSTNAMES
+    is GKE's), so launch/tpu_pod.sh sets PAN_JAX_DISTRIBUTED=1: without the distributed
+    client, orbax's multi-host checkpointing and JAX's preemption sync point do not work.
     """
     if os.environ.get("PAN_JAX_NO_DISTRIBUTED"):
         return
     forced = os.environ.get("PAN_JAX_DISTRIBUTED") == "1"
-    if not forced and not any(v in os.environ for v in _CLUSTER_VARIABLES):
-        return
-    if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    srun_tasks = all(v in os.environ for v in _SRUN_VARIABLES) and (
+        int(os.environ["SLURM_NTASKS"]) > 1
+    )
+    if not (forced or srun_tasks or any(v in os.environ for v in _CLUSTER_VARIABLES)):
         return
     kwargs: dict[str, Any] = {}
     if "JAX_NUM_PROCESSES" in os.environ:

@@ -551,6 +551,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     per_process_batch = _check_config(config)
     spec = model_spec(config)
     model = create_model(config, spec)
+    if config.data.crop_size < model.min_input_size:
+        raise ValueError(
+            f"config.data.crop_size={config.data.crop_size}: this model needs crops of at least "
+            f"{model.min_input_size} px (8 × its output stride of {model.backbone.output_stride})"
+        )
     optimizer = create_optimizer(config)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     # Traced now: a bad option value fails before the dataset is built and the workdir written.

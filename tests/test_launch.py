@@ -102,8 +102,10 @@ def test_tpu_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path):
 
     ssh = [c for c in commands if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
     assert all(c[5] == "node" and "--zone=us-east5-a" in c for c in ssh)
-    setup, train, logs, finished = ssh
+    setup, running, train, logs, finished = ssh
     assert option(setup, "--worker") == "all" and "jax[tpu]" in option(setup, "--command")
+    # Refused where a run is still going: a second one would truncate its log.
+    assert option(running, "--worker") == "all" and "pgrep" in option(running, "--command")
     assert option(train, "--worker") == "all"
     main = option(train, "--command")
     assert "python -m pan_jax.main" in main
@@ -137,13 +139,32 @@ def test_tpu_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path):
     assert commands.index(setup) < commands.index(train) < commands.index(logs)
 
 
+SRUN_TASK = {  # what srun sets in each task of a step (JAX's SLURM detection reads them)
+    "SLURM_JOB_ID": "7",
+    "SLURM_STEP_NODELIST": "n[1-2]",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+}
+SINGLE_HOST_PROCESS = {
+    "JAX_COORDINATOR_ADDRESS": "localhost:12355",
+    "JAX_NUM_PROCESSES": "8",
+    "JAX_PROCESS_ID": "0",
+}
+
+
 @pytest.mark.parametrize(
     "environment, initialised",
     [
         ({}, False),  # a workstation
         ({"PAN_JAX_DISTRIBUTED": "1"}, True),  # launch/tpu_pod.sh on a TPU VM slice
-        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, False),  # a one-task SLURM job
-        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, True),
+        ({**SRUN_TASK, "SLURM_NTASKS": "1"}, False),  # a one-task SLURM step
+        ({**SRUN_TASK, "SLURM_NTASKS": "16"}, True),
+        # salloc -n 8, or an sbatch script's own shell, without srun: one process. JAX's
+        # initialize() failed there ("coordinator_address should be defined").
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "n1"}, False),
+        # launch/gpu_single_host.sh --processes=8 inside an allocation: its variables win, where
+        # SLURM's one task had made every process a lone run on all GPUs.
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", **SINGLE_HOST_PROCESS}, True),
         ({"TPU_WORKER_HOSTNAMES": "a,b"}, True),  # GKE
         ({"PAN_JAX_DISTRIBUTED": "1", "PAN_JAX_NO_DISTRIBUTED": "1"}, False),
     ],
@@ -151,14 +172,16 @@ def test_tpu_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path):
 def test_which_environments_initialise_jax_distributed(monkeypatch, environment, initialised):
     from pan_jax import sharding
 
-    for name in (*sharding._CLUSTER_VARIABLES, "PAN_JAX_DISTRIBUTED", "PAN_JAX_NO_DISTRIBUTED"):
-        monkeypatch.delenv(name, raising=False)
+    for name in os.environ:
+        if name.startswith(("SLURM_", "JAX_", "TPU_", "OMPI_", "PAN_JAX_")):
+            monkeypatch.delenv(name)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     calls = []
     monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **kw: calls.append(kw))
     sharding.initialize_distributed()
-    assert calls == ([{}] if initialised else [])
+    expected = {"num_processes": 8, "process_id": 0} if "JAX_NUM_PROCESSES" in environment else {}
+    assert calls == ([expected] if initialised else [])
 
 
 def test_tpu_script_runs_exactly_what_dry_run_prints(tmp_path):
@@ -215,6 +238,12 @@ def test_tpu_maintenance_event_provisioning_and_errors(tmp_path):
     assert bad.returncode == 2 and "PROVISIONING=cheap" in bad.stderr
     unknown = bash("tpu_pod.sh", "launch", env=env, check=False)
     assert unknown.returncode == 2 and "Usage:" in unknown.stderr
+    # --dry-run after the command still dries the run; it created a real slice, and then
+    # reached pan_jax.main as an unknown flag. Main flags before `--` are refused.
+    late = bash("tpu_pod.sh", "all", "--dry-run", "--", "--config.seed=3", env=env)
+    assert "queued-resources create" in late.stdout
+    stray = bash("tpu_pod.sh", "train", "--config.seed=3", env=env, check=False)
+    assert stray.returncode == 2 and "MAIN_FLAGS go after --" in stray.stderr
     assert recorded_calls(tmp_path) == []
 
 
@@ -281,7 +310,9 @@ def test_single_host_script_layouts(tmp_path):
     (one,) = printed_commands(
         bash("gpu_single_host.sh", "--dry-run", "--config.seed=1", env=env).stdout
     )
-    assert one[:3] == ["python3", "-m", "pan_jax.main"]
+    # The README installs into .venv: its Python, where there is one.
+    python = ".venv/bin/python" if (REPO / ".venv" / "bin" / "python").exists() else "python3"
+    assert one[:3] == [python, "-m", "pan_jax.main"]
     assert "--config.seed=1" in one and not any(a.startswith("JAX_") for a in one)
     out = bash("gpu_single_host.sh", "--dry-run", "--processes=2", env=env).stdout
     commands = printed_commands(out)
@@ -293,13 +324,16 @@ def test_single_host_script_layouts(tmp_path):
             f"JAX_PROCESS_ID={index}",
             f"JAX_LOCAL_DEVICE_IDS={index}",
         ]
-        assert command[4:7] == ["python3", "-m", "pan_jax.main"]
-        assert command[-4:] == [">", f"{tmp_path / 'run'}.process_{index}.log", "2>&1", "&"]
+        assert command[4:7] == [python, "-m", "pan_jax.main"]
+        # Appended to: a resumed attempt keeps the log of the one it resumes.
+        assert command[-4:] == [">>", f"{tmp_path / 'run'}.process_{index}.log", "2>&1", "&"]
     # A bucket workdir: the logs go to runs/ on this machine, not to a local "gs:" folder.
     bucket = {"WORKDIR": "gs://bkt/runs/voc1/"}
     (one,) = printed_commands(bash("gpu_single_host.sh", "--dry-run", env=bucket).stdout)
     assert "--workdir=gs://bkt/runs/voc1/" in one
-    assert one[-4:] == [">", "runs/voc1.process_0.log", "2>&1", "&"]
+    assert one[-4:] == [">>", "runs/voc1.process_0.log", "2>&1", "&"]
+    explicit = bash("gpu_single_host.sh", "--dry-run", env={**env, "PYTHON": "python3.12"})
+    assert printed_commands(explicit.stdout)[0][0] == "python3.12"
 
 
 def test_each_ablation_row_gets_its_own_default_workdir():

@@ -753,6 +753,8 @@ def test_relative_workdirs_and_model_directories_as_in_the_readme(tmp_path, data
         ("checkpoint_every_steps", 0, r"config\.checkpoint_every_steps=0: expected at least 1"),
         ("log_every_steps", 0, r"config\.log_every_steps=0: expected at least 1"),
         ("num_train_steps", -1, r"config\.num_train_steps=-1 and .*at least 0"),
+        # failed at the first step, after the dataset, the workdir and the compile
+        ("data.crop_size", 64, r"config\.data\.crop_size=64: .* at least 128 px"),
     ],
 )
 def test_bad_fields_are_named_before_the_workdir_is_touched(
