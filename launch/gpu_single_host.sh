@@ -18,7 +18,8 @@ exit; running the same command again resumes from WORKDIR. Logs, appended to by 
 WORKDIR.process_<i>.log (runs/<last part of WORKDIR>.process_<i>.log when WORKDIR is a bucket,
 gs://...). Settings are environment variables: CONFIG [configs/voc.py], WORKDIR
 [runs/<config name>, or runs/<name>_<ROW> for file.py:ROW], TFDS_DATA_DIR
-[~/tensorflow_datasets], PYTHON [.venv/bin/python, the README's install, if there; else python3],
+[~/tensorflow_datasets], PYTHON [python3 of an activated venv or conda environment, else
+.venv/bin/python (the README's install) if there, else python3],
 NUM_WORKERS [grain decoding processes per training process], PORT [12355].
 EOF
 }
@@ -53,7 +54,8 @@ CORES="$(nproc)"
 NUM_WORKERS="${NUM_WORKERS:-$(((CORES / PROCESSES) > 2 ? CORES / PROCESSES - 2 : 1))}"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [[ -z "$PYTHON" && -x .venv/bin/python ]]; then
+# An activated environment (a venv, conda) is the user's choice; else the README's .venv.
+if [[ -z "$PYTHON" && -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" && -x .venv/bin/python ]]; then
   PYTHON=.venv/bin/python
 fi
 PYTHON="${PYTHON:-python3}"

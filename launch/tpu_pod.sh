@@ -162,7 +162,8 @@ main_command() {
 cmd_train() {
   # A second process on a worker could not get its TPU, and would truncate the live run's log.
   on_workers all "if pgrep -f '[p]ython -m pan_jax.main' > /dev/null; then
-echo \"\$(hostname): pan_jax.main is still running (the logs command follows it)\" >&2; exit 1; fi"
+echo \"\$(hostname): pan_jax.main is still running (the logs command follows worker 0;
+stop a run with: pkill -f pan_jax.main)\" >&2; exit 1; fi"
   on_workers all "$(main_command "$@")"
 }
 

@@ -53,15 +53,15 @@ def check_spec(saved: ModelSpec, expected: ModelSpec, where: str) -> None:
             differences.append(
                 f"{key}: checkpoint {saved.get(key)!r}, config {expected.get(key)!r}"
             )
-    saved_overrides, expected_overrides = (
-        models.explicit_overrides(spec["name"], json.loads(json.dumps(spec.get("overrides") or {})))
-        for spec in (saved, expected)
-    )
-    for key in sorted(set(saved_overrides) | set(expected_overrides)):
-        if key != "dtype" and saved_overrides.get(key) != expected_overrides.get(key):
-            differences.append(
-                f"overrides.{key}: checkpoint {saved_overrides.get(key)!r}, "
-                f"config {expected_overrides.get(key)!r}"
+    given = [json.loads(json.dumps(spec.get("overrides") or {})) for spec in (saved, expected)]
+    explicit = [
+        models.explicit_overrides(spec["name"], overrides)
+        for spec, overrides in zip((saved, expected), given, strict=True)
+    ]
+    for key in sorted(set(explicit[0]) | set(explicit[1])):
+        if key != "dtype" and explicit[0].get(key) != explicit[1].get(key):
+            differences.append(  # as given: a default spelled out shows as itself, not None
+                f"overrides.{key}: checkpoint {given[0].get(key)!r}, config {given[1].get(key)!r}"
             )
     if differences:
         raise CheckpointMismatchError(
@@ -190,8 +190,9 @@ def prepare_workdir(
         saved_layout = meta.get("optimizer")  # absent in checkpoints of before 2026-11-27
         if saved_layout and optimizer_layout and saved_layout != optimizer_layout:
             raise CheckpointMismatchError(
-                f"{where} holds the optimizer state of {saved_layout}; this config makes "
-                f"{optimizer_layout}, a state of another structure. Resume with the "
+                f"{where} holds the optimizer state of a run with config.{saved_layout}, this "
+                f"config has config.{optimizer_layout}: their states differ in structure (one "
+                "SGD, or one each for the backbone and the decoder). Resume with the "
                 "checkpoint's setting, or train in another workdir."
             )
     if jax.process_index() == 0:

@@ -155,17 +155,17 @@ def _upright(image: Image.Image, path: str | os.PathLike) -> Image.Image:
 def _gray_to_uint8(image: Image.Image, file_format: str | None) -> np.ndarray:
     """A 16-bit, 32-bit integer or float grayscale image as uint8 (H, W).
 
-    16-bit samples (PIL's I;16 modes, and a PNG's I) span 0..65535: scaled by 1/257, where
-    convert("L") would clip everything above 255 to white. For 32-bit integers and floats
-    the file says nothing of the range: integers within 0..255 are taken as they are, others
-    scaled from 0..65535 (or their maximum, if larger); floats within 0..1 are scaled by 255,
-    others clipped to 0..255.
+    16-bit samples (PIL's I;16 modes; I from a PNG or a 16-bit PGM) span 0..65535: scaled by
+    1/257, where convert("L") would clip everything above 255 to white. For 32-bit integers
+    and floats the file says nothing of the range: integers within 0..255 are taken as they
+    are, others scaled from 0..65535 (or their maximum, if larger); floats within 0..1 are
+    scaled by 255, others clipped to 0..255.
     """
     gray = np.asarray(image).astype(np.float64)
     top = float(gray.max(initial=0.0))
     if image.mode == "F":
         scale = 255.0 if top <= 1.0 else 1.0
-    elif image.mode.startswith("I;16") or file_format == "PNG" or top > 255:
+    elif image.mode.startswith("I;16") or file_format in ("PNG", "PPM") or top > 255:
         scale = 255.0 / max(65535.0, top)
     else:
         scale = 1.0

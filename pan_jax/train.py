@@ -143,11 +143,10 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 
 def optimizer_layout(config: ml_collections.ConfigDict) -> str:
-    """What the structure of `create_optimizer`'s state depends on: a checkpoint restores only
-    into a run of the same layout (stored with it, checked on resume)."""
-    if config.decoder_lr_multiplier == 1.0:
-        return "one SGD for all parameters (config.decoder_lr_multiplier=1.0)"
-    return "an SGD each for the backbone and the decoder (config.decoder_lr_multiplier != 1.0)"
+    """What the structure of `create_optimizer`'s state depends on, as the config field that
+    sets it: a checkpoint restores only into a run of the same layout (stored with it, checked
+    on resume). One SGD for all parameters, or one each for the backbone and the decoder."""
+    return "decoder_lr_multiplier" + ("=1" if config.decoder_lr_multiplier == 1.0 else "!=1")
 
 
 def init_state(

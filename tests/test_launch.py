@@ -312,6 +312,7 @@ def test_single_host_script_layouts(tmp_path):
     )
     # The README installs into .venv: its Python, where there is one.
     python = ".venv/bin/python" if (REPO / ".venv" / "bin" / "python").exists() else "python3"
+    env = {**env, "VIRTUAL_ENV": "", "CONDA_PREFIX": ""}
     assert one[:3] == [python, "-m", "pan_jax.main"]
     assert "--config.seed=1" in one and not any(a.startswith("JAX_") for a in one)
     out = bash("gpu_single_host.sh", "--dry-run", "--processes=2", env=env).stdout
@@ -334,6 +335,8 @@ def test_single_host_script_layouts(tmp_path):
     assert one[-4:] == [">>", "runs/voc1.process_0.log", "2>&1", "&"]
     explicit = bash("gpu_single_host.sh", "--dry-run", env={**env, "PYTHON": "python3.12"})
     assert printed_commands(explicit.stdout)[0][0] == "python3.12"
+    activated = bash("gpu_single_host.sh", "--dry-run", env={**env, "VIRTUAL_ENV": "/opt/env"})
+    assert printed_commands(activated.stdout)[0][0] == "python3"
 
 
 def test_each_ablation_row_gets_its_own_default_workdir():

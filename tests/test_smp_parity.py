@@ -95,6 +95,9 @@ def test_hub_weights_take_the_config_json_of_their_repository(tmp_path, monkeypa
     assert checkpointing.load_variables(tmp_path / "a")[1]["overrides"]["output_stride"] == 32
     assert cli.main(["--from=smp", "--input=hf-hub:me/plain", f"--output={tmp_path / 'b'}"]) == 0
     assert "output_stride" not in checkpointing.load_variables(tmp_path / "b")[1]["overrides"]
+    # Offline, cached weights still convert (with a warning that config.json was not read).
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert cli.main(["--from=smp", "--input=hf-hub:me/plain", f"--output={tmp_path / 'c'}"]) == 0
 
 
 @pytest.mark.parametrize(

@@ -155,9 +155,15 @@ def _remote_config(weights: str) -> epath.Path | None:
         return epath.Path(download.fetch(download.HF_PREFIX + "/".join([*folder, "config.json"])))
     except download.DownloadError as error:
         cause = error.__cause__
-        if isinstance(cause, urllib.error.HTTPError) and cause.code == 404:
-            return None  # a plain state dict uploaded, not a save_pretrained folder
-        raise
+        if not (isinstance(cause, urllib.error.HTTPError) and cause.code == 404):
+            # Offline, cached weights still convert; what config.json would have said is unsaid.
+            logging.warning(
+                "%s: its repository's config.json could not be fetched (%s), so an SMP PAN of "
+                "encoder output stride 32 converts as 16: add --override output_stride=32 then",
+                weights,
+                cause or error,
+            )
+        return None  # 404: a plain state dict uploaded, not a save_pretrained folder
 
 
 def from_smp(source: Source, model: models.SegmentationModel | None = None) -> dict:

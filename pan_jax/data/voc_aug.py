@@ -14,6 +14,7 @@ colors. Images keep their original JPEG bytes unless they are not RGB (grayscale
 are converted to RGB once, here, and stored losslessly as PNG, so every reader gets 3 channels.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -21,6 +22,7 @@ import os
 import socket
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import ClassVar
 
 import cv2
@@ -348,47 +350,49 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         archives = locate_archives(dl_manager)
         md5s = {key: _md5(archives[key]) for key in ARCHIVES}
-        try:
-            return self._splits(dl_manager, archives, md5s)
-        except (VocAugError, tfds_extractor.ExtractError) as error:
-            # tfds names its link to the archive, and a tar cut between two members extracts
-            # "fine" and fails later on a missing file: point at the user's archive instead.
-            unofficial = [
-                f"{archives[key]} ({archives[key].stat().length:,} bytes, md5 {md5s[key]}; "
-                f"the official {ARCHIVES[key].description} has md5 {ARCHIVES[key].md5})"
-                for key in ARCHIVES
-                if md5s[key] != ARCHIVES[key].md5
-            ]
-            if not unofficial:
-                raise
-            raise VocAugError(
-                f"{error}\nNot the official archive: {'; '.join(unofficial)}. If a download was "
-                "cut short or replaced by an error page, download it again."
-            ) from error
+        # tfds names its link to the archive, and a tar cut between two members extracts
+        # "fine" and fails later on a missing file: errors point at the user's archive too.
+        unofficial = [
+            f"{archives[key]} ({archives[key].stat().length:,} bytes, md5 {md5s[key]}; "
+            f"the official {ARCHIVES[key].description} has md5 {ARCHIVES[key].md5})"
+            for key in ARCHIVES
+            if md5s[key] != ARCHIVES[key].md5
+        ]
+        note = ""
+        if unofficial:
+            note = (
+                f"\nNot the official archive: {'; '.join(unofficial)}. If a download was cut "
+                "short or replaced by an error page, download it again."
+            )
+        with _noted(note):
+            roots, splits = self._splits(dl_manager, archives, md5s)
+        return {
+            name: self._generate_examples(items, roots["voc"], roots["sbd"], note)
+            for name, items in splits.items()
+        }
 
     def _splits(
         self,
         dl_manager: tfds.download.DownloadManager,
         archives: dict[str, epath.Path],
         md5s: dict[str, str],
-    ) -> dict:
-        official = all(md5s[key] == ARCHIVES[key].md5 for key in ARCHIVES)
+    ) -> tuple[dict[str, epath.Path], dict[str, list]]:
+        """(the extracted VOC and SBD roots, the items of every split)."""
         roots = {}
         for key, inside in (("voc", "VOCdevkit/VOC2012"), ("sbd", "benchmark_RELEASE/dataset")):
             roots[key] = _extract(dl_manager, archives[key], md5s[key]) / inside
             if not roots[key].is_dir():
                 raise VocAugError(f"voc_aug: {archives[key]} does not contain {inside}/")
-        voc_root, sbd_root = roots["voc"], roots["sbd"]
-        image_sets = voc_root / "ImageSets" / "Segmentation"
+        image_sets = roots["voc"] / "ImageSets" / "Segmentation"
         lists = {
             "voc_train": read_id_list(image_sets / "train.txt"),
             "voc_val": read_id_list(image_sets / "val.txt"),
             "voc_trainval": read_id_list(image_sets / "trainval.txt"),
-            "sbd_train": read_id_list(sbd_root / "train.txt", allow_empty=True),
-            "sbd_val": read_id_list(sbd_root / "val.txt", allow_empty=True),
+            "sbd_train": read_id_list(roots["sbd"] / "train.txt", allow_empty=True),
+            "sbd_val": read_id_list(roots["sbd"] / "val.txt", allow_empty=True),
         }
         splits = compute_splits(**lists)
-        if official:
+        if all(md5s[key] == ARCHIVES[key].md5 for key in ARCHIVES):
             _check_official_sizes(splits, lists)
         else:
             logging.warning(
@@ -396,14 +400,24 @@ class VocAug(tfds.core.GeneratorBasedBuilder):
                 "are not checked against the official ones.",
                 *archives.values(),
             )
-        return {
-            name: self._generate_examples(items, voc_root, sbd_root)
-            for name, items in splits.items()
-        }
+        return roots, splits
 
-    def _generate_examples(self, items, voc_root, sbd_root):
+    def _generate_examples(self, items, voc_root, sbd_root, note):
         for image_id, source in items:
-            yield image_id, make_example(image_id, source, voc_root, sbd_root)
+            with _noted(note):
+                example = make_example(image_id, source, voc_root, sbd_root)
+            yield image_id, example
+
+
+@contextlib.contextmanager
+def _noted(note: str) -> Iterator[None]:
+    """Adds `note` to the message of a VocAugError or extraction error raised inside."""
+    try:
+        yield
+    except (VocAugError, tfds_extractor.ExtractError) as error:
+        if not note:
+            raise
+        raise VocAugError(f"{error}{note}") from error
 
 
 def _extract(
