@@ -8,7 +8,8 @@ usage() {
 Usage: launch/tpu_pod.sh [--dry-run] COMMAND [-- MAIN_FLAGS...]
 
 Commands (run in this order, or `all`):
-  create       request the slice as a queued resource (spot or reserved) and wait until ACTIVE
+  create       request the slice as a queued resource (spot or reserved) and wait until ACTIVE;
+               an existing one is used (refused if SUSPENDED or FAILED: delete it first)
   setup        copy this checkout (git HEAD) to every worker; install Python, jax[tpu], pan_jax
   train        start `python -m pan_jax.main` on every worker, detached (same flags everywhere);
                run it again to resume after a preemption: the workdir holds the checkpoints
@@ -17,7 +18,8 @@ Commands (run in this order, or `all`):
   status       the queued resource's state and the last log lines of every worker
   delete       delete the queued resource and its TPU VMs
   all          create, setup, train, logs, then delete once the run has reached its last step
-               (also if create or setup fail; a run still going or preempted keeps its slice)
+               (also if create or setup fail, where it created the slice; a run still going or
+               preempted keeps its slice)
 
 --dry-run prints every command (gcloud, git) instead of running it.
 MAIN_FLAGS are passed to pan_jax.main after the defaults, e.g. `-- --config.batch_size=32`.
@@ -53,6 +55,7 @@ REMOTE_VENV="pan_jax_venv"
 TARBALL="${TMPDIR:-/tmp}/pan_jax_src.tar.gz"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY_RUN=0
+CREATED=0  # whether this invocation created the queued resource (only then may `all` delete it)
 
 # ----------------------------------------------------------------------------- helpers
 die() {
@@ -108,15 +111,28 @@ cmd_create() {
     on-demand) ;;
     *) die "PROVISIONING=$PROVISIONING: expected spot, reserved or on-demand" ;;
   esac
-  run gcloud compute tpus queued-resources create "$QR_ID" "${flags[@]}" --node-id="$NAME" \
-    --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME" "${provisioning[@]}"
   local describe=(gcloud compute tpus queued-resources describe "$QR_ID" "${flags[@]}"
     --format='value(state.state)')
+  local state=""
+  if ((DRY_RUN)); then
+    show "${describe[@]}"
+  else
+    state="$("${describe[@]}" 2> /dev/null)" || state=""  # fails where there is none
+  fi
+  case "$state" in
+    "")
+      run gcloud compute tpus queued-resources create "$QR_ID" "${flags[@]}" --node-id="$NAME" \
+        --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME" "${provisioning[@]}"
+      CREATED=1
+      ;;
+    SUSPENDING | SUSPENDED | FAILED) # a preempted spot slice stays, suspended
+      die "queued resource $QR_ID exists and is $state: \`$0 delete\` it, then run again" ;;
+    *) echo "queued resource $QR_ID exists ($state): using it" ;;
+  esac
   if ((DRY_RUN)); then
     show "${describe[@]}"
     return
   fi
-  local state
   while true; do
     state="$("${describe[@]}")"
     echo "queued resource $QR_ID: $state"
@@ -200,8 +216,16 @@ finished() {
 grep -q 'training finished at step' ~/${LOG}"
 }
 
+delete_if_created() {
+  if ((CREATED)); then
+    cmd_delete
+  fi
+}
+
 cmd_all() {
-  trap cmd_delete EXIT  # a failed create or setup must not leave a slice running
+  # A failed create or setup must not leave a slice running; one that was there before (a run
+  # going on it) is not this invocation's to delete.
+  trap delete_if_created EXIT
   cmd_create
   cmd_setup
   cmd_train "$@"

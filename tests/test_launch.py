@@ -25,10 +25,14 @@ TPU_ENV = {
     "POLL_SECONDS": "0",
 }
 
-# Records its arguments (fields separated by \x1f, calls by \x1e) and answers `describe`.
+# Records its arguments (fields separated by \x1f, calls by \x1e) and answers `describe`: no
+# such queued resource before a `create` is recorded (or STUB_STATE says it exists), then ACTIVE.
 STUB = """#!/usr/bin/env bash
 { for arg in "$@"; do printf '%s\\x1f' "$arg"; done; printf '\\x1e'; } >> "$STUB_CALLS"
-case " $* " in *" describe "*) echo ACTIVE ;; esac
+case " $* " in *" describe "*)
+  grep -q create "$STUB_CALLS" || [[ -n "${STUB_STATE:-}" ]] || exit 1
+  echo "${STUB_STATE:-ACTIVE}" ;;
+esac
 if [[ -n "${STUB_FAIL_ON:-}" && "$*" == *"$STUB_FAIL_ON"* ]]; then exit 1; fi
 { printf '%s\\n' "${STUB_OUTPUT:-}"; } | sed '/^$/d'
 """
@@ -215,6 +219,25 @@ def test_tpu_all_keeps_the_slice_of_a_run_that_has_not_finished(tmp_path):
     assert calls[-1] == "compute tpus queued-resources delete", calls
 
 
+def test_tpu_all_uses_an_active_slice_and_never_deletes_one_it_did_not_create(tmp_path):
+    # Run again on a slice with a run going, `all` failed to create it, and its exit trap
+    # deleted the slice under the run. A preempted spot slice stays SUSPENDED: refused, named.
+    env = {**TPU_ENV, **stub_path(tmp_path, "gcloud"), "TMPDIR": str(tmp_path)}
+    failed = bash(
+        "tpu_pod.sh",
+        "all",
+        env={**env, "STUB_STATE": "ACTIVE", "STUB_FAIL_ON": "jax[tpu]"},
+        check=False,
+    )
+    assert failed.returncode != 0 and "exists (ACTIVE): using it" in failed.stdout
+    calls = [" ".join(call[:4]) for call in recorded_calls(tmp_path)]
+    assert "compute tpus queued-resources create" not in calls
+    assert "compute tpus queued-resources delete" not in calls, calls
+    suspended = bash("tpu_pod.sh", "create", env={**env, "STUB_STATE": "SUSPENDED"}, check=False)
+    assert suspended.returncode == 2 and "is SUSPENDED" in suspended.stderr
+    assert "delete" in suspended.stderr
+
+
 def test_tpu_maintenance_event_provisioning_and_errors(tmp_path):
     env = {**TPU_ENV, **stub_path(tmp_path, "gcloud")}
     (event,) = printed_commands(bash("tpu_pod.sh", "--dry-run", "maintenance", env=env).stdout)
@@ -230,9 +253,10 @@ def test_tpu_maintenance_event_provisioning_and_errors(tmp_path):
         "--project=proj",
         "--workers=all",
     ]
-    reserved = printed_commands(
+    printed = printed_commands(
         bash("tpu_pod.sh", "--dry-run", "create", env={**env, "PROVISIONING": "reserved"}).stdout
-    )[0]
+    )
+    (reserved,) = [c for c in printed if c[4] == "create"]
     assert "--reserved" in reserved and "--spot" not in reserved
     bad = bash("tpu_pod.sh", "create", env={**env, "PROVISIONING": "cheap"}, check=False)
     assert bad.returncode == 2 and "PROVISIONING=cheap" in bad.stderr
