@@ -276,6 +276,19 @@ def test_pickled_objects_are_refused_with_advice(tmp_path):
     assert str(path) in str(error.value)
 
 
+def test_a_groupnorm_resnet_is_named_as_such():
+    # Its norm layers have no running statistics: they were taken for convolutions, and the
+    # error listed invented Flax names instead.
+    with torch.device("meta"):
+        model = timm.create_model("resnet50_gn")
+    state_dict = {
+        key: np.broadcast_to(np.float32(0), value.shape)
+        for key, value in model.state_dict().items()
+    }
+    with pytest.raises(convert.ConversionError, match=r"^bn1: .*without running statistics.*Group"):
+        convert.from_imagenet(state_dict)
+
+
 def test_checkpoint_of_another_depth(checkpoint):
     path, _ = checkpoint("resnet50")
     with pytest.raises(convert.ConversionError) as error:

@@ -107,6 +107,7 @@ def test_hub_weights_take_the_config_json_of_their_repository(tmp_path, monkeypa
         ({"in_channels": 1}, "in_channels=1"),
         ({"encoder_name": "resnext50_32x4d"}, "ResNeXt"),
         ({"encoder_name": "tu-resnet18"}, "timm-universal"),
+        ({"encoder_name": "efficientnet-b0"}, r"encoder is not a ResNet .*encoder\._blocks"),
     ],
 )
 def test_smp_options_pan_smp_lacks_are_named(options, message):

@@ -226,6 +226,12 @@ def torch_to_flax(state_dict: Mapping[str, Any], rules: Rules) -> tuple[dict, li
             continue
         path = tuple(target.split("/"))
         is_bn = "running_mean" in leaves
+        if not is_bn and np.ndim(leaves.get("weight")) == 1:  # no conv or linear: a norm layer
+            raise ConversionError(
+                f"{module}: a normalisation layer without running statistics (no "
+                f"{module}.running_mean/running_var), e.g. GroupNorm: pan_jax's ResNets use "
+                "BatchNorm, so this checkpoint cannot be converted"
+            )
         table = _BN_TO_FLAX if is_bn else _CONV_TO_FLAX
         for leaf, value in leaves.items():
             if leaf == "num_batches_tracked":

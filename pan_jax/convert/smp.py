@@ -53,6 +53,12 @@ def smp_backbone(state_dict: Mapping[str, Any]) -> str:
     bottleneck = any(k.startswith("encoder.layer1.0.conv3.") for k in state_dict)
     depths = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101, (36, True): 152}
     depth = depths.get((len(blocks), bottleneck))
+    if not blocks:
+        encoder = sorted(k for k in state_dict if k.startswith("encoder."))[:4]
+        raise ConversionError(
+            f"this SMP checkpoint's encoder is not a ResNet (no encoder.layer3; its keys begin "
+            f"{encoder}): pan_smp takes SMP's resnet18/34/50/101/152 encoders"
+        )
     if depth is None:
         raise ConversionError(
             f"cannot tell the ResNet depth of this SMP checkpoint: layer3 has {len(blocks)} blocks "
