@@ -555,18 +555,14 @@ def main(argv: Sequence[str]) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
 
-    try:
+    try:  # weights that do not fit their model.json, a format that cannot hold the classes
         model, variables, spec, step = evaluate.load_model(directory, FLAGS.step)
-    except checkpointing.CheckpointMismatchError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
-    dataset_name = (run_config.get("data") or {}).get("name")
-    output_format = FLAGS.dataset
-    if output_format == "auto":
-        output_format = output_format_for(dataset_name, model.num_classes)
-    try:
+        output_format = FLAGS.dataset
+        if output_format == "auto":
+            dataset_name = (run_config.get("data") or {}).get("name")
+            output_format = output_format_for(dataset_name, model.num_classes)
         check_output_format(output_format, model.num_classes)
-    except ValueError as error:
+    except ValueError as error:  # CheckpointMismatchError is one
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     logging.info(

@@ -798,8 +798,10 @@ def _eval_owed(workdir: epath.Path, step: int, config: ml_collections.ConfigDict
 
 
 def _evaluated_steps(metrics_file: epath.Path) -> set[int]:
-    steps = set()
-    for line in metrics_file.read_text().splitlines() if metrics_file.exists() else []:
+    steps: set[int] = set()
+    if not metrics_file.exists():
+        return steps
+    for line in metrics_file.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # the last line of a killed run

@@ -52,8 +52,9 @@ def check_manual_zips(manual_dir: epath.PathLike, config: str) -> None:
     a file tfds' builder cannot read as an image where it lists images (naming the zip and files).
     """
     paths = [epath.Path(manual_dir) / name for name in manual_files(config)]
-    if not all(path.exists() for path in paths):
-        listing = "; ".join(f"{path} {'found' if path.exists() else 'MISSING'}" for path in paths)
+    missing = [path for path in paths if not path.exists()]  # one request each in a bucket
+    if missing:
+        listing = "; ".join(f"{path} {'MISSING' if path in missing else 'found'}" for path in paths)
         raise FileNotFoundError(
             f"cityscapes/{config} is built from {len(paths)} zips: {listing}. Download the "
             "missing ones from https://www.cityscapes-dataset.com/downloads/ (free registration) "

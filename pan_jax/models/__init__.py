@@ -181,8 +181,8 @@ def _check_values(settings: dict[str, Any]) -> None:
     for key in ("head_kernel", "gau_low_kernel"):  # padded by k // 2 on each side, as torch
         if key in settings and not odd_kernel(settings[key]):
             refuse(key, "an odd kernel size, at least 1")
-    kernels = settings.get("fpa_kernels", (7, 5, 3))
-    if len(tuple(kernels)) != 3 or not all(odd_kernel(k) for k in kernels):
+    kernels = tuple(settings.get("fpa_kernels", ()))
+    if "fpa_kernels" in settings and (len(kernels) != 3 or not all(map(odd_kernel, kernels))):
         refuse("fpa_kernels", "3 odd kernel sizes for the pyramid's 1/2, 1/4, 1/8 levels")
     if "decoder_channels" in settings and not (
         isinstance(settings["decoder_channels"], int) and settings["decoder_channels"] >= 1
@@ -196,8 +196,8 @@ def _check_values(settings: dict[str, Any]) -> None:
     if "dropout_rate" in settings and not 0.0 <= settings["dropout_rate"] < 1.0:
         refuse("dropout_rate", "a rate in [0, 1)")
     for key in ("bins", "rates"):
-        values = tuple(settings.get(key, (1,)))
-        if not values or not all(isinstance(v, int) and v >= 1 for v in values):
+        values = tuple(settings.get(key, ()))
+        if key in settings and not (values and all(isinstance(v, int) and v >= 1 for v in values)):
             refuse(key, "a non-empty tuple of positive integers")
 
 
