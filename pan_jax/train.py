@@ -553,7 +553,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if config.data.crop_size < model.min_input_size:
         raise ValueError(
             f"config.data.crop_size={config.data.crop_size}: this model needs crops of at least "
-            f"{model.min_input_size} px (8 × its output stride of {model.backbone.output_stride})"
+            f"{model.min_input_size} px (its output stride {model.backbone.output_stride} × the "
+            f"{model.min_input_size // model.backbone.output_stride} px its decoder needs at the "
+            "top of the backbone)"
         )
     optimizer = create_optimizer(config)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))

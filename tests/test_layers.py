@@ -53,7 +53,10 @@ def test_resize_matches_torch_interpolate(align_corners, in_size, out_size):
     np.testing.assert_allclose(np.asarray(ours), from_torch(reference), atol=1e-5)
 
 
-@pytest.mark.parametrize("in_size, bins", [((13, 17), 6), ((6, 6), 3), ((7, 5), 2), ((9, 11), 1)])
+@pytest.mark.parametrize(
+    "in_size, bins",
+    [((13, 17), 6), ((6, 6), 3), ((7, 5), 2), ((9, 11), 1), ((1, 1), 6), ((2, 3), 6)],
+)
 def test_adaptive_avg_pool_matches_torch(in_size, bins):
     x = np.random.default_rng(1).standard_normal((2, *in_size, 4)).astype(np.float32)
     reference = F.adaptive_avg_pool2d(to_torch(x), bins)

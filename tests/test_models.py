@@ -92,6 +92,29 @@ def test_deep64_stem_widths():
     assert params["layer1_0"]["conv1"]["kernel"].shape == (1, 1, 128, 64)
 
 
+@pytest.mark.parametrize(
+    "name, overrides, top",
+    [
+        ("pan", {}, 8),
+        ("pan_smp", {}, 8),
+        ("fpa", {}, 8),
+        ("fpa", {"fpa_attention": "se", "fpa_global_branch": False}, 1),
+        ("gau", {}, 1),
+        ("fcn", {}, 1),
+        ("psp", {}, 1),
+        ("aspp", {}, 1),
+    ],
+)
+def test_only_the_pyramid_needs_an_8_pixel_top_feature_map(name, overrides, top):
+    """FPA pools layer4 three times by 2; every other decoder takes a 1×1 map."""
+    model = models.create(name, num_classes=3, backbone="resnet18", **overrides)
+    assert model.min_input_size == top * model.backbone.output_stride
+    size = model.min_input_size
+    variables = model.init(jax.random.key(0), jnp.zeros((1, size, size + 5, 3)))
+    logits = model.apply(variables, jnp.ones((1, size, size + 5, 3)))
+    assert logits.shape == (1, size, size + 5, 3) and bool(jnp.all(jnp.isfinite(logits)))
+
+
 def test_too_small_input_is_a_clear_error():
     model = models.create("pan", num_classes=3, backbone="resnet18")
     with pytest.raises(ValueError, match=r"100×200 px is too small.*≥ 128"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,8 @@ class PyramidPoolingDecoder(nn.Module):
     dropout_rate: float = 0.1
     align_corners: bool = True
     dtype: Dtype = jnp.float32
+    # Adaptive pooling to more bins than pixels repeats pixels, as in torch.
+    min_top_feature_size: ClassVar[int] = 1
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
@@ -47,6 +50,7 @@ class ASPPDecoder(nn.Module):
     output_stride: int = 16
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
+    min_top_feature_size: ClassVar[int] = 1
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:

@@ -164,6 +164,11 @@ class PANDecoder(nn.Module):
     align_corners: bool = True
     dtype: Dtype = jnp.float32
 
+    @property
+    def min_top_feature_size(self) -> int:
+        """The smallest layer4 map this decoder takes: only FPA's pyramid pools it down."""
+        return MIN_PYRAMID_INPUT if self.use_fpa and self.fpa_attention == "pyramid" else 1
+
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], train: bool) -> jax.Array:
         c1, c2, c3, c4 = features

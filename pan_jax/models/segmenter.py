@@ -9,9 +9,6 @@ import jax.numpy as jnp
 from pan_jax.models.layers import Conv, Dtype, resize_bilinear, xavier_uniform
 from pan_jax.models.resnet import ResNet
 
-# The pyramid pools the 1/output_stride map three times by 2, so it must be at least 8 pixels.
-MIN_TOP_FEATURE_SIZE = 8
-
 
 class SegmentationModel(nn.Module):
     """`logits = resize(classifier(decoder(backbone(images))), input size)`, in float32.
@@ -34,7 +31,9 @@ class SegmentationModel(nn.Module):
 
     @property
     def min_input_size(self) -> int:
-        return MIN_TOP_FEATURE_SIZE * self.backbone.output_stride
+        """Output stride × the smallest top feature map the decoder takes (FPA pools it 3×)."""
+        top = 1 if self.decoder is None else self.decoder.min_top_feature_size
+        return top * self.backbone.output_stride
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
