@@ -24,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
         {k: config_dict.placeholder(t) for k, t in models.OVERRIDE_TYPES.items()}
     )
     # "imagenet" (the backbone variant's ImageNet weights from the Hugging Face Hub, downloaded
-    # once into ~/.cache/pan_jax), a weights file, "hf-hub:OWNER/REPO", a URL, or a pan_jax model
-    # directory or workdir; "" = from scratch.
+    # once into ~/.cache/pan_jax/weights), a weights file, "hf-hub:OWNER/REPO", a URL, or a
+    # pan_jax model directory or workdir; "" = from scratch.
     config.model.pretrained = "imagenet"
     config.model.pretrained_kind = "timm"  # torchvision | timm | smp | pan_jax
 

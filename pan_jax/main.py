@@ -19,7 +19,9 @@ try:  # ml_collections reads the command line (flag files too) already here, for
 except (flags.Error, OSError) as error:
     sys.exit(f"FATAL Flags parsing error: {error}")
 config_errors.watch_config_flag(FLAGS)
-flags.DEFINE_string("workdir", None, "Run directory (local or gs://); default runs/<config name>.")
+flags.DEFINE_string(
+    "workdir", None, "Run directory (local or gs://); default runs/<config name>[_<ROW>]."
+)
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (with periodic eval) or evaluate.")
 flags.DEFINE_integer("step", None, "With --mode=eval: the checkpoint step (default: latest).")
 flags.mark_flags_as_required(["config"])
