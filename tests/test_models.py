@@ -106,9 +106,12 @@ def test_deep64_stem_widths():
     ],
 )
 def test_only_the_pyramid_needs_an_8_pixel_top_feature_map(name, overrides, top):
-    """FPA pools layer4 three times by 2; every other decoder takes a 1×1 map."""
+    """FPA pools layer4 three times by 2; every other decoder takes a 1×1 map (run at it here;
+    the pyramid at its minimum in `test_logits_at_input_resolution`)."""
     model = models.create(name, num_classes=3, backbone="resnet18", **overrides)
     assert model.min_input_size == top * model.backbone.output_stride
+    if top > 1:
+        return
     size = model.min_input_size
     variables = model.init(jax.random.key(0), jnp.zeros((1, size, size + 5, 3)))
     logits = model.apply(variables, jnp.ones((1, size, size + 5, 3)))

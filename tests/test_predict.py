@@ -245,9 +245,10 @@ def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, saved_model, tm
         assert np.asarray(mask).max() < NUM_CLASSES
         assert Image.open(out / f"{stem}_overlay.png").size == mask.size
     assert not (out / "notes.png").exists()
-    # The mask holds exactly the classes this process predicts for the same image.
+    # The mask holds exactly the classes this process predicts for the same image, padded as
+    # the CLI pads for a model directory.
     image = predict.load_image(root / "rgb.jpg")
-    classes = predict.segment(model, variables, image, flip=True)
+    classes = predict.segment(model, variables, image, flip=True, pad_multiple=predict.PAD_MULTIPLE)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "rgb.png")), classes)
 
 
