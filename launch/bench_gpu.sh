@@ -5,7 +5,7 @@
 # bn_moments pointwise compile; the torch.compile peer was measured in the ninth session, the
 # batch rows and the A/Bs never) run one after another, each time-boxed, all within
 # BENCH_BUDGET_S seconds (default 560: one 10-minute device call); a part that would not get
-# 30 s is skipped. Each part is one process, and on an H200 each step compile took about a
+# 90 s is skipped. Each part is one process, and on an H200 each step compile took about a
 # minute (the model's init took another until the bench filled its state on the host; only the
 # pan part still times a training run's init, after its row: on the host's CPU, as training now
 # does, then on the GPU for comparison). So all the parts may take two
@@ -89,14 +89,16 @@ PY
 run() {  # run NAME SECONDS ARGS...
   local name=$1 seconds=$2 left=$((deadline - SECONDS))
   shift 2
-  if ((left < 30)); then
+  if ((left < 90)); then  # less than one step's compile (about a minute on an H200)
     echo "skipped $name: ${left} s left of BENCH_BUDGET_S" | tee "$parts/$name.log"
     echo "$name" >>"$parts/order"
     collect
     return
   fi
   local limit=$((seconds < left ? seconds : left))
-  timeout "$limit" python3 -m pan_jax.bench --backbone=resnet101 \
+  # The bench starts no row after --budget_s, so that it still prints its table and ratios.
+  local budget=$((limit - 75))
+  timeout "$limit" python3 -m pan_jax.bench --backbone=resnet101 --budget_s="$budget" \
     --crop=512 --dtype=bfloat16 --json="$parts/$name.json" "$@" "${extra[@]}" 2>&1 |
     grep -v -i -e warn -e "delay kernel" -e libtpu | tee "$parts/$name.log"  # autotuner noise
   local status=${PIPESTATUS[0]}

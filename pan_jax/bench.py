@@ -8,10 +8,12 @@ pipeline, and needs neither tfds nor grain. Reported per setting: compile time (
 step), the median step time over `--steps` timed samples after `--warmup` (each sample
 dispatches `--steps_per_sample` steps before it waits, as training does), images/s, the FLOPs
 per image of the convolutions and matrix products (`pan_jax.flops`), MFU against
-`--peak_tflops` or the measured matmul rate of the device in the compute dtype (`--dtype`), and
-peak device memory. The peer is `segmentation_models_pytorch.PAN`
-with the same backbone, batch and crop: fp32 on CPU, bf16 autocast with channels_last on GPU,
-eager and with torch.compile; for `pan_smp` its MFU uses our FLOP count (the same network).
+`--peak_tflops` or the measured matmul rate of one device in the compute dtype (`--dtype`),
+times the devices a row ran on (ours: all of them, batch split; the peer: one), and peak device
+memory (ours: the process's high-water mark so far). The peer is
+`segmentation_models_pytorch.PAN` with the same backbone, batch and crop: fp32 on CPU, bf16
+autocast with channels_last and cuDNN's autotuner on GPU, eager and with torch.compile; for
+`pan_smp` its MFU uses our FLOP count (the same network), and only `pan_smp` gets ratios.
 `--profile_dir` traces each of our measurements and prints where its time goes (op_profile).
 Flag values are checked when parsed (--what, --peer and --batch are comma lists); a measurement
 that fails is reported as an error row and the others still run, and the exit status is 1 when
@@ -254,10 +256,16 @@ def largest_batch(
 def _compiled_memory(compiled, state_bytes: float, batch: int) -> dict:
     """XLA's own memory plan of the step, and from it the largest batch the device holds."""
     try:
-        step_peak = float(compiled.memory_analysis().peak_memory_in_bytes)
+        analysis = compiled.memory_analysis()
+        step_peak = float(analysis.peak_memory_in_bytes)
     except Exception:  # not every backend reports it
         return {}
-    out = {"compiled_peak_gb": step_peak / 2**30, "state_gb": state_bytes / 2**30}
+    out = {
+        "compiled_peak_gb": step_peak / 2**30,
+        # XLA:CPU's peak leaves its temporaries out; they are the step's working memory.
+        "compiled_temp_gb": float(analysis.temp_size_in_bytes) / 2**30,
+        "state_gb": state_bytes / 2**30,
+    }
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if limit:  # None on CPUs: host memory is not the device's to plan with
         devices = jax.device_count()  # the state is replicated, the batch split
@@ -282,8 +290,12 @@ def _maybe_profile(run: Callable[[], None], compiled, name: str) -> dict:
 
 
 def measure_matmul_tflops(dtype: str, size: int) -> float:
-    """Achieved matmul TFLOP/s on the first device in `dtype`: the MFU denominator by default."""
-    a = jnp.ones((size, size), jnp.dtype(dtype))
+    """Achieved matmul TFLOP/s on the first device in `dtype`: the MFU denominator by default.
+
+    On random values: constant ones draw less power, and a GPU then clocks higher than it
+    holds on real work (an inflated peak, a deflated MFU).
+    """
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
     matmul = jax.jit(lambda x, y: x @ y)
     results = []  # timed as the steps are: the rate is the MFU's denominator
 
@@ -435,8 +447,9 @@ def jax_forward(
     model_name: str, backbone: str, batch: int, crop: int, dtype: str, steps: int, warmup: int
 ) -> dict:
     model, _, state = _model_and_state(model_name, backbone, dtype)
-    images = jnp.asarray(
-        np.random.default_rng(0).standard_normal((batch, crop, crop, 3)), jnp.float32
+    images = jax.device_put(  # split over the devices as the train step's batch is
+        np.random.default_rng(0).standard_normal((batch, crop, crop, 3)).astype(np.float32),
+        sharding.batch_sharding(sharding.create_mesh()),
     )
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -483,15 +496,16 @@ def torch_peer(
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    # Tuned convolution algorithms, as XLA autotunes its own.
+    torch.backends.cudnn.benchmark = True
     model = smp.PAN(encoder_name=backbone, encoder_weights=None, classes=NUM_CLASSES).to(device)
     images = torch.randn(batch, 3, crop, crop, device=device)
     labels = torch.randint(0, NUM_CLASSES, (batch, crop, crop), device=device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16" and cuda
-    )
+    bf16 = dtype == "bfloat16" and cuda  # CPU rows stay float32: see docs/benchmarks.md
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=4e-3, momentum=0.9, weight_decay=1e-4)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -518,10 +532,28 @@ def torch_peer(
     sync()
     compile_s = time.perf_counter() - start
     seconds = median_time(fn, sync, steps, warmup, steps_per_sample())
-    result = {"compile_s": compile_s, "step_s": seconds, "images_per_s": batch / seconds}
+    result = {
+        "compile_s": compile_s,
+        "step_s": seconds,
+        "images_per_s": batch / seconds,
+        "dtype": "bfloat16 autocast, channels_last" if bf16 else "float32",
+        "torch": torch.__version__,
+        "segmentation_models_pytorch": smp.__version__,
+    }
     if cuda:
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return result
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
@@ -531,7 +563,8 @@ def machine() -> dict:
         "device_count": jax.device_count(),
         "jax": jax.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
     }
 
@@ -569,6 +602,9 @@ def main(argv) -> int:
     def record(name: str, what: str, batch: int, fn: Callable[[], dict]) -> None:
         if FLAGS.budget_s and time.perf_counter() - _STARTED > FLAGS.budget_s:
             print(f"skipped {name} {what} batch {batch}: over --budget_s", flush=True)
+            entry = {"impl": name, "what": what, "batch": batch, "skipped": "over --budget_s"}
+            report["results"].append(entry)
+            save()
             return
         progress(f"{name} {what} batch {batch}")
         try:
@@ -581,7 +617,9 @@ def main(argv) -> int:
         if flops is None and FLAGS.model == "pan_smp":
             flops = ours_flops.get((what, batch))
         if flops and "images_per_s" in result:
-            result["mfu"] = flops * result["images_per_s"] / (peak * 1e12)
+            # Ours runs on every device, the peer on one; `peak` is one device's.
+            devices = jax.device_count() if name.startswith("pan_jax") else 1
+            result["mfu"] = flops * result["images_per_s"] / (peak * 1e12 * devices)
         entry = {"impl": name, "what": what, "batch": batch, **result}
         report["results"].append(entry)
         save()
@@ -628,7 +666,7 @@ def main(argv) -> int:
         print(f"train.create_state (a training run's init): {report['train_init_s']:.1f} s")
     if "train_init_on_devices_s" in report:
         print(f"  the same on the devices: {report['train_init_on_devices_s']:.1f} s")
-    if not any("error" not in r for r in report["results"]):
+    if not any(_measured(r) for r in report["results"]):
         # A bench that measured nothing must not pass for one that did (scripts, CI).
         print(
             "error: no measurement succeeded: each one failed or was skipped (see above)",
@@ -637,6 +675,10 @@ def main(argv) -> int:
         )
         return 1
     return 0
+
+
+def _measured(row: dict) -> bool:
+    return "error" not in row and "skipped" not in row
 
 
 def print_table(report: dict) -> None:
@@ -661,8 +703,9 @@ def print_table(report: dict) -> None:
     )
     rows = report["results"]
     for r in rows:
-        if "error" in r:
-            print(f"{r['impl']:<24}{r['what']:<9}{r['batch']:>6}  error: {r['error'][:80]}")
+        if not _measured(r):
+            why = f"error: {r['error'][:80]}" if "error" in r else f"skipped: {r['skipped']}"
+            print(f"{r['impl']:<24}{r['what']:<9}{r['batch']:>6}  {why}")
             continue
         print(
             f"{r['impl']:<24}{r['what']:<9}{r['batch']:>6}{r['images_per_s']:>10.1f}"
@@ -670,16 +713,23 @@ def print_table(report: dict) -> None:
             f"{r['compile_s']:>11.1f}{r.get('flops_per_image', float('nan')) / 1e9:>11.1f}"
             f"{r.get('mfu', float('nan')):>7.1%}{r.get('peak_memory_gb', float('nan')):>8.2f}"
         )
+    print(
+        "mem GB: ours the device's high-water mark so far in this process (never reset: it "
+        "holds earlier rows), the peer's its own row's peak"
+    )
     ours = {
-        (r["what"], r["batch"]): r
-        for r in rows
-        if r["impl"].startswith("pan_jax") and "error" not in r
+        (r["what"], r["batch"]): r for r in rows if r["impl"].startswith("pan_jax") and _measured(r)
     }
-    for r in rows:
+    devices = report["machine"]["device_count"]
+    on = f" (pan_jax on {devices} devices, the peer on one)" if devices > 1 else ""
+    # Only pan_smp is the peer's network; another model's ratio would compare two networks.
+    peers = [r for r in rows if r["impl"].startswith("smp") and _measured(r)]
+    for r in peers if report["args"]["model"] == "pan_smp" else []:
         key = (r["what"], r["batch"])
-        if r["impl"].startswith("smp") and "error" not in r and key in ours:
+        if key in ours:
             ratio = ours[key]["images_per_s"] / r["images_per_s"]
-            print(f"ratio pan_jax / {r['impl']} ({r['what']}, batch {r['batch']}): {ratio:.2f}x")
+            setting = f"{r['what']}, batch {r['batch']}"
+            print(f"ratio pan_jax / {r['impl']} ({setting}): {ratio:.2f}x{on}")
     for r in rows:
         if r.get("largest_batch_estimate") is not None:
             print(

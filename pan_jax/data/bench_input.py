@@ -148,6 +148,9 @@ def _stages(
         "decode label": lambda: [pipeline._decode_label(r[1]) for r in raw],
         "scale/crop/flip": lambda: [transform(d, g) for d, g in zip(decoded, rngs, strict=True)],
     }
+    if source._lut is not None:  # Cityscapes: label ids → train ids, as decode_record does
+        labels = [pipeline._decode_label(r[1]) for r in raw]
+        stages["label ids → classes"] = lambda: [source._lut[label] for label in labels]
     return {name: tuple(t / n for t in _timed(fn, repeats)) for name, fn in stages.items()}
 
 
