@@ -33,6 +33,23 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint was written for another model (name, backbone, classes or options)."""
 
 
+class CheckpointDamagedError(ValueError):
+    """A checkpoint folder cannot be read: cut short (a copy or a disk that filled) or damaged."""
+
+
+def _damaged(manager: ocp.CheckpointManager, step: int, error: Exception) -> CheckpointDamagedError:
+    """The error for an unreadable checkpoint: what failed and how to resume from the one
+    before. Nothing is deleted: the folder may be repairable, or wanted for a post-mortem."""
+    directory = manager.directory
+    earlier = [s for s in manager.all_steps() if s < step]
+    then = f"to resume from step {max(earlier)}" if earlier else "to start the run afresh"
+    cause = " ".join(f"{type(error).__name__}: {error}".split())[:400]
+    return CheckpointDamagedError(
+        f"checkpoint {step} in {directory} is incomplete or damaged ({cause}). Move it aside "
+        f"(mv {directory / str(step)} {directory / str(step)}.damaged) {then}."
+    )
+
+
 def model_from_spec(spec: ModelSpec, **extra: Any) -> models.SegmentationModel:
     """The model a spec describes; `extra` adds options that do not change parameters (dtype)."""
     overrides = dict(spec.get("overrides") or {})
@@ -174,12 +191,14 @@ def prepare_workdir(
     manager: ocp.CheckpointManager,
     optimizer_layout: str | None = None,
 ) -> epath.Path:
-    """Writes the resolved config and model spec into the workdir (process 0 only), once the
-    workdir's latest checkpoint, if any, is known to be of the same model and optimizer
-    layout (see `save`): a refused run leaves the record of the run that owns the workdir as
-    it was.
+    """Checks that this run may use the workdir: its latest checkpoint, if any, is of the same
+    model and optimizer layout (see `save`), and it is no model directory. Creates it.
 
-    Raises CheckpointMismatchError if the latest checkpoint was written for another model.
+    The run's record (`write_run_record`) is written once the state is restored: a refused run
+    leaves the record of the run that owns the workdir as it was.
+
+    Raises CheckpointMismatchError if the latest checkpoint was written for another model,
+    CheckpointDamagedError if its meta cannot be read.
     """
     path = epath.Path(workdir)
     step = manager.latest_step()
@@ -197,10 +216,15 @@ def prepare_workdir(
             )
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
-        resolved = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
-        (path / "config.json").write_text(resolved)
-        (path / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
     return path
+
+
+def write_run_record(workdir: epath.Path, config: Any, spec: ModelSpec) -> None:
+    """The resolved config and the model spec as `config.json` and `model.json` (process 0)."""
+    if jax.process_index() == 0:
+        resolved = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+        (workdir / "config.json").write_text(resolved)
+        (workdir / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
 
 
 def finished_steps(workdir: str | os.PathLike) -> list[int]:
@@ -218,7 +242,20 @@ def has_checkpoints(workdir: str | os.PathLike) -> bool:
 
 
 def create_manager(workdir: str | os.PathLike, config: Any) -> ocp.CheckpointManager:
-    """The run's manager: async saves, the last `config.keep_checkpoints` kept."""
+    """The run's manager: async saves, the last `config.keep_checkpoints` kept.
+
+    Raises CheckpointMismatchError for a model directory, before orbax makes its checkpoints/
+    there (which would turn it into a workdir without a checkpoint, and the run would then
+    overwrite its model.json).
+    """
+    path = epath.Path(workdir)
+    is_model_directory = (path / "model.json").exists() and (path / "variables").exists()
+    if is_model_directory and not (path / "checkpoints").exists():
+        raise CheckpointMismatchError(
+            f"{workdir} is a model directory (model.json and variables/, e.g. from pan_jax."
+            "convert), not a training workdir: train in another workdir and start from it "
+            f"with --config.model.pretrained={workdir} --config.model.pretrained_kind=pan_jax"
+        )
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(config.keep_checkpoints),
         save_interval_steps=int(config.checkpoint_every_steps),
@@ -247,8 +284,11 @@ def save(
 
 
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return restored["meta"]
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+    except Exception as error:  # a missing or cut meta folder: orbax raises KeyError, OSError…
+        raise _damaged(manager, step, error) from error
 
 
 def restore_or_none(
@@ -271,9 +311,13 @@ def restore_or_none(
         restored = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError) as error:  # orbax's tree and shape mismatches
         where = f"checkpoint {step} in {manager.directory}"
-        raise CheckpointMismatchError(f"{where} does not fit this run's state: {error}") from error
+        raise CheckpointMismatchError(
+            f"{where} does not fit this run's state (or is damaged): {error}"
+        ) from error
+    except Exception as error:  # e.g. tensorstore's OUT_OF_RANGE on a cut file
+        raise _damaged(manager, step, error) from error
     return restored["state"]
 
 
@@ -289,6 +333,15 @@ def restore_for_inference(
         options=ocp.CheckpointManagerOptions(read_only=True),
         item_names=CHECKPOINT_ITEMS,
     )
+    try:  # closed on errors too: an open manager's threads bury the error in their own
+        return _restore_variables(manager, directory, step)
+    finally:
+        manager.close()
+
+
+def _restore_variables(
+    manager: ocp.CheckpointManager, directory: epath.Path, step: int | None
+) -> tuple[dict, ModelSpec, int]:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
         raise FileNotFoundError(
@@ -305,16 +358,23 @@ def restore_for_inference(
         "batch_stats": abstract["batch_stats"],
     }
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=target,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True,
-            )
-        ),
-    )
-    manager.close()
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        )
+    except (ValueError, KeyError) as error:
+        raise CheckpointMismatchError(
+            f"checkpoint {step} in {directory} does not fit its model.json's model (or is "
+            f"damaged): {error}"
+        ) from error
+    except Exception as error:
+        raise _damaged(manager, step, error) from error
     state = restored["state"]
     return {"params": state["params"], "batch_stats": state["batch_stats"]}, spec, int(step)

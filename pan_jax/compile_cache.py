@@ -4,9 +4,11 @@ A resumed, requeued or re-evaluated run loads its compiled programs instead of c
 again: the ResNet-101 train step takes about a minute to compile on an H200 and every image size
 of an evaluation a few seconds (docs/benchmarks.md), paid again after every preemption. JAX
 writes entries from process 0 only (on GPUs they serve every process and every local device) and
-treats an unreadable entry as a miss, so a run killed while writing loses only that entry. The
-cache key holds the program, the XLA flags, jax's version and the device kind, so a workdir moved
-to another accelerator compiles afresh. `JAX_COMPILATION_CACHE_DIR`, when set, wins (empty: off).
+treats an unreadable entry as a miss, so a run killed while writing loses only that entry; JAX
+does not write it again (it warns on every load; `rm -r WORKDIR/compilation_cache` clears it).
+The cache key holds the program, the XLA flags, jax's version, the device kind and the cache's
+absolute path, so a workdir moved to another place or accelerator compiles afresh.
+`JAX_COMPILATION_CACHE_DIR`, when set, wins (empty: off).
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ def enable(workdir: str | os.PathLike, enabled: bool = True) -> str | None:
     if ENV_VAR in os.environ:  # jax read it at import: the user's choice
         directory = os.environ[ENV_VAR] or None
     elif enabled:
+        # Absolute: jax puts the directory into the compile options its keys hash (XLA's
+        # autotune cache lives there), so `runs/x` and `/home/me/runs/x` would miss each other.
+        local = "://" not in os.fspath(workdir)
         directory = os.fspath(epath.Path(workdir) / DIRECTORY_NAME)
+        directory = os.path.abspath(directory) if local else directory
         jax.config.update("jax_compilation_cache_dir", directory)
     else:
         directory = None

@@ -52,6 +52,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
+def _check_writable(workdir: str) -> None:
+    """A local workdir, or the folder it would be made in, must be writable: a run learns it
+    now, not after building its dataset."""
+    if "://" in workdir:  # a bucket: its permissions show at the first write
+        return
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--workdir={workdir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir={workdir}: {existing} is not writable by this user")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -77,6 +91,8 @@ def main(argv):
             raise ValueError(f"--workdir={workdir} is a file: expected a directory")
         if FLAGS.mode == "eval":
             checkpointing.directory_kind(workdir, FLAGS.step)
+        else:  # eval may read a run it cannot write into (it logs its figures before the report)
+            _check_writable(workdir)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     cache_dir = compile_cache.enable(workdir, FLAGS.config.get("compilation_cache", True))
@@ -84,14 +100,17 @@ def main(argv):
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
     logging.info("workdir: %s, compilation cache: %s", workdir, cache_dir or "off")
-    if FLAGS.mode == "train":
-        from pan_jax import train
+    try:  # a refused workdir or an unreadable checkpoint: one line, which names both
+        if FLAGS.mode == "train":
+            from pan_jax import train
 
-        train.train_and_evaluate(FLAGS.config, workdir)
-    else:
-        from pan_jax import evaluate
+            train.train_and_evaluate(FLAGS.config, workdir)
+        else:
+            from pan_jax import evaluate
 
-        evaluate.evaluate(FLAGS.config, workdir, step=FLAGS.step)
+            evaluate.evaluate(FLAGS.config, workdir, step=FLAGS.step)
+    except (checkpointing.CheckpointMismatchError, checkpointing.CheckpointDamagedError) as error:
+        sys.exit(f"error: {error}")
     if cache_dir:
         logging.info(compile_cache.summary())
 

@@ -15,18 +15,34 @@ from etils import epath
 
 
 class MetricWriter:
-    """Scalars to `workdir/metrics.jsonl` and TensorBoard events under `workdir/tensorboard`."""
+    """Scalars to `workdir/metrics.jsonl` and TensorBoard events under `workdir/tensorboard`.
 
-    def __init__(self, workdir: str | epath.Path, enabled: bool = True) -> None:
+    A run resumed at `start_step` first forgets what the run before logged after that step (it
+    was killed after logging steps it never checkpointed, which this run trains again): those
+    records leave metrics.jsonl, and TensorBoard is told of a restart there, which makes it
+    drop the earlier events past it.
+    """
+
+    def __init__(
+        self, workdir: str | epath.Path, enabled: bool = True, start_step: int = 0
+    ) -> None:
         self.enabled = enabled
         self._events = None
         if not enabled:
             return
-        self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
+        metrics_file = epath.Path(workdir) / "metrics.jsonl"
+        _drop_records_after(metrics_file, start_step)
+        self._jsonl = metrics_file.open("a")
         try:
+            from tensorboard.compat.proto import event_pb2
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
             self._events = EventFileWriter(str(epath.Path(workdir) / "tensorboard"))
+            # TensorBoard keeps, of the events read before a START, those of earlier steps.
+            restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._events.add_event(
+                event_pb2.Event(wall_time=time.time(), step=start_step + 1, session_log=restart)
+            )
         except ImportError:
             logging.warning("tensorboard is not installed: writing metrics.jsonl only")
 
@@ -57,3 +73,29 @@ class MetricWriter:
             self._jsonl.close()
             if self._events is not None:
                 self._events.close()
+
+
+def _drop_records_after(metrics_file: epath.Path, step: int) -> None:
+    """Rewrites `metrics_file` without its records of steps after `step` (and a line cut by a
+    kill), through a temporary file: a failure leaves it whole."""
+    if not metrics_file.exists():
+        return
+    lines = metrics_file.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a cut last line; not a record of ours
+            continue
+    if len(kept) == len(lines):
+        return
+    logging.info(
+        "metrics.jsonl: dropped %d records after step %d, logged by a run that stopped before "
+        "its next checkpoint",
+        len(lines) - len(kept),
+        step,
+    )
+    temporary = metrics_file.with_name(metrics_file.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    temporary.replace(metrics_file)

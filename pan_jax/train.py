@@ -616,6 +616,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             else:
                 logging.info("training from scratch: config.model.pretrained is empty")
         start_step = int(state.step)
+        checkpointing.write_run_record(workdir_path, config, spec)
         train_iter = iter(
             pipeline.train_dataset(
                 config.data,
@@ -635,7 +636,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         config.num_train_steps,
     )
 
-    writer = summary.MetricWriter(workdir_path, enabled=jax.process_index() == 0)
+    writer = summary.MetricWriter(
+        workdir_path, enabled=jax.process_index() == 0, start_step=start_step
+    )
     schedule = learning_rate_schedule(config)
     images_per_step = config.batch_size
     pending: list[tuple[int, dict]] = []
@@ -710,22 +713,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             "eval at step %d: mIoU %.4f over %d images", step, report["miou"], report["num_images"]
         )
 
-    if _eval_owed(workdir_path, start_step, config):
-        logging.info("step %d was checkpointed but not evaluated: evaluating it now", start_step)
-        run_eval(start_step)
-
     # After the step that compiles, so the trace holds steady-state steps only.
     trace = _StepTrace(
         workdir_path / "tensorboard",
         first=start_step + 2,
         last=min(start_step + 1 + int(config.get("profile_steps", 0)), config.num_train_steps),
     )
+
+    def save_and_exit(step: int, signal_name: str | None) -> None:
+        """Ends a preempted run with its state at `step` saved (launchers grep the line)."""
+        if step and manager.latest_step() != step:
+            checkpointing.save(manager, step, state, spec, force=True, optimizer_layout=layout)
+        manager.wait_until_finished()
+        if step:
+            logging.warning(
+                "%s: checkpoint at step %d written, exiting", signal_name or "preempted", step
+            )
+        else:
+            logging.warning("%s before the first step: nothing to save, exiting", signal_name)
+
     try:
         with _Preemption() as preemption, trace:
+            if _eval_owed(workdir_path, start_step, config):
+                logging.info("step %d was checkpointed, never evaluated: evaluating it", start_step)
+                run_eval(start_step)
             step = start_step
             if step < config.num_train_steps:
                 logging.info("first step ...")
             while step < config.num_train_steps:
+                if preemption.requested:  # during an eval: exit before another step
+                    save_and_exit(step, preemption.requested)
+                    break
                 host_batch = next(train_iter)
                 if config.get("log_batch_digests"):
                     writer.write_json(step + 1, {"batch_digest": _digest(host_batch)})
@@ -751,19 +769,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 must_save = at_end or stop or step % config.checkpoint_every_steps == 0
                 # Never checkpoint a NaN state.
                 flush_metrics(step, force=must_save, final=bool(stop))
+                if stop:
+                    save_and_exit(step, preemption.requested)
+                    break
                 if must_save:
                     checkpointing.save(
                         manager, step, state, spec, force=True, optimizer_layout=layout
                     )
                     logging.info("saved checkpoint at step %d", step)
-                if stop:
-                    manager.wait_until_finished()
-                    logging.warning(
-                        "%s: checkpoint at step %d written, exiting",
-                        preemption.requested or "preempted",
-                        step,
-                    )
-                    break
                 if _is_eval_step(step, config):
                     flush_metrics(step, force=True)  # this step's rate must not include the eval
                     run_eval(step)

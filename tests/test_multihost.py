@@ -300,6 +300,7 @@ def test_evaluation_across_two_processes_sums_the_confusion_matrices(tmp_path, s
     )
     manager = checkpointing.create_manager(str(tmp_path / "run"), config)
     workdir = checkpointing.prepare_workdir(str(tmp_path / "run"), config, spec, manager)
+    checkpointing.write_run_record(workdir, config, spec)
     state = train.init_state(model, optimizer, jax.random.key(0), model.min_input_size)
     checkpointing.save(manager, 1, state, spec, force=True)
     manager.wait_until_finished()

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from configs import demo
-from pan_jax import checkpointing, compile_ahead, compile_cache, convert, sharding, train
+from pan_jax import checkpointing, compile_ahead, compile_cache, convert, models, sharding, train
 from pan_jax import flops as flops_lib
 from pan_jax.data import pipeline, synthetic
 from tests.helpers import HUB_RESNET18, resnet18_safetensors
@@ -518,6 +518,10 @@ def test_main_writes_a_run_and_resumes_exactly_after_a_hard_kill(tmp_path, data_
     for later in checkpoints.iterdir():
         if not later.name.isdigit() or int(later.name) > 3:
             shutil.rmtree(later)
+    # What the killed run logged after its checkpoint, and a line the kill cut: the resumed run
+    # trains steps 4-6 again and must log them once.
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train/loss": 99.0}\n{"step": 5, "train/lo')
     # Resumed with a data worker process (the killed run had none): the pipeline's position is
     # the step, not grain's iterator state, whose format depends on the number of workers.
     code, output = run_main(
@@ -533,6 +537,8 @@ def test_main_writes_a_run_and_resumes_exactly_after_a_hard_kill(tmp_path, data_
     # Logged every 3 steps, the loss is the mean of the 3 steps' losses (exact resume: the
     # straight run's steps 4-6), not the last step's.
     records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in records if "train/loss" in r]
+    assert logged == sorted(set(logged)) and 99.0 not in [r.get("train/loss") for r in records]
     last = [r for r in records if "train/loss" in r][-1]
     straight_losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
     assert last["step"] == 6
@@ -594,6 +600,28 @@ def test_compilation_cache_location(tmp_path, environment, switch, where):
     else:
         assert written and all(p.parent == expected for p in written)
         assert "0 programs loaded" not in outputs[1].stdout  # the second run loaded them
+
+
+def test_the_cache_is_found_however_the_workdir_is_spelt(tmp_path):
+    """jax hashes the cache's directory into its keys: `--workdir=runs/x` run from the checkout
+    and the same workdir given as an absolute path must share programs."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    spellings = [("workdir", tmp_path), (str(tmp_path / "workdir"), REPO)]
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", CACHE_SCRIPT, workdir, "on"],
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        for workdir, cwd in spellings
+    ]
+    for result in outputs:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "0 programs loaded" not in outputs[1].stdout, outputs[1].stdout
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -742,6 +770,44 @@ def test_relative_workdirs_and_model_directories_as_in_the_readme(tmp_path, data
     assert_trees_equal(again["params"], state.params)
 
 
+def test_a_model_directory_is_refused_as_a_workdir_and_left_as_it_was(tmp_path, data_dir):
+    config = tiny_config(data_dir)
+    spec = train.model_spec(config)
+    model_dir = tmp_path / "model"  # as python -m pan_jax.convert writes one
+    variables = models.random_variables(train.create_model(config, spec))
+    checkpointing.save_variables(model_dir, variables, spec)
+    before = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    code, output = run_main(model_dir, data_dir, num_train_steps=1)
+    assert code == 1 and "Traceback" not in output, output[-3000:]
+    assert f"error: {model_dir} is a model directory" in output
+    assert "--config.model.pretrained_kind=pan_jax" in output
+    assert {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()} == before
+    assert not (model_dir / "checkpoints").exists()
+
+
+def test_a_damaged_checkpoint_is_named_with_the_step_to_resume_from(tmp_path, data_dir):
+    """A cut data file or a missing meta: one error naming the step and the way back to the
+    one before; nothing deleted, and the run's record (config.json) left as it was."""
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(data_dir), str(workdir))  # checkpoints 2 and 4
+    checkpoints = workdir / "checkpoints"
+    record = (workdir / "config.json").read_bytes()
+    files = [p for p in (checkpoints / "4" / "state").rglob("*") if p.is_file()]
+    with open(max(files, key=lambda p: p.stat().st_size), "r+b") as f:
+        f.truncate(1000)  # as a copy cut short, or a disk that filled, leaves it
+    resumed = tiny_config(data_dir, num_train_steps=6)
+    message = r"checkpoint 4 in .* is incomplete or damaged \(.*\)\. Move it aside .*from step 2"
+    for damage in ("cut", "no meta"):
+        if damage == "no meta":
+            shutil.rmtree(checkpoints / "4" / "meta")
+        with pytest.raises(checkpointing.CheckpointDamagedError, match=message):
+            train.train_and_evaluate(resumed, str(workdir))
+        with pytest.raises(checkpointing.CheckpointDamagedError, match=message):
+            checkpointing.restore_for_inference(workdir)  # eval, predict
+        assert (workdir / "config.json").read_bytes() == record
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -807,6 +873,33 @@ def test_a_checkpointed_but_unevaluated_step_is_evaluated_on_resume(
         match=r"config\.decoder_lr_multiplier=1, this config has config\.decoder_lr_multiplier!=1",
     ):
         train.train_and_evaluate(config, str(workdir))
+
+
+def test_a_sigterm_during_an_eval_exits_before_another_step(
+    tmp_path, data_dir, monkeypatch, caplog
+):
+    """The grace period of a preemption is short: a signal that came during an evaluation (a
+    periodic one, or the one a resumed run owes) ends the run at that step, saved."""
+    from pan_jax import evaluate
+
+    def evaluate_dataset(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the cluster preempts the run as it evaluates
+        return {"miou": 0.5, "pixel_accuracy": 0.5, "num_images": 1}
+
+    monkeypatch.setattr(evaluate, "evaluate_dataset", evaluate_dataset)
+    caplog.set_level("INFO")
+    workdir = tmp_path / "run"
+    config = tiny_config(data_dir, num_train_steps=8, eval_every_steps=2, checkpoint_every_steps=8)
+    state = train.train_and_evaluate(config, str(workdir))
+    assert int(state.step) == 2 and checkpointing.finished_steps(workdir) == [2]
+    assert "SIGTERM: checkpoint at step 2 written, exiting" in caplog.text
+    metrics = workdir / "metrics.jsonl"  # the eval of step 2 unrecorded: the resume owes it
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:-1]))
+    caplog.clear()
+    state = train.train_and_evaluate(config, str(workdir))
+    assert "evaluating it" in caplog.text
+    assert int(state.step) == 2 and checkpointing.finished_steps(workdir) == [2]
+    assert "SIGTERM: checkpoint at step 2 written, exiting" in caplog.text
 
 
 def test_an_option_spelled_out_at_its_default_is_the_same_model():
