@@ -138,6 +138,11 @@ def test_a_workdir_that_is_a_file_or_holds_no_checkpoint_is_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"error: --workdir={workdir} is a file: expected a directory" in result.stderr
     assert workdir.read_text() == "mine"
+    below = workdir / "run"  # training would fail to make it, after building its dataset
+    result = run_main(config, f"--workdir={below}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: --workdir={below}: {workdir} is a file, not a directory" in result.stderr
+    assert workdir.read_text() == "mine"
 
     empty = tmp_path / "run"
     empty.mkdir()
