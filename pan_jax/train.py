@@ -741,7 +741,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step < config.num_train_steps:
                 logging.info("first step ...")
             while step < config.num_train_steps:
-                if preemption.requested:  # during an eval: exit before another step
+                if preemption.requested:  # came after the last step's check, or during an eval
+                    flush_metrics(step, force=True, final=True)  # and checked: never save a NaN
                     save_and_exit(step, preemption.requested)
                     break
                 host_batch = next(train_iter)
