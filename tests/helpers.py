@@ -68,6 +68,21 @@ class Hub:
         return [path for method, path in self.requests if method == "GET"]
 
 
+def randomize_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm statistics and affines, and conv biases, unlike their initial values (so that a
+    parity test shows each one), drawn from torch's current seed; the model in eval mode."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+            elif isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+                module.bias.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
 @functools.cache
 def resnet18_safetensors() -> bytes:
     """A randomised torchvision ResNet-18 (timm's resnet18.tv_in1k is torchvision's file) as

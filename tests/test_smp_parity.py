@@ -8,7 +8,7 @@ import torch
 
 from pan_jax import checkpointing, convert, models
 from pan_jax.convert import cli
-from tests.helpers import Hub
+from tests.helpers import Hub, randomize_statistics
 
 
 def randomized_smp_pan(
@@ -16,16 +16,7 @@ def randomized_smp_pan(
 ) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = smp.PAN(encoder_name=encoder, encoder_weights=None, classes=classes, **options)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-            elif isinstance(module, torch.nn.Conv2d) and module.bias is not None:
-                module.bias.uniform_(-0.1, 0.1)
-    return model.eval()
+    return randomize_statistics(model)
 
 
 def relative_max_error(ours: np.ndarray, reference: np.ndarray) -> float:
