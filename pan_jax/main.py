@@ -110,6 +110,9 @@ def main(argv):
 
             evaluate.evaluate(FLAGS.config, workdir, step=FLAGS.step)
     except (checkpointing.CheckpointMismatchError, checkpointing.CheckpointDamagedError) as error:
+        # A failed restore leaves orbax's other reads behind: collected at exit, each would print
+        # a traceback under the one line that says what failed.
+        sys.unraisablehook = lambda unraisable: None
         sys.exit(f"error: {error}")
     if cache_dir:
         logging.info(compile_cache.summary())
