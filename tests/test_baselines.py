@@ -38,7 +38,8 @@ MMSEG_PSPNET_RULES = (
     ("backbone.stem.4", "backbone/stem_bn1"),
     ("backbone.stem.6", "backbone/stem_conv2"),
     ("backbone.stem.7", "backbone/stem_bn2"),
-    *resnet_rules("torchvision", avg_down=False, torch_prefix="backbone.", flax_prefix="backbone/"),
+    # The blocks' rules, without those of torchvision's stem (conv1, bn1), which come first.
+    *resnet_rules("torchvision", False, torch_prefix="backbone.", flax_prefix="backbone/")[2:],
     ("decode_head.psp_modules.0.1.{M}", "decoder/pool1/{M}"),  # Sequential(pool, ConvModule)
     ("decode_head.psp_modules.1.1.{M}", "decoder/pool2/{M}"),
     ("decode_head.psp_modules.2.1.{M}", "decoder/pool3/{M}"),
@@ -150,8 +151,7 @@ def test_psp_equals_mmsegmentation_pspnet(overrides, stem_channels, output_strid
     torch.manual_seed(0)
     reference = randomize_statistics(mmseg_pspnet(stem_channels, output_stride, align_corners))
     model = models.create("psp", num_classes=5, backbone="resnet50", **overrides)
-    rules = MMSEG_PSPNET_RULES[:6] + MMSEG_PSPNET_RULES[8:]  # the deep stem, not conv1/bn1
-    variables, unexpected = torch_to_flax(reference.state_dict(), rules)
+    variables, unexpected = torch_to_flax(reference.state_dict(), MMSEG_PSPNET_RULES)
     assert not unexpected
 
     def logits(x):  # mmseg's inference logits: decode, then resize to the image
