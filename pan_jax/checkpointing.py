@@ -86,15 +86,16 @@ def check_spec(saved: ModelSpec, expected: ModelSpec, where: str) -> None:
         )
 
 
-def _orbax_path(path: str | os.PathLike) -> epath.Path:
-    """`path` for orbax, whose writers and readers refuse relative local paths (runs/demo)."""
+def absolute_path(path: str | os.PathLike) -> epath.Path:
+    """`path`, absolute if local: orbax's writers and readers refuse relative local paths
+    (runs/demo), and jax hashes its cache directory's path into the cache's keys."""
     text = os.fspath(path)
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def save_variables(directory: str | os.PathLike, variables: dict, spec: ModelSpec) -> None:
     """Writes `{'params', 'batch_stats'}` and the model spec to `directory` (local or gs://)."""
-    path = _orbax_path(directory)
+    path = absolute_path(directory)
     path.mkdir(parents=True, exist_ok=True)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     with ocp.StandardCheckpointer() as checkpointer:
@@ -104,7 +105,7 @@ def save_variables(directory: str | os.PathLike, variables: dict, spec: ModelSpe
 
 def load_variables(directory: str | os.PathLike) -> tuple[dict, ModelSpec]:
     """Reads what `save_variables` wrote: (variables, spec), arrays on the default device."""
-    path = _orbax_path(directory)
+    path = absolute_path(directory)
     spec_file = path / "model.json"
     if not spec_file.exists():
         raise FileNotFoundError(
@@ -143,13 +144,18 @@ def load_any(
     return restore_for_inference(directory, step)
 
 
+def _is_model_directory(path: epath.Path) -> bool:
+    """A `save_variables` directory. A training workdir also holds a model.json (next to
+    checkpoints/): its checkpoints win."""
+    is_model_directory = (path / "model.json").exists() and (path / "variables").exists()
+    return is_model_directory and not (path / "checkpoints").exists()
+
+
 def directory_kind(directory: str | os.PathLike, step: int | None = None) -> str:
     """'model' (a `save_variables` directory) or 'workdir' (a training run's), without loading;
     raises naming what is missing, so a CLI can check its arguments before the slow load."""
     path = epath.Path(directory)
-    # A training workdir also holds a model.json (next to checkpoints/): its checkpoints win.
-    is_model_directory = (path / "model.json").exists() and (path / "variables").exists()
-    if is_model_directory and not (path / "checkpoints").exists():
+    if _is_model_directory(path):
         if step is not None:
             raise ValueError(
                 f"{directory} holds one set of weights (model.json): step={step} needs a workdir"
@@ -248,9 +254,7 @@ def create_manager(workdir: str | os.PathLike, config: Any) -> ocp.CheckpointMan
     there (which would turn it into a workdir without a checkpoint, and the run would then
     overwrite its model.json).
     """
-    path = epath.Path(workdir)
-    is_model_directory = (path / "model.json").exists() and (path / "variables").exists()
-    if is_model_directory and not (path / "checkpoints").exists():
+    if _is_model_directory(epath.Path(workdir)):
         raise CheckpointMismatchError(
             f"{workdir} is a model directory (model.json and variables/, e.g. from pan_jax."
             "convert), not a training workdir: train in another workdir and start from it "
@@ -261,7 +265,7 @@ def create_manager(workdir: str | os.PathLike, config: Any) -> ocp.CheckpointMan
         save_interval_steps=int(config.checkpoint_every_steps),
     )
     return ocp.CheckpointManager(
-        _orbax_path(workdir) / "checkpoints", options=options, item_names=CHECKPOINT_ITEMS
+        absolute_path(workdir) / "checkpoints", options=options, item_names=CHECKPOINT_ITEMS
     )
 
 
@@ -325,7 +329,7 @@ def restore_for_inference(
     workdir: str | os.PathLike, step: int | None = None
 ) -> tuple[dict, ModelSpec, int]:
     """(variables, spec, step) of the latest (or given) checkpoint of a training workdir."""
-    directory = _orbax_path(workdir) / "checkpoints"
+    directory = absolute_path(workdir) / "checkpoints"
     if not directory.exists():
         raise FileNotFoundError(f"{directory} not found: {workdir} holds no training checkpoints")
     manager = ocp.CheckpointManager(

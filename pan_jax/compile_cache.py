@@ -17,7 +17,8 @@ import os
 import threading
 
 import jax
-from etils import epath
+
+from pan_jax import checkpointing
 
 DIRECTORY_NAME = "compilation_cache"
 ENV_VAR = "JAX_COMPILATION_CACHE_DIR"
@@ -51,9 +52,7 @@ def enable(workdir: str | os.PathLike, enabled: bool = True) -> str | None:
     elif enabled:
         # Absolute: jax puts the directory into the compile options its keys hash (XLA's
         # autotune cache lives there), so `runs/x` and `/home/me/runs/x` would miss each other.
-        local = "://" not in os.fspath(workdir)
-        directory = os.fspath(epath.Path(workdir) / DIRECTORY_NAME)
-        directory = os.path.abspath(directory) if local else directory
+        directory = os.fspath(checkpointing.absolute_path(workdir) / DIRECTORY_NAME)
         jax.config.update("jax_compilation_cache_dir", directory)
     else:
         directory = None

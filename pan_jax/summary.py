@@ -75,27 +75,35 @@ class MetricWriter:
                 self._events.close()
 
 
+def read_records(metrics_file: epath.Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of a metrics.jsonl (none if it is absent), and the number of its lines
+    that hold none: the last line of a killed run is cut short."""
+    if not metrics_file.exists():
+        return [], 0
+    records, unreadable = [], 0
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            unreadable += 1
+            continue
+        records.append(record)
+    return records, unreadable
+
+
 def _drop_records_after(metrics_file: epath.Path, step: int) -> None:
     """Rewrites `metrics_file` without its records of steps after `step` (and a line cut by a
     kill), through a temporary file: a failure leaves it whole."""
-    if not metrics_file.exists():
-        return
-    lines = metrics_file.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):  # a cut last line; not a record of ours
-            continue
-    if len(kept) == len(lines):
+    records, unreadable = read_records(metrics_file)
+    kept = [record for record in records if record["step"] <= step]
+    if len(kept) == len(records) and not unreadable:
         return
     logging.info(
         "metrics.jsonl: dropped %d records after step %d, logged by a run that stopped before "
         "its next checkpoint",
-        len(lines) - len(kept),
+        len(records) - len(kept),
         step,
     )
     temporary = metrics_file.with_name(metrics_file.name + ".tmp")
-    temporary.write_text("".join(line + "\n" for line in kept))
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
     temporary.replace(metrics_file)

@@ -30,7 +30,7 @@ from absl import logging
 from flax import traverse_util
 from jax import lax
 
-from pan_jax import checkpointing, compile_ahead, models, normalization, sharding
+from pan_jax import checkpointing, compile_ahead, models, normalization, sharding, summary
 from pan_jax import flops as flops_lib
 
 if TYPE_CHECKING:  # the benchmark runs this module where ml_collections is not installed
@@ -543,7 +543,6 @@ class NonFiniteLossError(FloatingPointError):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (resuming from the workdir's latest checkpoint) and evaluates periodically."""
-    from pan_jax import summary
     from pan_jax.data import pipeline
 
     started = time.perf_counter()
@@ -814,17 +813,8 @@ def _eval_owed(workdir: epath.Path, step: int, config: ml_collections.ConfigDict
 
 
 def _evaluated_steps(metrics_file: epath.Path) -> set[int]:
-    steps: set[int] = set()
-    if not metrics_file.exists():
-        return steps
-    for line in metrics_file.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a killed run
-            continue
-        if "eval/miou" in record:
-            steps.add(record["step"])
-    return steps
+    records, _ = summary.read_records(metrics_file)
+    return {record["step"] for record in records if "eval/miou" in record}
 
 
 def format_duration(seconds: float) -> str:
