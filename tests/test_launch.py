@@ -33,8 +33,8 @@ case " $* " in *" describe "*)
   grep -q create "$STUB_CALLS" || [[ -n "${STUB_STATE:-}" ]] || exit 1
   echo "${STUB_STATE:-ACTIVE}" ;;
 esac
-if [[ -n "${STUB_FAIL_ON:-}" && "$*" == *"$STUB_FAIL_ON"* ]]; then exit 1; fi
 { printf '%s\\n' "${STUB_OUTPUT:-}"; } | sed '/^$/d'
+if [[ -n "${STUB_FAIL_ON:-}" && "$*" == *"$STUB_FAIL_ON"* ]]; then exit "${STUB_EXIT:-1}"; fi
 """
 
 
@@ -284,14 +284,16 @@ def sbatch_header() -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "signal_line",
+    ("signal_line", "srun_exit"),
     [
-        "0: W train.py] preempted: checkpoint at step 7 written, exiting",  # several tasks
-        "0: W train.py] SIGTERM: checkpoint at step 7 written, exiting",  # a one-task job
+        ("0: W train.py] preempted: checkpoint at step 7 written, exiting", 0),  # several tasks
+        ("0: W train.py] SIGTERM: checkpoint at step 7 written, exiting", 0),  # a one-task job
+        ("0: W train.py] SIGTERM before the first step: nothing to save, exiting", 0),
+        ("0: I main.py] loading the dataset", 143),  # SIGTERM before pan_jax listens for it
     ],
 )
 def test_slurm_script_starts_one_process_per_gpu_and_requeues_after_preemption(
-    tmp_path, signal_line
+    tmp_path, signal_line, srun_exit
 ):
     header = sbatch_header()
     assert header["ntasks-per-node"] == header["gpus-per-node"]
@@ -304,8 +306,11 @@ def test_slurm_script_starts_one_process_per_gpu_and_requeues_after_preemption(
         "VENV": "/opt/venv",
         "WORKDIR": "/shared/runs/voc",
         "STUB_OUTPUT": signal_line,
+        "STUB_FAIL_ON": "pan_jax.main",
+        "STUB_EXIT": str(srun_exit),
     }
-    bash("gpu_slurm.sbatch", "--config.batch_size=32", env=env)
+    result = bash("gpu_slurm.sbatch", "--config.batch_size=32", env=env, check=False)
+    assert result.returncode == srun_exit, result.stderr  # the job's state tells what happened
     srun, scontrol = recorded_calls(tmp_path)
     assert "--cpus-per-task=12" in srun  # srun does not inherit it from sbatch (Slurm ≥ 22.05)
     main = srun[srun.index("/opt/venv/bin/python") :]
@@ -320,10 +325,16 @@ def test_slurm_script_starts_one_process_per_gpu_and_requeues_after_preemption(
     ]
     assert scontrol == ["requeue", "42"]
 
-    (tmp_path / "calls").unlink()
-    finished = {**env, "SLURM_RESTART_COUNT": "1", "STUB_OUTPUT": "0: step 30000/30000"}
-    bash("gpu_slurm.sbatch", env=finished)
-    assert [call[0] for call in recorded_calls(tmp_path)] == [srun[0]], "requeued a finished run"
+    for output, exit_code in [("0: step 30000/30000", 0), ("0: ValueError: option ...", 1)]:
+        (tmp_path / "calls").unlink()
+        ended = {
+            **env,
+            "SLURM_RESTART_COUNT": "1",
+            "STUB_OUTPUT": output,
+            "STUB_EXIT": str(exit_code),
+        }
+        assert bash("gpu_slurm.sbatch", env=ended, check=False).returncode == exit_code
+        assert [call[0] for call in recorded_calls(tmp_path)] == [srun[0]], f"requeued: {output}"
 
 
 # ----------------------------------------------------------------------------- one host
