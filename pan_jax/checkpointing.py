@@ -51,8 +51,10 @@ def _damaged(manager: ocp.CheckpointManager, step: int, error: Exception) -> Che
 
 
 def model_from_spec(spec: ModelSpec, **extra: Any) -> models.SegmentationModel:
-    """The model a spec describes; `extra` adds options that do not change parameters (dtype)."""
-    overrides = dict(spec.get("overrides") or {})
+    """The model a spec describes; `extra` adds options that do not change parameters (dtype).
+    Options the model does not take are left out: specs written before `models.create`
+    refused them (fcn with decoder_channels) hold some, and they never changed the model."""
+    overrides = models.explicit_overrides(spec["name"], dict(spec.get("overrides") or {}))
     for key, value in overrides.items():
         if isinstance(value, list):
             overrides[key] = tuple(value)

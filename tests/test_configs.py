@@ -102,8 +102,10 @@ def test_switching_the_model_drops_the_config_files_options_it_does_not_take(cap
     config = load("configs/demo.py", "--config.model.name=fcn")  # demo sets PAN's widths
     spec = train.model_spec(config)
     assert spec["name"] == "fcn" and "pyramid_features" not in spec["overrides"]
+    assert "decoder_channels" not in spec["overrides"]  # fcn has no decoder
     assert spec["overrides"]["stem"] == "torchvision"  # what fcn takes stays
     assert "model 'fcn' does not take" in caplog.text and "pyramid_features=64" in caplog.text
+    assert "decoder_channels=64" in caplog.text
     train.create_model(config)
     with config.unlocked():  # a key no model takes (in a config file) is not dropped: refused
         config.model.overrides.unknown_switch = 1

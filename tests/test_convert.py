@@ -473,6 +473,8 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     assert "contradicts" in capsys.readouterr().err
     assert cli.main([*argv, "--backbone=resnet101"]) == 1
     assert "resnet50" in capsys.readouterr().err
+    assert cli.main([*argv, "--model=fcn", "--override", "decoder_channels=64"]) == 1
+    assert "--override decoder_channels: model 'fcn' does not take it" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -138,8 +138,26 @@ def test_too_small_input_is_a_clear_error():
 def test_option_values_are_checked_naming_the_option(options, message):
     # They failed at init with "not enough values to unpack", "float division by zero", or not
     # at all (an even head kernel, a dropout rate past 1).
+    name = "psp" if "dropout_rate" in options else "pan"
     with pytest.raises(ValueError, match=message):
-        models.create("pan", num_classes=3, backbone="resnet18", **options)
+        models.create(name, num_classes=3, backbone="resnet18", **options)
+
+
+@pytest.mark.parametrize(
+    "name, option",
+    [
+        ("pan", "dropout_rate"),
+        ("gau", "dropout_rate"),
+        ("fcn", "decoder_channels"),
+        ("fcn", "dropout_rate"),
+    ],
+)
+def test_an_option_the_model_does_not_use_is_refused_not_ignored(name, option):
+    # Both were accepted and changed nothing: PAN's decoder has no dropout, fcn no decoder.
+    value = {"dropout_rate": 0.3, "decoder_channels": 8}[option]
+    with pytest.raises(ValueError, match=rf"unknown option\(s\) \['{option}'\] for model '{name}'"):
+        models.create(name, num_classes=3, backbone="resnet18", **{option: value})
+    assert option not in models.valid_overrides(name)
 
 
 def test_a_new_decoder_width_widens_the_papers_pyramid_with_it():

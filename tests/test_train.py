@@ -928,6 +928,20 @@ def test_an_option_spelled_out_at_its_default_is_the_same_model():
         checkpointing.check_spec({**plain, "overrides": {"output_stride": 32}}, spelled, "test")
 
 
+def test_a_saved_option_the_model_never_took_loads_and_resumes():
+    # Before models.create refused it, `--config.model.name=fcn` on the demo config saved
+    # decoder_channels=64 in fcn's spec: the model loads, and resuming without it is no mismatch.
+    old = {"name": "fcn", "backbone": "resnet18", "num_classes": 3}
+    old["overrides"] = {"decoder_channels": 64, "stem": "torchvision"}
+    model = checkpointing.model_from_spec(old)
+    assert model.decoder is None and model.backbone.stem == "torchvision"
+    now = {**old, "overrides": {"stem": "torchvision"}}
+    checkpointing.check_spec(old, now, "test")
+    checkpointing.check_spec(now, old, "test")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['decoder_width'\]"):
+        checkpointing.model_from_spec({**old, "overrides": {"decoder_width": 64}})
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), workdir)

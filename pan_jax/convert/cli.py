@@ -97,6 +97,13 @@ def _spec(args: argparse.Namespace, arch: dict, smp: dict | None) -> dict[str, A
                     f"a {describe(arch)}"
                 )
             overrides[key] = arch[key]
+    # Refused here, since a stored spec's options that the model does not take are skipped.
+    inapplicable = sorted(set(dict(args.override)) - models.valid_overrides(spec["name"]))
+    if inapplicable:
+        raise ConversionError(
+            f"--override {', '.join(inapplicable)}: model {spec['name']!r} does not take it; "
+            f"its options: {', '.join(sorted(models.valid_overrides(spec['name'])))}"
+        )
     spec["backbone"] = f"resnet{arch['depth']}"
     if args.backbone and args.backbone != spec["backbone"]:
         raise ConversionError(

@@ -120,19 +120,19 @@ _PAN_FIELDS = tuple(
     for f in dataclasses.fields(PANDecoder)
     if f.name not in ("features", "dtype", "parent", "name")
 )
-_MODEL_FIELDS = ("head_kernel", "align_corners", "dtype", "decoder_channels", "dropout_rate")
+_MODEL_FIELDS = ("head_kernel", "align_corners", "dtype")
 _DEPTHS = {f"resnet{d}": d for d in (18, 34, 50, 101, 152)}
 
 
 def _valid_overrides(decoder: str) -> set[str]:
     valid = set(_BACKBONE_FIELDS) | set(_MODEL_FIELDS)
-    if decoder == "pan":
-        valid |= set(_PAN_FIELDS)
+    if decoder == "pan":  # PAN's decoder has no dropout
+        valid |= {"decoder_channels", *_PAN_FIELDS}
     if decoder == "psp":
-        valid |= {"bins"}
+        valid |= {"decoder_channels", "dropout_rate", "bins"}
     if decoder == "aspp":
-        valid |= {"rates"}
-    return valid
+        valid |= {"decoder_channels", "dropout_rate", "rates"}
+    return valid  # fcn: a classifier on the backbone, no decoder
 
 
 def valid_overrides(name: str) -> set[str]:
@@ -288,11 +288,14 @@ _NO_DEFAULT = object()
 
 def explicit_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The overrides that change model `name` from what it is without them (lists read as
-    tuples): equal specs describe equal models, whether a default is spelled out or not."""
+    tuples): equal specs describe equal models, whether a default is spelled out or not. A
+    known option that model does not take changes nothing; an unknown one is kept."""
     if name not in _PRESETS:
         return dict(overrides)
     explicit = {}
     for key, value in overrides.items():
+        if key in OVERRIDE_TYPES and key not in valid_overrides(name):
+            continue
         others = {k: v for k, v in overrides.items() if k != key}
         default = _settings(name, others).get(key, _NO_DEFAULT)
         if (tuple(value) if isinstance(value, list) else value) != default:
