@@ -1,12 +1,18 @@
 """The Colab notebook runs top to bottom (nbclient) against a checkpoint made here."""
 
 import base64
+import importlib.util
 import io
 import json
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import nbformat
 import numpy as np
+import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
@@ -97,3 +103,22 @@ def test_without_a_checkpoint_the_notebook_trains_and_evaluates_the_demo(tmp_pat
     assert (workdir / evaluate.REPORT_JSON).exists()
     markdown = "".join(out.get("data", {}).get("text/markdown", "") for out in outputs)
     assert "| 0 | background |" in markdown  # the demo's own evaluation report
+
+
+@pytest.mark.parametrize(("has_gpu", "extra"), [(True, ["jax[cuda12]>=0.10,<0.12"]), (False, [])])
+def test_the_install_cell_clones_the_repository_with_a_matching_jax(monkeypatch, has_gpu, extra):
+    # Where pan_jax is not importable (a fresh Colab runtime): clone, then one pip install of the
+    # checkout and, on a GPU, jax's CUDA plugin of the same jax.
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    (install,) = [c.source for c in notebook.cells if "PAN_JAX_REPO, " in c.source]
+    commands = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(subprocess, "run", lambda command, check: commands.append(command))
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if has_gpu else None)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    repo = "https://example.org/pan_jax.git"
+    exec(install, {"os": os, "CHECKPOINT": "", "IMAGE": "", "PAN_JAX_REPO": repo})  # cell 1's
+    clone, pip = commands
+    assert clone == ["git", "clone", "-q", "--depth=1", repo, "pan_jax"]
+    assert pip == [sys.executable, "-m", "pip", "install", "-q", "-e", "pan_jax", *extra]
+    assert sys.path[0] == os.path.abspath("pan_jax")
