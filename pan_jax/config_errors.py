@@ -1,4 +1,4 @@
-"""One-line reports of a bad `--config` file or `--config.*` override, for the command line.
+"""One-line reports of a bad `--config` file, `--config.*` override or config value.
 
 ml_collections raises plain Python errors from loading a config file and applying overrides,
 wrapped in absl's flag errors, re-raised with a traceback as text, or kept in a stand-in config
@@ -15,6 +15,12 @@ import types
 
 import ml_collections
 from absl import flags
+
+
+class ConfigError(ValueError):
+    """A config value a run cannot use, named with what was expected: `python -m pan_jax.main`
+    reports it in one line instead of a traceback."""
+
 
 _LIBRARIES = (f"{os.sep}absl{os.sep}", f"{os.sep}ml_collections{os.sep}")
 _TRACEBACK_TEXT = "Error whilst parsing config file"  # ml_collections' re-raise of get_config's
@@ -91,9 +97,10 @@ def describe(error: BaseException, arguments: list[str]) -> str | None:
         # frames) or in an override (it did not). The outermost KeyError says "did you mean".
         missing_key = next(link for link in chain if isinstance(link, KeyError))
         text = " ".join(str(missing_key.args[0]).split("\n")) if missing_key.args else text
-        field = re.match(r"'([^']*)'", text)
+        # Reading a missing field: 'name'...; adding one to a locked config: Key "name" ...
+        field = re.match(r"'([^']*)'", text) or re.match(r'Key "([^"]*)" does not exist', text)
         suggestion = re.search(r'Did you mean "([^"]+)"', text)
-        missing = f"the config has no field {field.group(0) if field else text}"
+        missing = f"the config has no field {repr(field.group(1)) if field else text}"
         missing += f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
         if frames:
             return f"{where}: {missing}{at}"

@@ -58,6 +58,7 @@ from etils import epath
 from jax import lax
 
 from pan_jax import checkpointing, metrics
+from pan_jax.config_errors import ConfigError
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # The paper's and mmseg's `img_ratios`.
 PAD_MULTIPLE = 128
@@ -775,14 +776,17 @@ def eval_options(eval_config: Any) -> dict[str, Any]:
     Fields: mode ('whole' | 'slide', default 'whole'), scales (default (1.0,)), flip (False),
     crop_size and stride (slide mode; stride defaults to crop − crop // 3), pad_multiple (128).
     """
-    options = check_options(
-        mode=_get(eval_config, "mode", "whole"),
-        scales=_get(eval_config, "scales", (1.0,)),
-        crop_size=_get(eval_config, "crop_size", None),
-        stride=_get(eval_config, "stride", None),
-        pad_multiple=_get(eval_config, "pad_multiple", PAD_MULTIPLE),
-        where="config.eval.",
-    )
+    try:
+        options = check_options(
+            mode=_get(eval_config, "mode", "whole"),
+            scales=_get(eval_config, "scales", (1.0,)),
+            crop_size=_get(eval_config, "crop_size", None),
+            stride=_get(eval_config, "stride", None),
+            pad_multiple=_get(eval_config, "pad_multiple", PAD_MULTIPLE),
+            where="config.eval.",
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     options["flip"] = bool(_get(eval_config, "flip", False))
     return options
 

@@ -100,7 +100,10 @@ def main(argv):
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
     logging.info("workdir: %s, compilation cache: %s", workdir, cache_dir or "off")
-    try:  # a refused workdir or an unreadable checkpoint: one line, which names both
+    from pan_jax.convert.download import DownloadError
+
+    try:  # a bad config value, weights out of reach, a refused workdir or an unreadable
+        # checkpoint: one line, which names what and where
         if FLAGS.mode == "train":
             from pan_jax import train
 
@@ -109,6 +112,8 @@ def main(argv):
             from pan_jax import evaluate
 
             evaluate.evaluate(FLAGS.config, workdir, step=FLAGS.step)
+    except (config_errors.ConfigError, DownloadError) as error:
+        sys.exit(f"error: {error}")
     except (checkpointing.CheckpointMismatchError, checkpointing.CheckpointDamagedError) as error:
         # A failed restore leaves orbax's other reads behind: collected at exit, each would print
         # a traceback under the one line that says what failed.

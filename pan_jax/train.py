@@ -32,6 +32,7 @@ from jax import lax
 
 from pan_jax import checkpointing, compile_ahead, models, normalization, sharding, summary
 from pan_jax import flops as flops_lib
+from pan_jax.config_errors import ConfigError
 
 if TYPE_CHECKING:  # the benchmark runs this module where ml_collections is not installed
     import ml_collections
@@ -491,37 +492,37 @@ def _check_config(config: ml_collections.ConfigDict) -> int:
     """Checks the fields a run would otherwise trip over later, deep inside; returns the
     per-process batch size."""
     if config.batch_size < 1 or config.grad_accum_steps < 1:
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size={config.batch_size} and config.grad_accum_steps="
             f"{config.grad_accum_steps}: both must be at least 1"
         )
     if not 0 < config.data.min_scale <= config.data.max_scale:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.min_scale={config.data.min_scale} and config.data.max_scale="
             f"{config.data.max_scale}: expected 0 < min_scale <= max_scale"
         )
     for field in ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
         if config[field] < 1:  # 0 would divide by zero, or (keep) delete every checkpoint
-            raise ValueError(f"config.{field}={config[field]}: expected at least 1")
+            raise ConfigError(f"config.{field}={config[field]}: expected at least 1")
     if config.num_train_steps < 0 or config.eval_every_steps < 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.num_train_steps={config.num_train_steps} and config.eval_every_steps="
             f"{config.eval_every_steps}: expected at least 0 (eval_every_steps=0: no evaluation)"
         )
     # float16 is not offered: without loss scaling, the gradients of the head's weights (sums
     # over every pixel of the batch) overflow its 65,504 at the paper's 512² crops.
     if config.model.dtype not in ("float32", "bfloat16"):
-        raise ValueError(
+        raise ConfigError(
             f"config.model.dtype={config.model.dtype!r}: expected 'float32' or 'bfloat16' (the "
             "compute dtype; parameters stay float32)"
         )
     devices = jax.device_count()
     if config.batch_size % devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size={config.batch_size} is not divisible by the {devices} devices"
         )
     if config.batch_size % jax.process_count():
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size={config.batch_size} is not divisible by the "
             f"{jax.process_count()} processes"
         )
@@ -529,7 +530,7 @@ def _check_config(config: ml_collections.ConfigDict) -> int:
     if per_process % config.grad_accum_steps or (
         (config.batch_size // config.grad_accum_steps) % devices
     ):
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size={config.batch_size} with grad_accum_steps="
             f"{config.grad_accum_steps} leaves micro-batches that do not split over "
             f"{devices} devices and {jax.process_count()} processes"
@@ -547,15 +548,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     started = time.perf_counter()
     per_process_batch = _check_config(config)
-    spec = model_spec(config)
-    model = create_model(config, spec)
+    pipeline.dataset_spec(config.data.name)
+    try:
+        spec = model_spec(config)
+        model = create_model(config, spec)
+    except ValueError as error:
+        raise ConfigError(f"config.model: {error}") from None
     if config.data.crop_size < model.min_input_size:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.crop_size={config.data.crop_size}: this model needs crops of at least "
             f"{model.min_input_size} px (its output stride {model.backbone.output_stride} × the "
             f"{model.min_input_size // model.backbone.output_stride} px its decoder needs at the "
             "top of the backbone)"
         )
+    if config.eval_every_steps:
+        from pan_jax import evaluate
+
+        # As mmseg: config.eval's whole/slide inference, single scale without flip; multi-scale
+        # + flip is for --mode=eval.
+        eval_options = {
+            **evaluate.eval_options(config.get("eval")),
+            "scales": (1.0,),
+            "flip": False,
+        }
     optimizer = create_optimizer(config)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     # Traced now: a bad option value fails before the dataset is built and the workdir written.
@@ -580,15 +595,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state_sharding = sharding.replicated(mesh)
     batch_sharding = sharding.batch_sharding(mesh, 2)
     if config.eval_every_steps:  # checked now, not after the first eval_every_steps of training
-        from pan_jax import evaluate
-
-        # As mmseg: config.eval's whole/slide inference, single scale without flip; multi-scale
-        # + flip is for --mode=eval.
-        eval_options = {
-            **evaluate.eval_options(config.get("eval")),
-            "scales": (1.0,),
-            "flip": False,
-        }
         logging.info(
             "evaluating every %d steps on the %d images of %s",
             config.eval_every_steps,

@@ -9,14 +9,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_main(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_main(*args: str, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pan_jax.main", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin"},  # pan_jax as installed; configs/ from the file
+        env={"PATH": "/usr/bin:/bin", **env},  # pan_jax as installed; configs/ from the file
     )
 
 
@@ -95,6 +95,21 @@ def run_main(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
             "    c.eval.crop_size = c.stride\n    return c\n",
             ["--config.eval.stride=256"],
             "--config={config}: the config has no field 'stride' (at {config}:5)",
+        ),
+        (  # a misspelt field set in the file: it was a new field nothing read (batch 8 ran)
+            "from configs import demo\n\ndef get_config():\n    c = demo.get_config()\n"
+            "    c.batch_sze = 4\n    return c\n",
+            [],
+            "--config={config}: the config has no field 'batch_sze'; did you mean 'batch_size'? "
+            "(at {config}:5)",
+        ),
+        (  # the same in a section the file replaced (config.data)
+            "from configs import demo\nfrom pan_jax.data import pipeline\n\ndef get_config():\n"
+            "    c = demo.get_config()\n    c.data = pipeline.default_data_config('voc_aug')\n"
+            "    c.data.crop_sise = 64\n    return c\n",
+            [],
+            "--config={config}: the config has no field 'crop_sise'; did you mean 'crop_size'? "
+            "(at {config}:7)",
         ),
         (
             "def get_config():\n    raise ValueError('crop too small\\nexpected >= 512')\n",
@@ -197,3 +212,33 @@ def test_the_configs_parent_is_on_sys_path_only_while_it_loads(tmp_path):
     result = run_main(config, f"--workdir={empty}", "--mode=eval", cwd=REPO)
     assert "the wrong jax" not in result.stderr, result.stderr
     assert f"error: {empty} is neither a pan_jax model directory" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "--config.model.backbone=resnet19",
+            "error: config.model: unknown backbone 'resnet19'; known backbones: resnet18,",
+        ),
+        (
+            "--config.model.overrides.fpa_pooling=mean",
+            "error: config.model: option fpa_pooling='mean': expected one of 'avg', 'max'",
+        ),
+        ("--config.data.name=pan_synth", "error: data.name='pan_synth': expected 'voc_aug',"),
+        ("--config.eval.mode=tiles", "error: config.eval.mode='tiles': expected one of"),
+        ("--config.batch_size=0", "error: config.batch_size=0 and config.grad_accum_steps=1:"),
+        (  # weights out of reach (offline): what to copy where, not three chained tracebacks
+            "--config.model.pretrained=http://127.0.0.1:9/resnet18.safetensors",
+            "error: cannot download http://127.0.0.1:9/resnet18.safetensors from",
+        ),
+    ],
+)
+def test_a_config_value_a_run_cannot_use_is_one_line(tmp_path, override, expected):
+    workdir = tmp_path / "run"
+    config = f"--config={REPO / 'configs' / 'demo.py'}"
+    cache = str(tmp_path / "cache")  # where weights would be downloaded to
+    result = run_main(config, f"--workdir={workdir}", override, PAN_JAX_CACHE_DIR=cache)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(expected), result.stderr
+    assert not (workdir / "checkpoints").exists()

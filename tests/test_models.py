@@ -182,9 +182,15 @@ def test_unknown_names_and_options_are_clear_errors():
         models.create("pan", num_classes=3, backbone="resnet200")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['fpa_poolin'\]"):
         models.create("pan", num_classes=3, fpa_poolin="avg")
-    with pytest.raises(ValueError, match="pooling must be 'avg' or 'max'"):
-        model = models.create("fpa", num_classes=3, backbone="resnet18", fpa_pooling="median")
-        model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)))
+    # Refused by create, naming the option (before: by init, deep in the model).
+    with pytest.raises(
+        ValueError, match="option fpa_pooling='median': expected one of 'avg', 'max'"
+    ):
+        models.create("fpa", num_classes=3, backbone="resnet18", fpa_pooling="median")
+    with pytest.raises(ValueError, match="option output_stride=4: expected one of 8, 16, 32"):
+        models.create("fcn", num_classes=3, output_stride=4)
+    with pytest.raises(ValueError, match="option stem='deep': expected one of 'torchvision'"):
+        models.create("psp", num_classes=3, stem="deep")
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from absl import flags, logging
 from etils import epath
 from tensorflow_datasets.core.data_sources import base as tfds_data_sources
 
+from pan_jax.config_errors import ConfigError
 from pan_jax.data import cityscapes, synthetic, voc_aug
 from pan_jax.normalization import normalize
 
@@ -83,7 +84,7 @@ def dataset_spec(name: str) -> DatasetSpec:
     if base == "cityscapes":
         config = config or "semantic_segmentation"
         if config not in cityscapes.TFDS_CONFIGS:
-            raise ValueError(
+            raise ConfigError(
                 f"data.name={name!r}: tfds config {config!r} has no semantic labels; "
                 f"expected one of {cityscapes.TFDS_CONFIGS}"
             )
@@ -96,7 +97,7 @@ def dataset_spec(name: str) -> DatasetSpec:
             cityscapes.cityscapes_train_id_lut(),
             cityscapes.MAX_LABEL_ID,
         )
-    raise ValueError(
+    raise ConfigError(
         f"data.name={name!r}: expected 'voc_aug', 'cityscapes' or 'pan_synthetic' "
         "(optionally followed by '/<tfds config>', e.g. 'pan_synthetic/tiny')"
     )
@@ -118,7 +119,7 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     if base not in per_dataset:
         dataset_spec(name)  # Raises with the list of known names.
     train_split, eval_split, crop_size = per_dataset[base]
-    return ml_collections.ConfigDict(
+    config = ml_collections.ConfigDict(
         {
             "name": name,
             # Placeholders keep the fields typed as str, so --config.data.data_dir=... works.
@@ -136,6 +137,8 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
             "prefetch": 2,  # batches buffered per worker (or by the reader threads).
         }
     )
+    config.lock()  # a misspelt field in a config file is an error, not a new field
+    return config
 
 
 def _builder(data_config: Any) -> tuple[DatasetSpec, tfds.core.DatasetBuilder]:
@@ -256,12 +259,12 @@ class SegmentationSource(Sequence):
         # tfds' split expressions: "train", "train[:10%]", "train+validation[:5]".
         for split_name in (part.split("[")[0].strip() for part in split.split("+")):
             if split_name not in builder.info.splits:
-                raise ValueError(
+                raise ConfigError(
                     f"{spec.tfds_name} has no split {split_name!r} (in {split!r}: "
                     f"data.train_split / data.eval_split); it has {sorted(builder.info.splits)}"
                 )
             if split_name in cityscapes.COARSE_EVAL_SPLITS.get(config, ()):
-                raise ValueError(
+                raise ConfigError(
                     f"{spec.tfds_name}/{split_name} has coarse labels (tfds puts gtCoarse into "
                     "every split of this config); use name='cityscapes' (semantic_segmentation) "
                     "to evaluate"

@@ -32,7 +32,7 @@ import numpy as np
 
 from pan_jax.models.heads import ASPPDecoder, PyramidPoolingDecoder
 from pan_jax.models.pan import FPA, GAU, PANDecoder
-from pan_jax.models.resnet import ResNet
+from pan_jax.models.resnet import DILATION_RULES, STEM_WIDTHS, ResNet
 from pan_jax.models.segmenter import SegmentationModel
 
 __all__ = [
@@ -178,6 +178,17 @@ def _check_values(settings: dict[str, Any]) -> None:
     def odd_kernel(value: Any) -> bool:
         return isinstance(value, int) and value >= 1 and value % 2 == 1
 
+    choices = {
+        "stem": tuple(STEM_WIDTHS),
+        "dilation_rule": DILATION_RULES,
+        "output_stride": (8, 16, 32),
+        "fpa_pooling": ("avg", "max"),
+        "fpa_attention": ("pyramid", "se"),
+        "gau_gate": ("relu", "sigmoid"),
+    }
+    for key, allowed in choices.items():
+        if key in settings and settings[key] not in allowed:
+            refuse(key, f"one of {', '.join(map(repr, allowed))}")
     for key in ("head_kernel", "gau_low_kernel"):  # padded by k // 2 on each side, as torch
         if key in settings and not odd_kernel(settings[key]):
             refuse(key, "an odd kernel size, at least 1")
