@@ -95,6 +95,17 @@ def absolute_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
+def read_run_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The resolved run config (`config.json`) of a workdir as a dict; {} when it has none."""
+    path = epath.Path(directory) / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
 def save_variables(directory: str | os.PathLike, variables: dict, spec: ModelSpec) -> None:
     """Writes `{'params', 'batch_stats'}` and the model spec to `directory` (local or gs://)."""
     path = absolute_path(directory)

@@ -57,7 +57,7 @@ from absl import logging
 from etils import epath
 from jax import lax
 
-from pan_jax import checkpointing, metrics
+from pan_jax import checkpointing, metrics, sharding
 from pan_jax.config_errors import ConfigError
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # The paper's and mmseg's `img_ratios`.
@@ -830,6 +830,18 @@ def evaluate(config: Any, workdir: str | os.PathLike, *, step: int | None = None
             f"the checkpoint in {workdir} predicts {spec['num_classes']} classes, "
             f"but config.data.num_classes={num_classes} ({config.data.name})"
         )
+    trained_on = (checkpointing.read_run_config(workdir).get("data") or {}).get("name")
+    if trained_on and trained_on != config.data.name:
+        logging.warning(
+            "evaluating on data.name=%s, but the run in %s trained on %s (its config.json): "
+            "give that run's config, or --config.data.name=%s, to score it on its own data",
+            config.data.name,
+            workdir,
+            trained_on,
+            trained_on,
+        )
+    # As training does: built where it is missing (or a one-line error saying what is missing).
+    sharding.process_zero_first(functools.partial(data.prepare, config.data), "dataset prepared")
     split = config.data.eval_split
     expected = data.num_examples(config.data, split)
     share = len(range(jax.process_index(), expected, jax.process_count()))
@@ -868,14 +880,14 @@ def evaluate(config: Any, workdir: str | os.PathLike, *, step: int | None = None
     )
     names = class_names_for(config.data.name, num_classes)
     message = (
-        f"mIoU {100 * report['miou']:.2f} | pixel acc {100 * report['pixel_accuracy']:.2f} | "
-        f"mean acc {100 * report['mean_accuracy']:.2f} | {report['num_images']} images, "
+        f"mIoU {100 * report['miou']:.2f} % | pixel acc {100 * report['pixel_accuracy']:.2f} % | "
+        f"mean acc {100 * report['mean_accuracy']:.2f} % | {report['num_images']} images, "
         f"{config.data.name}/{split}, step {step}"
     )
     paper = _get(config, "paper_miou_percent", None)  # set by configs/voc_ablation.py
     if paper is not None:
         report["paper_miou"] = float(paper) / 100
-        message += f" | the paper: mIoU {float(paper):.2f}"
+        message += f" | the paper: mIoU {float(paper):.2f} %"
     logging.info(message)
     if jax.process_index() == 0:
         print(message, flush=True)

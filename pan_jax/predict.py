@@ -39,7 +39,6 @@ overlay that would overwrite an input file, is a one-line `error: ...` and exit 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -405,17 +404,6 @@ def predict_files(
     return written, errors
 
 
-def read_run_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The resolved run config (`config.json`) of a workdir as a dict; {} when it has none."""
-    path = epath.Path(directory) / "config.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir: its latest (or --step) checkpoint.")
 flags.DEFINE_string(
@@ -536,7 +524,7 @@ def main(argv: Sequence[str]) -> int:
     # a mistake costs a one-line error, not a traceback minutes later.
     try:
         checkpointing.directory_kind(directory, FLAGS.step)
-        run_config = read_run_config(directory)
+        run_config = checkpointing.read_run_config(directory)
         options = inference_options(
             dict(run_config.get("eval") or {}),
             mode=FLAGS.mode,

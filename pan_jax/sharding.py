@@ -8,6 +8,7 @@ are computed over the global batch (SyncBN) with no extra code.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -87,3 +88,17 @@ def global_batch(
         key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for key, value in host_batch.items()
     }
+
+
+def process_zero_first(work: Callable[[], Any], done: str) -> None:
+    """Runs `work` in process 0, then in the others: a result on shared storage (a gs://
+    data_dir, a shared weights cache) is made once and found by the rest; storage local to
+    each host gets its own copy."""
+    if jax.process_index() == 0:
+        work()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"pan_jax: {done}")
+        if jax.process_index() != 0:
+            work()

@@ -583,11 +583,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         fetch = functools.partial(
             convert.fetch_pretrained, config.model.pretrained, config.model.pretrained_kind, model
         )
-        _process_zero_first(fetch, "pretrained weights fetched")
+        sharding.process_zero_first(fetch, "pretrained weights fetched")
     manager = checkpointing.create_manager(workdir, config)
     # The data first: a run refused for its data leaves the workdir's record (config.json) of
     # the run that owns it as it was.
-    _process_zero_first(functools.partial(pipeline.prepare, config.data), "dataset prepared")
+    sharding.process_zero_first(
+        functools.partial(pipeline.prepare, config.data), "dataset prepared"
+    )
     layout = optimizer_layout(config)
     workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager, layout)
 
@@ -715,7 +717,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         scalars = {"eval/miou": report["miou"], "eval/pixel_accuracy": report["pixel_accuracy"]}
         writer.write_scalars(step, scalars)
         logging.info(
-            "eval at step %d: mIoU %.4f over %d images", step, report["miou"], report["num_images"]
+            "eval at step %d: mIoU %.2f %% over %d images",  # in %, as --mode=eval and the paper
+            step,
+            100 * report["miou"],
+            report["num_images"],
         )
 
     # After the step that compiles, so the trace holds steady-state steps only.
@@ -846,20 +851,6 @@ def _log_example_digests(workdir: Any, step: int, batch: dict[str, np.ndarray]) 
     digests = [_digest({k: v[i] for k, v in batch.items()}) for i in range(rows)]
     with (workdir / f"example_digests.{jax.process_index()}.jsonl").open("a") as f:
         f.write(json.dumps({"step": step, "examples": digests}) + "\n")
-
-
-def _process_zero_first(work: Callable[[], Any], done: str) -> None:
-    """Runs `work` in process 0, then in the others: a result on shared storage (a gs://
-    data_dir, a shared weights cache) is made once and found by the rest; storage local to
-    each host gets its own copy."""
-    if jax.process_index() == 0:
-        work()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"pan_jax: {done}")
-        if jax.process_index() != 0:
-            work()
 
 
 def _load_pretrained(

@@ -283,8 +283,9 @@ def test_class_names():
     )
 
 
-def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys):
-    """`evaluate(config, workdir)` on the embedded synthetic dataset (tiny config, 12 images)."""
+def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys, caplog):
+    """`evaluate(config, workdir)` on the embedded synthetic dataset (tiny config, 12 images),
+    which it builds first, as training does (it used to fail: "not prepared")."""
     from pan_jax import data
 
     config = ml_collections.ConfigDict()
@@ -293,7 +294,6 @@ def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys):
     config.eval = ml_collections.ConfigDict(
         {"mode": "whole", "scales": (1.0,), "flip": False, "crop_size": None, "stride": None}
     )
-    data.prepare(config.data)
     model = models.create("fcn", num_classes=config.data.num_classes, backbone="resnet18")
     variables = random_variables(model, seed=1)
     workdir = tmp_path / "run"
@@ -303,9 +303,15 @@ def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys):
         {"name": "fcn", "backbone": "resnet18", "num_classes": 13, "overrides": {}},
     )
 
+    (workdir / "config.json").write_text(json.dumps({"data": {"name": "pan_synthetic"}}))
+
     report = evaluate.evaluate(config, workdir)
     assert report["num_images"] == report["num_images_expected"] == 12
-    assert f"mIoU {100 * report['miou']:.2f}" in capsys.readouterr().out
+    assert (  # scored on other data than the run's: said, not silent
+        "evaluating on data.name=pan_synthetic/tiny, but the run in "
+        f"{workdir} trained on pan_synthetic (its config.json)"
+    ) in caplog.text
+    assert f"mIoU {100 * report['miou']:.2f} % | pixel acc" in capsys.readouterr().out
     saved = json.loads((workdir / evaluate.REPORT_JSON).read_text())
     assert saved["num_images"] == 12 and saved["dataset"] == "pan_synthetic/tiny"
     names = [row["name"] for row in saved["per_class"]]
@@ -320,7 +326,7 @@ def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys):
     config.paper_miou_percent = 78.37  # configs/voc_ablation.py's rows carry the paper's figure
     report = evaluate.evaluate(config, workdir)
     assert report["paper_miou"] == pytest.approx(0.7837)
-    assert "the paper: mIoU 78.37" in capsys.readouterr().out
+    assert "the paper: mIoU 78.37 %" in capsys.readouterr().out
     assert "The paper reports mIoU 78.37" in (workdir / evaluate.REPORT_MD).read_text()
 
     config.data.num_classes = 21

@@ -312,8 +312,8 @@ def test_evaluation_across_two_processes_sums_the_confusion_matrices(tmp_path, s
     with pytest.raises(checkpointing.CheckpointMismatchError, match="backbone: checkpoint"):
         evaluate.evaluate(other, workdir)
     other = config.copy_and_resolve_references()
-    other.model.overrides.decoder_channels = 8  # set, and unlike the checkpoint's: refused
-    with pytest.raises(checkpointing.CheckpointMismatchError, match="decoder_channels"):
+    other.model.overrides.output_stride = 8  # set, and unlike the checkpoint's (16): refused
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="output_stride"):
         evaluate.evaluate(other, workdir)
     # Options the config leaves unset are the run's: not repeated on the command line.
     other.model.overrides = {}
