@@ -1,17 +1,24 @@
-"""Entry point: `python -m pan_jax.main --config=configs/voc.py --workdir=DIR [--mode=eval]`.
+"""Trains or evaluates a pan_jax model.
 
-Kept thin on purpose: the work is in `train.train_and_evaluate` and `evaluate.evaluate`, which
-tests and notebooks call directly. Re-running the same command resumes from the workdir.
+    python -m pan_jax.main --config=configs/voc.py --workdir=DIR [--mode=eval]
+
+Any field of the config can be set on the command line, e.g. --config.batch_size=8,
+--config.model.overrides.output_stride=8, --config.data.data_dir=gs://BUCKET/tfds (the fields
+and their meaning: configs/default.py). A config file may take an argument after a colon:
+--config=configs/voc_ablation.py:fpa_c333_ave. Re-running the same command resumes from the
+workdir; --mode=eval scores its latest checkpoint (or --step) with config.eval's protocol.
 """
 
-import logging as std_logging
+# Kept thin on purpose: the work is in `train.train_and_evaluate` and `evaluate.evaluate`, which
+# tests and notebooks call directly.
+
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pan_jax import config_errors
+from pan_jax import config_errors, logs
 
 FLAGS = flags.FLAGS
 try:  # ml_collections reads the command line (flag files too) already here, for the overrides
@@ -25,14 +32,6 @@ flags.DEFINE_string(
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (with periodic eval) or evaluate.")
 flags.DEFINE_integer("step", None, "With --mode=eval: the checkpoint step (default: latest).")
 flags.mark_flags_as_required(["config"])
-
-
-class _QuietLibraries(std_logging.Filter):
-    """Keeps orbax's and grain's per-save INFO chatter out of the training log."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/jax/_src/"))
-        return record.levelno >= std_logging.WARNING or not noisy
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -69,7 +68,7 @@ def _check_writable(workdir: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logs.quiet_libraries()
     try:  # keep TensorFlow (tfds builds datasets with it) off the accelerators
         import tensorflow as tf
 

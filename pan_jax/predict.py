@@ -49,7 +49,7 @@ from absl import app, flags, logging
 from etils import epath
 from PIL import ExifTags, Image, ImageFile
 
-from pan_jax import checkpointing, evaluate
+from pan_jax import checkpointing, evaluate, logs
 from pan_jax.normalization import normalize
 
 FORMATS = ("voc", "cityscapes", "indices")
@@ -517,6 +517,7 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError("give exactly one of --workdir and --model_dir")
     if not FLAGS.input or not FLAGS.output:
         raise app.UsageError("--input and --output are required")
+    logs.quiet_libraries()
     directory = FLAGS.workdir or FLAGS.model_dir
     crop_size = _int_pair(FLAGS.crop_size, "crop_size")
     stride = _int_pair(FLAGS.stride, "stride")

@@ -863,12 +863,11 @@ def _load_pretrained(
     "imagenet" (the ImageNet weights of the backbone's variant, downloaded once)."""
     from pan_jax import convert
 
-    variables, report = convert.load_pretrained(
+    variables, _ = convert.load_pretrained(  # which logs what it loaded and what not
         jax.device_get(state.variables),
         config.model.pretrained,
         config.model.pretrained_kind,
         model=model,
     )
-    logging.info("pretrained weights from %s: %s", config.model.pretrained, report)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     return jax.device_put(state, state_sharding)

@@ -382,6 +382,14 @@ def test_load_pretrained_backbone_leaves_decoder(checkpoint, tmp_path):
         again["params"]["decoder"]["fpa"]["mid"]["conv"]["kernel"],
         variables["params"]["decoder"]["fpa"]["mid"]["conv"]["kernel"],
     )
+    # A decoder of another width: one short note (it was every mismatch, 2,500 characters).
+    narrow = models.create(
+        "pan", num_classes=3, backbone="resnet18", stem="deep32", avg_down=True, decoder_channels=64
+    )
+    template = jax.eval_shape(lambda: narrow.init(jax.random.key(0), np.zeros((1, 128, 128, 3))))
+    _, report = convert.load_pretrained(template, tmp_path / "m", "pan_jax", model=narrow)
+    (note,) = [n for n in report.notes if n.startswith("decoder not loaded")]
+    assert note.count(": checkpoint (") == 3 and " in all)" in note and len(note) < 600, note
 
 
 def test_load_pretrained_checks_the_variant(checkpoint):

@@ -242,3 +242,10 @@ def test_a_config_value_a_run_cannot_use_is_one_line(tmp_path, override, expecte
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1].startswith(expected), result.stderr
     assert not (workdir / "checkpoints").exists()
+
+
+def test_help_says_how_to_set_config_fields():
+    result = run_main("--help")
+    assert result.returncode == 0
+    assert "Any field of the config can be set on the command line" in result.stdout
+    assert "--config.batch_size=8" in result.stdout and "--mode: <train|eval>" in result.stdout

@@ -261,9 +261,15 @@ def _params_first(name: str) -> tuple[bool, str]:
 
 
 def check_against(
-    variables: dict, template: dict, unexpected: list[str], source: str, header: str = ""
+    variables: dict,
+    template: dict,
+    unexpected: list[str],
+    source: str,
+    header: str = "",
+    limit: int = 12,
 ) -> None:
-    """Raises ConversionError naming missing, unexpected and mis-shaped entries.
+    """Raises ConversionError naming missing, unexpected and mis-shaped entries (`limit` of
+    each kind, and their count).
 
     `template` holds anything with a `.shape` (arrays, `jax.ShapeDtypeStruct`); `header`, when
     given, is the first line of the message (e.g. what the checkpoint holds and what was wanted).
@@ -288,7 +294,7 @@ def check_against(
             ("shape mismatch", mismatched),
         ):
             if items:
-                lines.append(f"  {title}: {_shown(items)}")
+                lines.append(f"  {title}: {_shown(items, limit)}")
         raise ConversionError("\n".join(lines))
 
 

@@ -241,7 +241,9 @@ def merge_pretrained(
             unused_names.extend(_names(got))
             continue
         try:  # only the backbone is required to fit; other parts load when they do
-            check_against(got, want, [], name, header=f"{key} not loaded, it does not fit:")
+            # A note in a log line, not an error to act on: the first few names say enough.
+            header = f"{key} not loaded, it does not fit:"
+            check_against(got, want, [], name, header=header, limit=3)
         except ConversionError as error:
             notes.append(" ".join(str(error).split()))
             unused_names.extend(_names(got))
