@@ -1,5 +1,7 @@
 """Every model name builds, keeps the input resolution, trains, and refuses what it cannot take."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,3 +250,14 @@ def test_random_variables_refuse_a_parameter_they_cannot_fill():
 
     with pytest.raises(ValueError, match=r"no fill for .*gamma"):
         models.random_variables(Gamma())
+
+
+def test_the_readme_models_snippet_runs():
+    # It used names it never defined (rng, images, smp_model). Run on a small backbone and image.
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = readme.split("## Models", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    small = snippet.replace("resnet101", "resnet18").replace("512, 512", "128, 128")
+    namespace: dict = {}
+    exec(small, namespace)
+    assert namespace["logits"].shape == (2, 128, 128, 21)
+    assert set(namespace["variables"]) == {"params", "batch_stats"}
