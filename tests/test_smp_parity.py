@@ -59,6 +59,18 @@ def test_options_the_weights_cannot_show_come_from_smps_config_json(tmp_path, ca
         reference = torch_model(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     ours = np.asarray(model.apply(variables, images, train=False))
     assert relative_max_error(ours, reference.numpy()) < 1e-4
+    # The folder save_pretrained wrote is an input too (it was "unknown checkpoint format ''").
+    folder = ["--from=smp", f"--input={tmp_path / 'os32'}", f"--output={tmp_path / 'f'}"]
+    assert cli.main(folder) == 0
+    again, again_spec = checkpointing.load_variables(tmp_path / "f")
+    assert again_spec == spec
+    jax.tree.map(np.testing.assert_array_equal, again, variables)
+    (tmp_path / "empty").mkdir()
+    empty = ["--from=smp", f"--input={tmp_path / 'empty'}", f"--output={tmp_path / 'e'}"]
+    assert cli.main(empty) == 1
+    assert "empty is a folder without model.safetensors or pytorch_model.bin" in (
+        capsys.readouterr().err
+    )
     # What pan_smp cannot be is refused, by name.
     randomized_smp_pan("resnet18", classes=3, decoder_interpolation="nearest").save_pretrained(
         tmp_path / "nearest"

@@ -28,6 +28,8 @@ Rules = tuple[tuple[str, str], ...]
 Source = str | os.PathLike | Mapping[str, Any]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+# What `save_pretrained` (huggingface_hub's, used by SMP and timm) writes into its folder.
+SAVED_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 # Training checkpoints wrap the state dict; the first of these keys holding a dict is unwrapped.
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 _KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -139,13 +141,27 @@ def _file_format(suffix: str, name: str) -> str:
     )
 
 
+def weights_file(path: epath.Path) -> epath.Path:
+    """The weights file of a `save_pretrained` folder, or `path` itself when not a folder."""
+    if not path.is_dir():
+        return path
+    for name in SAVED_WEIGHTS_FILES:
+        if (path / name).exists():
+            return path / name
+    raise ConversionError(
+        f"{path} is a folder without {' or '.join(SAVED_WEIGHTS_FILES)} (what save_pretrained "
+        "writes): pass the weights file itself"
+    )
+
+
 def read_state_dict(source: Source) -> dict[str, np.ndarray]:
     """A checkpoint file or in-memory state dict → `{torch key: float32/int numpy array}`.
 
     `.safetensors` files are read with `safetensors.numpy` (no torch needed); `.pth`, `.pt`,
     `.bin`, `.ckpt` and `.tar` with `torch.load(weights_only=True)`. Training checkpoints that
     wrap the state dict under "state_dict", "model" or "module" are unwrapped, and DataParallel's
-    `module.` prefix is removed. Paths may be local or gs://; "hf-hub:OWNER/REPO[/FILE]" and
+    `module.` prefix is removed. Paths may be local or gs://, files or `save_pretrained`
+    folders (their model.safetensors or pytorch_model.bin); "hf-hub:OWNER/REPO[/FILE]" and
     http(s) URLs are downloaded into the local cache first (`download.fetch`). Raises
     ConversionError naming the file when it cannot be read (truncated, corrupt, of another
     format), `download.DownloadError` when it cannot be fetched.
@@ -161,6 +177,8 @@ def read_state_dict(source: Source) -> dict[str, np.ndarray]:
         path = epath.Path(source)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {name} not found")
+        path = weights_file(path)
+        name = os.fspath(path)
         kind = _file_format(path.suffix, name)
     if kind != "safetensors":
         import torch  # only .pth and friends need torch

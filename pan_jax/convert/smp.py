@@ -26,6 +26,7 @@ from pan_jax.convert.core import (
     read_state_dict,
     source_name,
     torch_to_flax,
+    weights_file,
 )
 from pan_jax.convert.imagenet import resnet_rules
 
@@ -108,7 +109,7 @@ def smp_spec(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def saved_config_options(weights: str | os.PathLike, backbone: str) -> dict[str, Any]:
     """pan_smp options from the `config.json` beside an SMP `save_pretrained` weights file
-    (local, or in the same folder of a Hub repository for `hf-hub:` weights).
+    or in its folder (local, or in the same folder of a Hub repository for `hf-hub:` weights).
 
     A state dict cannot tell output stride 16 from 32 (the same shapes) nor the decoder's
     interpolation, so such a model would convert silently wrong; SMP's config.json records
@@ -118,7 +119,7 @@ def saved_config_options(weights: str | os.PathLike, backbone: str) -> dict[str,
     if download.is_remote(weights):
         path = _remote_config(weights)
     else:
-        path = epath.Path(weights).parent / "config.json"
+        path = weights_file(epath.Path(weights)).parent / "config.json"
     if path is None or not path.exists():
         return {}
     try:
