@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from pan_jax import models
@@ -239,11 +240,32 @@ def prepare_workdir(
 
 
 def write_run_record(workdir: epath.Path, config: Any, spec: ModelSpec) -> None:
-    """The resolved config and the model spec as `config.json` and `model.json` (process 0)."""
+    """The resolved config and the model spec as `config.json` and `model.json` (process 0).
+    A resumed run whose config differs from the recorded one says how, then records its own."""
     if jax.process_index() == 0:
         resolved = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+        recorded = read_run_config(workdir)  # {} for a new run
+        changed = _changed_fields(recorded, json.loads(resolved)) if recorded else []
+        if changed:
+            logging.warning(
+                "resuming %s with a config that differs from its config.json: %s",
+                workdir,
+                ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changed),
+            )
         (workdir / "config.json").write_text(resolved)
         (workdir / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
+
+
+def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field, old value, new value) where two resolved configs differ."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changed += _changed_fields(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changed.append((prefix + key, before, after))
+    return changed
 
 
 def finished_steps(workdir: str | os.PathLike) -> list[int]:

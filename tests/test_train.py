@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from etils import epath
 
 from configs import demo
 from pan_jax import checkpointing, compile_ahead, compile_cache, convert, models, sharding, train
@@ -1065,3 +1066,23 @@ def test_ctrl_c_while_the_compile_is_awaited_exits_at_once():
     assert time.perf_counter() - start < 30  # not the compile's 60 s
     assert "waiting for XLA's compilation" in result.stderr
     assert "terminate called" not in result.stderr
+
+
+def test_resuming_with_another_config_says_what_changed(tmp_path, caplog):
+    # It was silent: a resumed run with another batch size, or a longer schedule (which changes
+    # every remaining learning rate), overwrote config.json without a word.
+    spec = {"name": "fcn", "backbone": "resnet18", "num_classes": 3, "overrides": {}}
+    config = tiny_config(str(tmp_path / "tfds"))
+    workdir = epath.Path(tmp_path)
+    with caplog.at_level(std_logging.WARNING):
+        checkpointing.write_run_record(workdir, config, spec)
+        checkpointing.write_run_record(workdir, config, spec)
+    assert "differs from its config.json" not in caplog.text
+    config.batch_size, config.num_train_steps = 4, config.num_train_steps + 10
+    config.model.overrides.output_stride = 8
+    with caplog.at_level(std_logging.WARNING):
+        checkpointing.write_run_record(workdir, config, spec)
+    assert f"resuming {workdir} with a config that differs from its config.json: " in caplog.text
+    assert "batch_size 2 -> 4" in caplog.text
+    assert "model.overrides.output_stride None -> 8" in caplog.text
+    assert json.loads((workdir / "config.json").read_text())["batch_size"] == 4
