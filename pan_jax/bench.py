@@ -91,7 +91,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "Model name (pan_jax.models).",
         flag_values=flag_values,
     )
-    flags.DEFINE_string("backbone", "resnet101", "Backbone.", flag_values=flag_values)
+    flags.DEFINE_enum(
+        "backbone", "resnet101", list(models.BACKBONE_NAMES), "Backbone.", flag_values=flag_values
+    )
     flags.DEFINE_list(
         "batch", ["16"], "Batch sizes (global): N or a comma list.", flag_values=flag_values
     )
@@ -599,12 +601,14 @@ def main(argv) -> int:
             with open(FLAGS.json, "w") as f:
                 json.dump(report, f, indent=2)
 
+    def skip(name: str, what: str, batch: int, why: str) -> None:
+        print(f"skipped {name} {what} batch {batch}: {why}", flush=True)
+        report["results"].append({"impl": name, "what": what, "batch": batch, "skipped": why})
+        save()
+
     def record(name: str, what: str, batch: int, fn: Callable[[], dict]) -> None:
         if FLAGS.budget_s and time.perf_counter() - _STARTED > FLAGS.budget_s:
-            print(f"skipped {name} {what} batch {batch}: over --budget_s", flush=True)
-            entry = {"impl": name, "what": what, "batch": batch, "skipped": "over --budget_s"}
-            report["results"].append(entry)
-            save()
+            skip(name, what, batch, "over --budget_s")
             return
         progress(f"{name} {what} batch {batch}")
         try:
@@ -640,6 +644,15 @@ def main(argv) -> int:
                 )
             for peer in FLAGS.peer:
                 if peer == "none":
+                    continue
+                if what == "train" and batch < 2:  # else a row of torch's ValueError
+                    skip(
+                        f"smp torch {peer}",
+                        what,
+                        batch,
+                        "torch's BatchNorm trains on 2 or more values per channel, and FPA's "
+                        "global branch has one per image: batch 2 or more",
+                    )
                     continue
                 record(
                     f"smp torch {peer}",

@@ -13,7 +13,6 @@ import sys
 import traceback
 import types
 
-import ml_collections
 from absl import flags
 
 
@@ -35,6 +34,8 @@ def watch_config_flag(flag_values: flags.FlagValues) -> None:
     siblings, `from configs import default`, from any working directory), and refuses a
     `get_config()` that returns no ConfigDict (absl reports the ValueError in one line).
     """
+    import ml_collections  # here: train imports ConfigError, and the bench runs without it
+
     parser = flag_values["config"].parser
     load = parser.parse
 

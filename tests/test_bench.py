@@ -105,6 +105,7 @@ def parse_bench_flags(*args):
         (["--what="], r"--what=.*expected a comma list"),
         (["--peer=eagr"], r"--peer=.*expected a comma list of eager, compile, none, not eagr"),
         (["--model=panx"], r"--model=panx.*pan_smp"),
+        (["--backbone=resnet19"], r"--backbone=resnet19.*resnet18"),  # was every row an error
         (["--batch=abc"], r"--batch=.*expected positive integers"),
         (["--batch=16,0"], r"--batch=.*expected positive integers"),
         (["--batch=²"], r"--batch=.*expected positive integers"),
@@ -194,14 +195,21 @@ def test_bench_cli_exits_non_zero_on_a_misspelt_flag_value():
 
 
 def test_bench_exits_non_zero_when_every_measurement_failed(tmp_path):
-    # A backbone it does not know fails every measurement: the rows say why, the status says so.
-    result = run_bench(
-        *TINY, "--backbone=resnet7", "--what=forward", f"--json={tmp_path / 'b.json'}"
-    )
+    # A crop under pan_smp's 128 px fails every measurement: the rows say why, the status says so.
+    result = run_bench(*TINY, "--what=forward", f"--json={tmp_path / 'b.json'}")
     assert result.returncode == 1, result.stderr[-2000:]
     assert "error: no measurement succeeded" in result.stderr
     (row,) = json.loads((tmp_path / "b.json").read_text())["results"]
-    assert "resnet7" in row["error"]
+    assert "too small" in row["error"] and "≥ 128" in row["error"], row
+
+
+def test_the_peers_training_at_batch_1_is_skipped_with_the_reason(tmp_path):
+    # It was a row of torch's "Expected more than 1 value per channel when training".
+    flags = ["--backbone=resnet18", "--crop=128", "--batch=1", "--what=train", "--nojax"]
+    result = run_bench(*flags, "--peer=eager", "--peak_tflops=1", f"--json={tmp_path / 'b'}")
+    assert result.returncode == 1, result.stderr[-2000:]  # nothing else was asked for
+    (row,) = json.loads((tmp_path / "b").read_text())["results"]
+    assert row["impl"] == "smp torch eager" and "batch 2 or more" in row["skipped"]
 
 
 def test_mfu_counts_every_device_a_row_ran_on(tmp_path):

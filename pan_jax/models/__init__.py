@@ -36,6 +36,7 @@ from pan_jax.models.resnet import DILATION_RULES, STEM_WIDTHS, ResNet
 from pan_jax.models.segmenter import SegmentationModel
 
 __all__ = [
+    "BACKBONE_NAMES",
     "FPA",
     "GAU",
     "MODEL_NAMES",
@@ -122,6 +123,7 @@ _PAN_FIELDS = tuple(
 )
 _MODEL_FIELDS = ("head_kernel", "align_corners", "dtype")
 _DEPTHS = {f"resnet{d}": d for d in (18, 34, 50, 101, 152)}
+BACKBONE_NAMES = tuple(_DEPTHS)
 
 
 def _valid_overrides(decoder: str) -> set[str]:
