@@ -797,6 +797,15 @@ def load_model(
     """(model, variables, spec, step) from a model directory (`model.json`, as written by
     `checkpointing.save_variables`) or a training workdir (its latest or `step` checkpoint)."""
     variables, spec, step = checkpointing.load_any(directory, step)
+    if spec.get("untrained"):  # set by pan_jax.convert: e.g. an ImageNet backbone's decoder
+        logging.warning(
+            "%s: its %s were never trained (pan_jax.convert left them as initialised), so its "
+            "predictions are noise; train from it first (config.model.pretrained=%s, "
+            "config.model.pretrained_kind=pan_jax)",
+            directory,
+            " and ".join(spec["untrained"]),
+            directory,
+        )
     return checkpointing.model_from_spec(spec), variables, spec, step
 
 

@@ -4,7 +4,8 @@ r"""Segmentation masks for image files.
         [--multiscale] [--flip] [--overlay] [--mode=whole|slide --crop_size=769 --stride=513]
 
 Writes one PNG of class indices per input image into --output, keeping the input's relative
-path and stem:
+path and stem (where two inputs share a stem, a.jpg and a.png, the second keeps its extension:
+a.png.png):
 
 - VOC (21 classes): a palette PNG whose pixel values are the class indices, like VOC's own
   `SegmentationClass` files (the palette only colors them);

@@ -5,6 +5,7 @@ written to a file in its library's usual format, so that a wrong transpose, a BN
 wrong place or a wrong stride/dilation/padding shows as a feature mismatch.
 """
 
+import logging as std_logging
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 import torchvision
 from flax import traverse_util
 
-from pan_jax import checkpointing, convert, models
+from pan_jax import checkpointing, convert, evaluate, models
 from pan_jax.convert import cli
 from pan_jax.convert.imagenet import convert_resnet
 from pan_jax.models.resnet import ResNet
@@ -431,7 +432,7 @@ def test_load_pretrained_smp_file_gives_smp_logits(tmp_path):
     assert relative_max_error(ours, reference.numpy()) < TOLERANCE
 
 
-def test_cli_timm_backbone_into_paper_pan(checkpoint, tmp_path, capsys):
+def test_cli_timm_backbone_into_paper_pan(checkpoint, tmp_path, capsys, caplog):
     path, _ = checkpoint("resnet18s")
     out = tmp_path / "pan_resnet18s"
     assert cli.main(["--from=timm", f"--input={path}", f"--output={out}"]) == 0
@@ -442,6 +443,7 @@ def test_cli_timm_backbone_into_paper_pan(checkpoint, tmp_path, capsys):
         "backbone": "resnet18",
         "num_classes": 21,
         "overrides": {"stem": "deep64", "avg_down": False},
+        "untrained": ["decoder", "head"],  # inference from it says so
     }
     backbone, _ = convert.from_imagenet(path)
     for collection in backbone:
@@ -455,6 +457,9 @@ def test_cli_timm_backbone_into_paper_pan(checkpoint, tmp_path, capsys):
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     logits = apply(variables, np.ones((1, 128, 160, 3), np.float32))
     assert logits.shape == (1, 128, 160, 21) and np.isfinite(np.asarray(logits)).all()
+    with caplog.at_level(std_logging.WARNING):  # what predict and the notebook load it with
+        evaluate.load_model(out)
+    assert f"{out}: its decoder and head were never trained" in caplog.text
 
 
 def test_cli_smp_round_trip_through_files(tmp_path):

@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=model,
         )
         merged = initialise_missing(model, merged, args.seed, size)
+        untrained = sorted({name.split("/")[1] for name in report.not_loaded})
+        if untrained:  # inference from it warns (evaluate.load_model)
+            spec["untrained"] = untrained
     except (ConversionError, ValueError, FileNotFoundError, DownloadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
