@@ -22,6 +22,24 @@ from pan_jax.models import random_variables
 NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "pan_jax_colab.ipynb"
 
 
+def run_notebook(directory: pathlib.Path) -> tuple[str, str, list[str]]:
+    """Runs every cell in `directory` (a failing cell raises CellExecutionError, with its
+    traceback): the text, markdown and PNG figures (base64) it output."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(directory)}},
+    )
+    client.execute()
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
+    text = "".join(out.get("text", "") for out in outputs)
+    markdown = "".join(out.get("data", {}).get("text/markdown", "") for out in outputs)
+    figures = [out["data"]["image/png"] for out in outputs if "image/png" in out.get("data", {})]
+    return text, markdown, figures
+
+
 def test_notebook_runs(tmp_path, monkeypatch):
     # A workdir as a run leaves it: weights, the resolved config, an evaluation report.
     workdir = tmp_path / "run"
@@ -55,21 +73,9 @@ def test_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("PAN_JAX_FLIP", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend shows figures
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(
-        notebook,
-        timeout=300,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}},
-    )
-    client.execute()  # raises CellExecutionError, with the cell and traceback, if a cell fails
-
-    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
-    text = "".join(out.get("text", "") for out in outputs)
+    text, markdown, figures = run_notebook(tmp_path)
     assert "pan / resnet18, 13 classes" in text and "classes present:" in text
-    markdown = "".join(out.get("data", {}).get("text/markdown", "") for out in outputs)
     assert "| 1 | disk | 50.00 |" in markdown
-    figures = [out["data"]["image/png"] for out in outputs if "image/png" in out.get("data", {})]
     assert len(figures) == 2  # image/prediction/overlay, and the per-class IoU bars
     assert Image.open(io.BytesIO(base64.b64decode(figures[0]))).size[0] > 500
 
@@ -86,22 +92,11 @@ def test_without_a_checkpoint_the_notebook_trains_and_evaluates_the_demo(tmp_pat
     monkeypatch.setenv("PAN_JAX_CHECKPOINT", "")
     monkeypatch.setenv("PAN_JAX_DEMO_FLAGS", " ".join(flags))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(
-        notebook,
-        timeout=300,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}},
-    )
-    client.execute()
-
-    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
-    text = "".join(out.get("text", "") for out in outputs)
+    text, markdown, _ = run_notebook(tmp_path)
     workdir = tmp_path / "runs" / "demo"
     assert "training finished at step 2" in text and f"checkpoint: {workdir}" in text
     assert "pan / resnet18, 13 classes, step 2, dataset pan_synthetic/tiny" in text
     assert (workdir / evaluate.REPORT_JSON).exists()
-    markdown = "".join(out.get("data", {}).get("text/markdown", "") for out in outputs)
     assert "| 0 | background |" in markdown  # the demo's own evaluation report
 
 
