@@ -244,7 +244,11 @@ def write_run_record(workdir: epath.Path, config: Any, spec: ModelSpec) -> None:
     A resumed run whose config differs from the recorded one says how, then records its own."""
     if jax.process_index() == 0:
         resolved = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
-        recorded = read_run_config(workdir)  # {} for a new run
+        try:
+            recorded = read_run_config(workdir)  # {} for a new run
+        except ValueError as error:  # cut by a crash while written: replaced below
+            logging.warning("%s; replacing it with this run's", error)
+            recorded = {}
         changed = _changed_fields(recorded, json.loads(resolved)) if recorded else []
         if changed:
             logging.warning(

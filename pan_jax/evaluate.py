@@ -798,12 +798,14 @@ def load_model(
     `checkpointing.save_variables`) or a training workdir (its latest or `step` checkpoint)."""
     variables, spec, step = checkpointing.load_any(directory, step)
     if spec.get("untrained"):  # set by pan_jax.convert: e.g. an ImageNet backbone's decoder
+        parts = spec["untrained"]
         logging.warning(
-            "%s: its %s were never trained (pan_jax.convert left them as initialised), so its "
+            "%s: its %s %s never trained (pan_jax.convert left them as initialised), so its "
             "predictions are noise; train from it first (config.model.pretrained=%s, "
             "config.model.pretrained_kind=pan_jax)",
             directory,
-            " and ".join(spec["untrained"]),
+            " and ".join(parts),
+            "was" if len(parts) == 1 else "were",
             directory,
         )
     return checkpointing.model_from_spec(spec), variables, spec, step
@@ -827,7 +829,10 @@ def evaluate(config: Any, workdir: str | os.PathLike, *, step: int | None = None
         # its own model to any config.
         from pan_jax import train
 
-        expected = train.model_spec(config)
+        try:
+            expected = train.model_spec(config)
+        except ValueError as error:  # an unknown model name
+            raise ConfigError(f"config.model: {error}") from None
         saved = dict(
             spec,
             overrides={k: v for k, v in spec["overrides"].items() if k in expected["overrides"]},
@@ -839,11 +844,16 @@ def evaluate(config: Any, workdir: str | os.PathLike, *, step: int | None = None
             f"the checkpoint in {workdir} predicts {spec['num_classes']} classes, "
             f"but config.data.num_classes={num_classes} ({config.data.name})"
         )
-    trained_on = (checkpointing.read_run_config(workdir).get("data") or {}).get("name")
+    try:
+        trained_on = (checkpointing.read_run_config(workdir).get("data") or {}).get("name")
+    except ValueError as error:  # a damaged record: the model and its checkpoint may be fine
+        logging.warning("%s; not compared with config.data", error)
+        trained_on = None
     if trained_on and trained_on != config.data.name:
         logging.warning(
-            "evaluating on data.name=%s, but the run in %s trained on %s (its config.json): "
-            "give that run's config, or --config.data.name=%s, to score it on its own data",
+            "evaluating on data.name=%s (built first where it is not prepared), but the run in %s "
+            "trained on %s (its config.json): give that run's config, or --config.data.name=%s, "
+            "to score it on its own data",
             config.data.name,
             workdir,
             trained_on,

@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 
 from pan_jax import checkpointing, evaluate, train
+from pan_jax.config_errors import ConfigError
 from pan_jax.data import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,6 +311,10 @@ def test_evaluation_across_two_processes_sums_the_confusion_matrices(tmp_path, s
     other = config.copy_and_resolve_references()
     other.model.backbone = "resnet34"  # the config of another run: refused, as training does
     with pytest.raises(checkpointing.CheckpointMismatchError, match="backbone: checkpoint"):
+        evaluate.evaluate(other, workdir)
+    other = config.copy_and_resolve_references()
+    other.model.name = "pann"  # a ConfigError: main says it in one line (was a traceback)
+    with pytest.raises(ConfigError, match=r"config\.model: unknown model 'pann'"):
         evaluate.evaluate(other, workdir)
     other = config.copy_and_resolve_references()
     other.model.overrides.output_stride = 8  # set, and unlike the checkpoint's (16): refused

@@ -100,20 +100,35 @@ def test_without_a_checkpoint_the_notebook_trains_and_evaluates_the_demo(tmp_pat
     assert "| 0 | background |" in markdown  # the demo's own evaluation report
 
 
-@pytest.mark.parametrize(("has_gpu", "extra"), [(True, ["jax[cuda12]>=0.10,<0.12"]), (False, [])])
-def test_the_install_cell_clones_the_repository_with_a_matching_jax(monkeypatch, has_gpu, extra):
-    # Where pan_jax is not importable (a fresh Colab runtime): clone, then one pip install of the
-    # checkout and, on a GPU, jax's CUDA plugin of the same jax.
+@pytest.mark.parametrize("has_gpu", [True, False])
+def test_the_install_cell_clones_the_repository_with_a_matching_jax(tmp_path, monkeypatch, has_gpu):
+    # Where pan_jax is not importable (a fresh Colab runtime): clone (not into ./pan_jax, which
+    # would shadow the package after a restart), then one pip install of the checkout and, on a
+    # GPU, jax's CUDA plugin of the jax that requirements.txt asks for.
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     (install,) = [c.source for c in notebook.cells if "PAN_JAX_REPO, " in c.source]
     commands = []
+
+    def clone_or_install(command, check):
+        commands.append(command)
+        if command[:2] == ["git", "clone"]:  # the checkout, as far as the cell reads it
+            os.makedirs(command[-1])
+            shutil.copy(pathlib.Path(__file__).parents[1] / "requirements.txt", command[-1])
+
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(subprocess, "run", lambda command, check: commands.append(command))
+    monkeypatch.setattr(subprocess, "run", clone_or_install)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if has_gpu else None)
     monkeypatch.setattr(sys, "path", list(sys.path))
+    cell_1 = {"os": os, "CHECKPOINT": "", "IMAGE": ""}
+    with pytest.raises(RuntimeError, match="set PAN_JAX_REPO in the parameters cell"):
+        exec(install, {**cell_1, "PAN_JAX_REPO": ""})
     repo = "https://example.org/pan_jax.git"
-    exec(install, {"os": os, "CHECKPOINT": "", "IMAGE": "", "PAN_JAX_REPO": repo})  # cell 1's
+    exec(install, {**cell_1, "PAN_JAX_REPO": repo})
     clone, pip = commands
-    assert clone == ["git", "clone", "-q", "--depth=1", repo, "pan_jax"]
-    assert pip == [sys.executable, "-m", "pip", "install", "-q", "-e", "pan_jax", *extra]
-    assert sys.path[0] == os.path.abspath("pan_jax")
+    assert clone == ["git", "clone", "-q", "--depth=1", repo, "pan_jax_repo"]
+    requirements = (pathlib.Path(__file__).parents[1] / "requirements.txt").read_text()
+    (pin,) = [line for line in requirements.splitlines() if line.startswith("jax>=")]
+    extra = [pin.replace("jax", "jax[cuda12]", 1)] if has_gpu else []  # jax[cuda12]>=0.10,<0.12
+    assert pip == [sys.executable, "-m", "pip", "install", "-q", "-e", "pan_jax_repo", *extra]
+    assert sys.path[0] == str(tmp_path / "pan_jax_repo")

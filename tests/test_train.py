@@ -1086,3 +1086,8 @@ def test_resuming_with_another_config_says_what_changed(tmp_path, caplog):
     assert "batch_size 2 -> 4" in caplog.text
     assert "model.overrides.output_stride None -> 8" in caplog.text
     assert json.loads((workdir / "config.json").read_text())["batch_size"] == 4
+    (workdir / "config.json").write_text('{"seed": 0, "model": {')  # cut by a crash
+    with caplog.at_level(std_logging.WARNING):
+        checkpointing.write_run_record(workdir, config, spec)  # was a ValueError
+    assert "config.json: not valid JSON" in caplog.text and "replacing it" in caplog.text
+    assert json.loads((workdir / "config.json").read_text())["batch_size"] == 4
