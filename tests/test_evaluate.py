@@ -308,8 +308,8 @@ def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys, ca
     report = evaluate.evaluate(config, workdir)
     assert report["num_images"] == report["num_images_expected"] == 12
     assert (  # scored on other data than the run's: said, not silent
-        "evaluating on data.name=pan_synthetic/tiny, but the run in "
-        f"{workdir} trained on pan_synthetic (its config.json)"
+        "evaluating on data.name=pan_synthetic/tiny (built first where it is not prepared), "
+        f"but the run in {workdir} trained on pan_synthetic (its config.json)"
     ) in caplog.text
     assert f"mIoU {100 * report['miou']:.2f} % | pixel acc" in capsys.readouterr().out
     saved = json.loads((workdir / evaluate.REPORT_JSON).read_text())
