@@ -15,7 +15,9 @@ A model spec is the JSON-able dict `{"name", "backbone", "num_classes", "overrid
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -41,6 +43,7 @@ class CheckpointDamagedError(ValueError):
 def _damaged(manager: ocp.CheckpointManager, step: int, error: Exception) -> CheckpointDamagedError:
     """The error for an unreadable checkpoint: what failed and how to resume from the one
     before. Nothing is deleted: the folder may be repairable, or wanted for a post-mortem."""
+    _quiet_abandoned_reads()
     directory = manager.directory
     earlier = [s for s in manager.all_steps() if s < step]
     then = f"to resume from step {max(earlier)}" if earlier else "to start the run afresh"
@@ -49,6 +52,32 @@ def _damaged(manager: ocp.CheckpointManager, step: int, error: Exception) -> Che
         f"checkpoint {step} in {directory} is incomplete or damaged ({cause}). Move it aside "
         f"(mv {directory / str(step)} {directory / str(step)}.damaged) {then}."
     )
+
+
+class _AbandonedReadsFilter(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
+def _quiet_abandoned_reads() -> None:
+    """A failed orbax restore leaves its other reads running on orbax's event loop. As they end,
+    or are collected, each reports its own failure: asyncio logs "Task exception was never
+    retrieved", and callbacks into the closed loop raise "Event loop is closed", dozens of
+    tracebacks under the one error that says what failed. From here on those are dropped."""
+    asyncio_log = std_logging.getLogger("asyncio")
+    if any(isinstance(f, _AbandonedReadsFilter) for f in asyncio_log.filters):
+        return
+    asyncio_log.addFilter(_AbandonedReadsFilter())
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (
+            isinstance(unraisable.exc_value, RuntimeError)
+            and "Event loop is closed" in str(unraisable.exc_value)
+        ):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def model_from_spec(spec: ModelSpec, **extra: Any) -> models.SegmentationModel:
