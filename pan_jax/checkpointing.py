@@ -60,10 +60,12 @@ class _AbandonedReadsFilter(std_logging.Filter):
 
 
 def _quiet_abandoned_reads() -> None:
-    """A failed orbax restore leaves its other reads running on orbax's event loop. As they end,
-    or are collected, each reports its own failure: asyncio logs "Task exception was never
-    retrieved", and callbacks into the closed loop raise "Event loop is closed", dozens of
-    tracebacks under the one error that says what failed. From here on those are dropped."""
+    """Called where an orbax restore failed (damaged or mismatched). Its other reads go on
+    running on orbax's event loop; as they end, or are collected, each reports its own failure:
+    asyncio logs "Task exception was never retrieved", callbacks into the closed loop raise
+    "Event loop is closed", and its coroutines, collected unfinished, raise their read errors:
+    dozens of tracebacks under the one error that says what failed.
+    From here on those are dropped."""
     asyncio_log = std_logging.getLogger("asyncio")
     if any(isinstance(f, _AbandonedReadsFilter) for f in asyncio_log.filters):
         return
@@ -71,10 +73,12 @@ def _quiet_abandoned_reads() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
-        if not (
-            isinstance(unraisable.exc_value, RuntimeError)
-            and "Event loop is closed" in str(unraisable.exc_value)
-        ):
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in (
+            str(unraisable.exc_value)
+        )
+        code = getattr(unraisable.object, "cr_code", None)  # an orbax coroutine collected
+        orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed_loop or orbax_read):
             previous(unraisable)
 
     sys.unraisablehook = hook
@@ -164,6 +168,7 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict, ModelSpec]:
         with ocp.StandardCheckpointer() as checkpointer:
             variables = checkpointer.restore(path / "variables", template)
     except (ValueError, KeyError) as error:  # another structure (e.g. another backbone)
+        _quiet_abandoned_reads()
         raise CheckpointMismatchError(f"{where}: {error}") from error
     # orbax restores an array of another shape as it is stored (e.g. num_classes edited).
     stored_leaves = jax.tree_util.tree_leaves_with_path(variables)
@@ -384,6 +389,7 @@ def restore_or_none(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
     except (ValueError, KeyError) as error:  # orbax's tree and shape mismatches
+        _quiet_abandoned_reads()
         where = f"checkpoint {step} in {manager.directory}"
         raise CheckpointMismatchError(
             f"{where} does not fit this run's state (or is damaged): {error}"
@@ -442,6 +448,7 @@ def _restore_variables(
             ),
         )
     except (ValueError, KeyError) as error:
+        _quiet_abandoned_reads()
         raise CheckpointMismatchError(
             f"checkpoint {step} in {directory} does not fit its model.json's model (or is "
             f"damaged): {error}"

@@ -829,10 +829,7 @@ def evaluate(config: Any, workdir: str | os.PathLike, *, step: int | None = None
         # its own model to any config.
         from pan_jax import train
 
-        try:
-            expected = train.model_spec(config)
-        except ValueError as error:  # an unknown model name
-            raise ConfigError(f"config.model: {error}") from None
+        expected = train.model_spec(config)
         saved = dict(
             spec,
             overrides={k: v for k, v in spec["overrides"].items() if k in expected["overrides"]},

@@ -111,12 +111,12 @@ def main(argv):
             from pan_jax import evaluate
 
             evaluate.evaluate(FLAGS.config, workdir, step=FLAGS.step)
-    except (config_errors.ConfigError, DownloadError) as error:
-        sys.exit(f"error: {error}")
-    except (checkpointing.CheckpointMismatchError, checkpointing.CheckpointDamagedError) as error:
-        # A failed restore leaves orbax's other reads behind: collected at exit, each would print
-        # a traceback under the one line that says what failed.
-        sys.unraisablehook = lambda unraisable: None
+    except (
+        config_errors.ConfigError,
+        DownloadError,
+        checkpointing.CheckpointMismatchError,
+        checkpointing.CheckpointDamagedError,
+    ) as error:  # orbax's abandoned reads of a failed restore are quieted by checkpointing
         sys.exit(f"error: {error}")
     if cache_dir:
         logging.info(compile_cache.summary())

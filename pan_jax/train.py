@@ -66,7 +66,10 @@ def model_spec(config: ml_collections.ConfigDict) -> checkpointing.ModelSpec:
     model takes stays, for `models.create` to refuse."""
     overrides = config.model.overrides.to_dict() if config.model.get("overrides") else {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    applicable = models.valid_overrides(config.model.name)
+    try:
+        applicable = models.valid_overrides(config.model.name)
+    except ValueError as error:  # an unknown model name
+        raise ConfigError(f"config.model: {error}") from None
     ignored = sorted(k for k in overrides if k in models.OVERRIDE_TYPES and k not in applicable)
     if ignored:
         logging.warning(
@@ -87,7 +90,10 @@ def create_model(
 ) -> models.SegmentationModel:
     """The model of `config` (or of its already computed `model_spec`), in its compute dtype."""
     spec = model_spec(config) if spec is None else spec
-    return checkpointing.model_from_spec(spec, dtype=jnp.dtype(config.model.dtype))
+    try:
+        return checkpointing.model_from_spec(spec, dtype=jnp.dtype(config.model.dtype))
+    except ValueError as error:  # an unknown backbone, a model option out of range
+        raise ConfigError(f"config.model: {error}") from None
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -549,11 +555,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     started = time.perf_counter()
     per_process_batch = _check_config(config)
     pipeline.dataset_spec(config.data.name)
-    try:
-        spec = model_spec(config)
-        model = create_model(config, spec)
-    except ValueError as error:
-        raise ConfigError(f"config.model: {error}") from None
+    spec = model_spec(config)
+    model = create_model(config, spec)
     if config.data.crop_size < model.min_input_size:
         raise ConfigError(
             f"config.data.crop_size={config.data.crop_size}: this model needs crops of at least "

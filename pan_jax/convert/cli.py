@@ -98,11 +98,12 @@ def _spec(args: argparse.Namespace, arch: dict, smp: dict | None) -> dict[str, A
                 )
             overrides[key] = arch[key]
     # Refused here, since a stored spec's options that the model does not take are skipped.
-    inapplicable = sorted(set(dict(args.override)) - models.valid_overrides(spec["name"]))
+    valid = models.valid_overrides(spec["name"])
+    inapplicable = sorted(set(dict(args.override)) - valid)
     if inapplicable:
         raise ConversionError(
             f"--override {', '.join(inapplicable)}: model {spec['name']!r} does not take it; "
-            f"its options: {', '.join(sorted(models.valid_overrides(spec['name'])))}"
+            f"its options: {', '.join(sorted(valid))}"
         )
     spec["backbone"] = f"resnet{arch['depth']}"
     if args.backbone and args.backbone != spec["backbone"]:
@@ -175,9 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=model,
         )
         merged = initialise_missing(model, merged, args.seed, size)
-        untrained = sorted({name.split("/")[1] for name in report.not_loaded})
-        if untrained:  # inference from it warns (evaluate.load_model)
-            spec["untrained"] = untrained
+        if report.untrained_parts:  # inference from it warns (evaluate.load_model)
+            spec["untrained"] = report.untrained_parts
     except (ConversionError, ValueError, FileNotFoundError, DownloadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -53,6 +53,11 @@ class PretrainedReport:
     notes: tuple[str, ...]
     loaded_values: int
 
+    @property
+    def untrained_parts(self) -> list[str]:
+        """The top-level parts ("decoder", "head") left wholly or partly as initialised."""
+        return _parts(self.not_loaded)
+
     def __str__(self) -> str:
         what = f" ({describe(self.arch)})" if self.arch else ""
         lines = [
@@ -62,7 +67,7 @@ class PretrainedReport:
         if self.not_loaded:
             lines.append(
                 f"left as initialised: {len(self.not_loaded)} arrays in "
-                f"{', '.join(_parts(self.not_loaded))}"
+                f"{', '.join(self.untrained_parts)}"
             )
         if self.unused:
             shown = ", ".join(self.unused[:8]) + (" …" if len(self.unused) > 8 else "")

@@ -306,8 +306,9 @@ def explicit_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if name not in _PRESETS:
         return dict(overrides)
     explicit = {}
+    valid = valid_overrides(name)
     for key, value in overrides.items():
-        if key in OVERRIDE_TYPES and key not in valid_overrides(name):
+        if key in OVERRIDE_TYPES and key not in valid:
             continue
         others = {k: v for k, v in overrides.items() if k != key}
         default = _settings(name, others).get(key, _NO_DEFAULT)
