@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite of docs/benchmarks.md: PAN-R101 at 512², bf16, against SMP in PyTorch.
 # Usage: [BENCH_PARTS="smp pan"] bash launch/bench_gpu.sh OUTDIR
-# The parts (BENCH_PARTS, default all, in order of importance: smp pan batch_smp batch_pan
-# bn_moments pointwise compile; the torch.compile peer was measured in the ninth session, the
-# batch rows and the A/Bs never) run one after another, each time-boxed, all within
-# BENCH_BUDGET_S seconds (default 560: one 10-minute device call); a part that would not get
-# 90 s is skipped. Each part is one process, and on an H200 each step compile took about a
-# minute (the model's init took another until the bench filled its state on the host; only the
-# pan part still times a training run's init, after its row: on the host's CPU, as training now
-# does, then on the GPU for comparison). So all the parts may take two
-# device calls: the first goes as far as its budget, the second takes what it skipped, e.g.
-# `BENCH_PARTS="batch_pan bn_moments pointwise"` with BENCH_BATCH_SMP / BENCH_BATCH_PAN set to
-# the largest batches the first call's smp and pan parts estimated (bench.json). The A/B parts
-# compare with the smp part's train row of the same call, or else run our default step first.
-# The smp part also traces the training step and prints where its time goes.
+# The parts (BENCH_PARTS, default all, in order of importance: smp pan bn_moments pointwise
+# compile) run one after another, each time-boxed, all within BENCH_BUDGET_S seconds (default
+# 560: one 10-minute device call, of the 15 minutes a session's device time allows, the start
+# included); a part that would not get 90 s is skipped. Each part is one process; on an H200
+# each step compile took about a minute. The smp and pan parts train at batch 16 and then at
+# the largest batch that XLA's memory plan of the batch-16 step says fits (`--batch=16,max`),
+# in the same process; the pan part then times a training run's init (on the host's CPU, as
+# training does, then on the GPU for comparison). The torch.compile peer was measured in the
+# ninth session. A second call, on the still warm machine, takes what the first skipped, e.g.
+# `BENCH_PARTS="bn_moments pointwise"`. The A/B parts compare with the smp part's train row of
+# the same call, or else run our default step first.
+# The smp part also traces the training step and the forward pass and prints where their time
+# goes.
 # OUTDIR gets few files, whatever the number of parts (a device call brings back at most 8),
 # rewritten after every part so that a cut run still leaves every finished figure:
 #   bench.json  every part's JSON under its name;  bench.log  the GPU and every part's output;
@@ -21,7 +21,7 @@
 #   for `python -m pan_jax.op_profile TRACE --hlo=HLO` (TensorBoard/Perfetto read the trace).
 # BENCH_EXTRA_ARGS (e.g. "--backbone=resnet18 --crop=128") is appended to every bench command.
 set -uo pipefail
-all_parts="smp pan batch_smp batch_pan bn_moments pointwise compile"
+all_parts="smp pan bn_moments pointwise compile"
 for part in ${BENCH_PARTS:-$all_parts}; do  # a misspelt part must not cost the others' time
   [[ " $all_parts " == *" $part "* ]] || { echo "unknown part $part (expected $all_parts)" >&2; exit 2; }
 done
@@ -111,18 +111,6 @@ run() {  # run NAME SECONDS ARGS...
   collect
 }
 
-largest() {  # largest JSON: the largest batch the bench estimated for its train step, or nothing
-  python3 -c 'import json, sys
-rows = [r for r in json.load(open(sys.argv[1]))["results"] if r.get("largest_batch_estimate")]
-print(rows[0]["largest_batch_estimate"] if rows else "")' "$1" 2>/dev/null
-}
-
-batch_of() {  # batch_of PART: the largest batch for a batch_* part, or nothing
-  local model=${1#batch_} given
-  given=$([[ $model == smp ]] && echo "${BENCH_BATCH_SMP:-}" || echo "${BENCH_BATCH_PAN:-}")
-  if [[ -n $given ]]; then echo "$given"; else largest "$parts/$model.json"; fi
-}
-
 baseline() {  # the A/Bs' other side: the smp part's train row when this call ran it (the same
   # program), else the default step once, since another call may have got another machine
   [[ -s $parts/smp.json || -s $parts/baseline.json ]] ||
@@ -131,27 +119,17 @@ baseline() {  # the A/Bs' other side: the smp part's train row when this call ra
 
 for part in ${BENCH_PARTS:-$all_parts}; do
   case $part in
-  smp)  # pan_smp vs SMP eager at batch 16, train and forward, and where our step's time goes
-    run smp 240 --model=pan_smp --batch=16 --what=train,forward --peer=eager \
+  smp)  # pan_smp vs SMP eager at batch 16, train and forward, and where our step's time goes;
+    # then our train step at the largest batch that fits
+    run smp 300 --model=pan_smp --batch=16,max --what=train,forward --peer=eager \
       --profile_dir="$parts/profile" ;;
-  pan)  # the paper's model (deep stem, 128-wide decoder), and a training run's init time
-        # (train_init_s, on the host; train_init_on_devices_s, on the GPU)
-    run pan 230 --model=pan --batch=16 --what=train --peer=none --time_init ;;
+  pan)  # the paper's model (deep stem, 128-wide decoder) at batch 16 and the largest batch,
+        # and a training run's init time (train_init_s, on the host; train_init_on_devices_s,
+        # on the GPU)
+    run pan 280 --model=pan --batch=16,max --what=train --peer=none --time_init ;;
   compile)  # the torch.compile peer (its compile is slow, so it runs alone)
     run compile 150 --model=pan_smp --batch=16 --what=train --peer=compile --nojax \
       --peak_tflops=1 ;;
-  batch_smp | batch_pan)  # the largest batch that fits, from XLA's memory plan at batch 16
-    batch=$(batch_of "$part")
-    model=$([[ $part == batch_smp ]] && echo pan_smp || echo pan)
-    if [[ -n $batch ]]; then
-      run "$part" 190 --model="$model" --batch="$batch" --what=train --peer=none --steps=10 \
-        --steps_per_sample=2
-    else
-      echo "skipped $part: no largest batch (run its batch-16 part first, or set it)" |
-        tee "$parts/$part.log"
-      echo "$part" >>"$parts/order"
-      collect
-    fi ;;
   bn_moments)  # BatchNorm statistics in two passes over the activations instead of one (our
     # default): A/B against our default step on this machine (see baseline)
     baseline

@@ -65,9 +65,15 @@ def _comma_list_of(choices: Sequence[str]) -> Callable[[list[str]], bool]:
     return check
 
 
+LARGEST = "max"  # in --batch: the largest batch the previous batch's train step says fits
+
+
 def _check_batches(values: list[str]) -> bool:
-    if not values or not all(v.isascii() and v.isdigit() and int(v) > 0 for v in values):
-        raise flags.ValidationError("expected positive integers, e.g. 16 or 8,16")
+    numbers = values[:-1] if values and values[-1] == LARGEST else values
+    if not numbers or not all(v.isascii() and v.isdigit() and int(v) > 0 for v in numbers):
+        raise flags.ValidationError(
+            f"expected positive integers, e.g. 16 or 8,16, optionally then {LARGEST} (16,{LARGEST})"
+        )
     return True
 
 
@@ -95,7 +101,20 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "backbone", "resnet101", list(models.BACKBONE_NAMES), "Backbone.", flag_values=flag_values
     )
     flags.DEFINE_list(
-        "batch", ["16"], "Batch sizes (global): N or a comma list.", flag_values=flag_values
+        "batch",
+        ["16"],
+        f"Batch sizes (global): N or a comma list, optionally ending in {LARGEST}: the largest "
+        "batch that fits, estimated from XLA's memory plan of the previous batch's train step "
+        f"(e.g. 16,{LARGEST}; our train step only, within --device_memory_gb).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_float(
+        "device_memory_gb",
+        0.0,
+        f"Device memory to fit --batch={LARGEST} into, in GiB (0: what JAX may allocate on the "
+        "device; CPUs report no limit). E.g. an H100's on an H200.",
+        lower_bound=0.0,
+        flag_values=flag_values,
     )
     flags.DEFINE_integer("crop", 512, "Square input size.", lower_bound=1, flag_values=flag_values)
     flags.DEFINE_enum(
@@ -118,7 +137,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         0,
         "Steps dispatched back to back per timed repetition, waiting once at the end, as the "
         "training loop keeps the device busy while the host dispatches the next step "
-        "(0: 5 on accelerators, 1 on CPUs, where the host dispatches nothing ahead of work).",
+        "(0: on accelerators 5 up to batch 16, then fewer, down to 2 from batch 40 on; 1 on "
+        "CPUs, where the host dispatches nothing ahead of work).",
         lower_bound=0,
         flag_values=flag_values,
     )
@@ -226,10 +246,14 @@ def median_time(
     return statistics.median(times)
 
 
-def steps_per_sample() -> int:
+def steps_per_sample(batch: int = 16) -> int:
+    """Steps per timed sample: enough that the host's dispatch between samples (about 5 ms per
+    step on an H200 at batch 16) weighs little, few where a step takes long (large batches)."""
     if FLAGS.steps_per_sample:
         return FLAGS.steps_per_sample
-    return 1 if jax.devices()[0].platform == "cpu" else 5
+    if jax.devices()[0].platform == "cpu":
+        return 1
+    return min(5, max(2, 80 // batch))
 
 
 def progress(message: str) -> None:
@@ -259,16 +283,25 @@ def _compiled_memory(compiled, state_bytes: float, batch: int) -> dict:
     """XLA's own memory plan of the step, and from it the largest batch the device holds."""
     try:
         analysis = compiled.memory_analysis()
-        step_peak = float(analysis.peak_memory_in_bytes)
+        # XLA:CPU's peak leaves the temporaries out (the step's working memory): the sum of
+        # the buffers counts them, and on GPUs does not exceed the peak by much.
+        buffers = (
+            analysis.argument_size_in_bytes
+            + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes
+            + analysis.temp_size_in_bytes
+        )
+        step_peak = float(max(analysis.peak_memory_in_bytes, buffers))
     except Exception:  # not every backend reports it
         return {}
     out = {
         "compiled_peak_gb": step_peak / 2**30,
-        # XLA:CPU's peak leaves its temporaries out; they are the step's working memory.
         "compiled_temp_gb": float(analysis.temp_size_in_bytes) / 2**30,
         "state_gb": state_bytes / 2**30,
     }
-    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    limit = FLAGS.device_memory_gb * 2**30 or (jax.local_devices()[0].memory_stats() or {}).get(
+        "bytes_limit"
+    )
     if limit:  # None on CPUs: host memory is not the device's to plan with
         devices = jax.device_count()  # the state is replicated, the batch split
         per_device = largest_batch(step_peak, state_bytes, batch // devices, limit, 8)
@@ -348,16 +381,18 @@ def _time_and_profile(
     steps: int,
     warmup: int,
     compiled: Any,
-    name: str,
+    batch: int,
+    name: str | None,
 ) -> tuple[float, dict]:
-    """The median seconds of one step, and its profile when --profile_dir asks for one."""
-    seconds = median_time(dispatch, wait, steps, warmup, steps_per_sample())
+    """The median seconds of one step, and its profile when --profile_dir asks for one (and
+    `name` names it)."""
+    seconds = median_time(dispatch, wait, steps, warmup, steps_per_sample(batch))
 
     def run():
         dispatch()
         wait()
 
-    return seconds, _maybe_profile(run, compiled, name)
+    return seconds, _maybe_profile(run, compiled, name) if name else {}
 
 
 def time_train_init(model_name: str, backbone: str, dtype: str, on_host: bool | None) -> float:
@@ -399,9 +434,17 @@ def time_train_inits(report: dict, save: Callable[[], None]) -> None:
 
 
 def jax_train(
-    model_name: str, backbone: str, batch: int, crop: int, dtype: str, steps: int, warmup: int
+    model_name: str,
+    backbone: str,
+    batch: int,
+    crop: int,
+    dtype: str,
+    steps: int,
+    warmup: int,
+    profile: bool = True,
 ) -> dict:
-    """The real training step (`train.make_train_step`) on a synthetic device-resident batch."""
+    """The real training step (`train.make_train_step`) on a synthetic device-resident batch
+    (and its profile, where --profile_dir and `profile` ask for one)."""
     model, optimizer, initial_state = _model_and_state(model_name, backbone, dtype)
     state = jax.tree.map(jnp.copy, initial_state)  # the step donates (deletes) its input state
     mesh = sharding.create_mesh()
@@ -433,7 +476,9 @@ def jax_train(
     def wait():
         jax.block_until_ready(holder[1])
 
-    seconds, profile = _time_and_profile(dispatch, wait, steps, warmup, compiled, f"train_b{batch}")
+    seconds, profile = _time_and_profile(
+        dispatch, wait, steps, warmup, compiled, batch, f"train_b{batch}" if profile else None
+    )
     return {
         "compile_s": compile_s,
         "step_s": seconds,
@@ -471,7 +516,7 @@ def jax_forward(
         outputs.clear()
 
     seconds, profile = _time_and_profile(
-        dispatch, wait, steps, warmup, compiled, f"forward_b{batch}"
+        dispatch, wait, steps, warmup, compiled, batch, f"forward_b{batch}"
     )
     return {
         "compile_s": compile_s,
@@ -533,7 +578,7 @@ def torch_peer(
     fn()
     sync()
     compile_s = time.perf_counter() - start
-    seconds = median_time(fn, sync, steps, warmup, steps_per_sample())
+    seconds = median_time(fn, sync, steps, warmup, steps_per_sample(batch))
     result = {
         "compile_s": compile_s,
         "step_s": seconds,
@@ -630,7 +675,8 @@ def main(argv) -> int:
         print(json.dumps(entry), flush=True)
 
     steps, warmup, crop = FLAGS.steps, FLAGS.warmup, FLAGS.crop
-    for batch in map(int, FLAGS.batch):
+    batches = [int(b) for b in FLAGS.batch if b != LARGEST]
+    for batch in batches:
         for what in FLAGS.what:
             jax_fn = jax_train if what == "train" else jax_forward
             if FLAGS.jax:
@@ -669,6 +715,8 @@ def main(argv) -> int:
                         warmup,
                     ),
                 )
+    if FLAGS.batch[-1] == LARGEST:
+        record_largest_batch(report, batches[-1], record, skip)
     # After the rows: on an H200 it took about a minute, which a time-boxed run must not take
     # from the measurements.
     if FLAGS.time_init and FLAGS.jax:
@@ -688,6 +736,38 @@ def main(argv) -> int:
         )
         return 1
     return 0
+
+
+def record_largest_batch(report: dict, estimated_at: int, record: Callable, skip: Callable) -> None:
+    """Our train step at the largest batch that XLA's memory plan of the step at batch
+    `estimated_at` says fits: the estimate checked by a run (an out-of-memory is its row's
+    error). The peers and the forward pass are not measured there, nor is it profiled (the
+    profile of a smaller batch shows the same kernels)."""
+    name = f"pan_jax {FLAGS.model}"
+    rows = [
+        r
+        for r in report["results"]
+        if (r["impl"], r["what"], r["batch"]) == (name, "train", estimated_at) and _measured(r)
+    ]
+    if not rows:
+        skip(name, "train", LARGEST, f"no train row at batch {estimated_at} to estimate it from")
+        return
+    estimate = rows[0].get("largest_batch_estimate")
+    if estimate is None:
+        why = "no device memory limit to fit it into (set --device_memory_gb)"
+        skip(name, "train", LARGEST, why)
+        return
+    if estimate == 0:
+        skip(name, "train", LARGEST, f"not even {jax.device_count() * 8} images fit the device")
+        return
+    print(f"largest batch: {estimate}, from the memory plan at batch {estimated_at}", flush=True)
+
+    def measure() -> dict:
+        args = (FLAGS.model, FLAGS.backbone, estimate, FLAGS.crop, FLAGS.dtype)
+        measured = jax_train(*args, FLAGS.steps, FLAGS.warmup, profile=False)
+        return {**measured, "largest_batch_from": estimated_at}
+
+    record(name, "train", estimate, measure)
 
 
 def _measured(row: dict) -> bool:

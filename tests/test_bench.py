@@ -28,7 +28,7 @@ def bench_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     command = [
         sys.executable, "-m", "pan_jax.bench", "--model=pan_smp", "--backbone=resnet18",
-        "--batch=2", "--crop=128", "--dtype=float32", "--what=train,forward", "--peer=eager",
+        "--batch=2,max", "--crop=128", "--dtype=float32", "--what=train,forward", "--peer=eager",
         "--steps=2", "--warmup=1", f"--json={out / 'bench.json'}",
         f"--profile_dir={out / 'profile'}", "--time_init",
     ]  # fmt: skip
@@ -47,7 +47,7 @@ def bench_report(tmp_path_factory):
 
 def test_bench_measures_ours_and_the_peer(bench_report):
     report, stdout = bench_report
-    rows = {(r["impl"], r["what"]): r for r in report["results"]}
+    rows = {(r["impl"], r["what"]): r for r in report["results"] if r["batch"] == 2}
     assert set(rows) == {
         ("pan_jax pan_smp", "train"),
         ("pan_jax pan_smp", "forward"),
@@ -79,6 +79,29 @@ def test_bench_measures_ours_and_the_peer(bench_report):
     # fit a batch into (on GPUs the JSON and the table give the largest batch).
     assert train["compiled_peak_gb"] > train["state_gb"] > 0.04  # ResNet-18 PAN, fp32 + momentum
     assert "largest_batch_estimate" not in train
+    # So --batch=2,max skips its last row, saying why (on a GPU it trains at the estimate).
+    assert report["results"][-1] == {
+        "impl": "pan_jax pan_smp",
+        "what": "train",
+        "batch": "max",
+        "skipped": "no device memory limit to fit it into (set --device_memory_gb)",
+    }
+
+
+def test_max_batch_trains_at_the_largest_batch_the_memory_plan_allows(tmp_path):
+    # As on a GPU, where JAX may allocate 75% of the card: here a 0.6 GiB device is assumed.
+    result = run_bench(
+        *TINY, "--crop=128", "--batch=2,max", "--device_memory_gb=0.6", "--what=train",
+        f"--json={tmp_path / 'b'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    estimated, largest = json.loads((tmp_path / "b").read_text())["results"]
+    assert estimated["batch"] == 2 and estimated["largest_batch_estimate"] > 2
+    assert largest["batch"] == estimated["largest_batch_estimate"], largest
+    assert largest["largest_batch_from"] == 2 and largest["images_per_s"] > 0
+    # The estimate holds: the step at that batch plans within 90% of the device.
+    assert largest["compiled_peak_gb"] <= 0.9 * 0.6
+    assert f"largest batch: {largest['batch']}, from the memory plan at batch 2" in result.stdout
 
 
 def test_largest_batch_fits_the_state_plus_a_linear_share_per_image():
@@ -109,6 +132,9 @@ def parse_bench_flags(*args):
         (["--batch=abc"], r"--batch=.*expected positive integers"),
         (["--batch=16,0"], r"--batch=.*expected positive integers"),
         (["--batch=²"], r"--batch=.*expected positive integers"),
+        (["--batch=max"], r"--batch=.*optionally then max"),  # no batch to estimate it from
+        (["--batch=max,16"], r"--batch=.*expected positive integers"),
+        (["--batch=16,max,max"], r"--batch=.*expected positive integers"),
         (["--what=train,train"], r"--what=.*at most once"),
         (["--budget_s=-5"], r"--budget_s=-5"),
         (["--steps=0"], r"--steps=0"),
@@ -126,6 +152,7 @@ def test_bench_flags_keep_their_comma_lists():
     parsed = parse_bench_flags("--what=train,forward", "--peer=eager,compile", "--batch=8,16")
     assert parsed.what == ["train", "forward"] and parsed.peer == ["eager", "compile"]
     assert parsed.batch == ["8", "16"]
+    assert parse_bench_flags("--batch=16,max").batch == ["16", "max"]
     defaults = parse_bench_flags()
     assert defaults.what == ["train", "forward"] and defaults.peer == ["eager"]
     assert defaults.batch == ["16"] and defaults.model == "pan_smp"
@@ -141,20 +168,22 @@ def bench_gpu_commands():
         if line.strip().startswith("run "):
             args = shlex.split(line.strip().removesuffix(";;"))[3:]  # after run NAME SECONDS
             commands.append([*shlex.split(common), *args])
-    values = {"$batch": "64", "$model": "pan", "$out": "out", "$budget": "100"}
+    values = {"$out": "out", "$budget": "100"}
     return [[functools.reduce(lambda a, v: a.replace(*v), values.items(), arg) for arg in c]
             for c in commands]  # fmt: skip
 
 
 def test_bench_gpu_script_flags_still_parse():
     commands = bench_gpu_commands()
-    # In file order: baseline smp pan compile batch_* bn_moments pointwise
-    assert len(commands) == 7, commands
+    # In file order: baseline smp pan compile bn_moments pointwise
+    assert len(commands) == 6, commands
     for command in commands:
         parse_bench_flags(*command)
-    baseline, smp = (parse_bench_flags(*command) for command in commands[:2])
+    baseline, smp, pan = (parse_bench_flags(*command) for command in commands[:3])
     assert smp.what == ["train", "forward"] and smp.peer == ["eager"]
-    assert smp.batch == ["16"] and smp.model == "pan_smp"
+    assert smp.model == "pan_smp" and pan.model == "pan"
+    # Issue 7's rows: batch 16, then the largest batch that fits, for both models.
+    assert smp.batch == pan.batch == ["16", "max"]
     # The A/Bs' baseline is the smp part's train row: the same step.
     assert (baseline.what, baseline.batch, baseline.model) == (["train"], ["16"], "pan_smp")
 
