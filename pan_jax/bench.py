@@ -118,7 +118,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     )
     flags.DEFINE_integer("crop", 512, "Square input size.", lower_bound=1, flag_values=flag_values)
     flags.DEFINE_enum(
-        "dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.", flag_values=flag_values
+        "dtype",
+        "auto",
+        ["auto", "bfloat16", "float32"],
+        "Compute dtype (auto: bfloat16 on accelerators, float32 on CPUs, where the peer runs in "
+        "float32).",
+        flag_values=flag_values,
     )
     flags.DEFINE_list(
         "peer", ["eager"], f"PyTorch peers: {', '.join(PEERS)}.", flag_values=flag_values
@@ -622,6 +627,9 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Compile times are part of the report: never load them from a persistent cache.
     jax.config.update("jax_enable_compilation_cache", False)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    if FLAGS.dtype == "auto":
+        FLAGS.dtype = "float32" if on_cpu else "bfloat16"
     arg_names = (
         "model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup",
         "steps_per_sample", "pointwise_conv", "bn_moments", "time_init",
@@ -634,7 +642,6 @@ def main(argv) -> int:
     }
     layers.POINTWISE_AS_MATMUL = FLAGS.pointwise_conv == "matmul"
     layers.BATCHNORM_ONE_PASS = FLAGS.bn_moments == "one_pass"
-    on_cpu = jax.devices()[0].platform == "cpu"
     # 8192³ saturates a GPU or TPU; on a CPU it would take minutes, and 2048³ is as fast per FLOP.
     peak = FLAGS.peak_tflops or measure_matmul_tflops(FLAGS.dtype, 2048 if on_cpu else 8192)
     report["peak_tflops"] = peak
@@ -822,7 +829,14 @@ def print_table(report: dict) -> None:
         if key in ours:
             ratio = ours[key]["images_per_s"] / r["images_per_s"]
             setting = f"{r['what']}, batch {r['batch']}"
-            print(f"ratio pan_jax / {r['impl']} ({setting}): {ratio:.2f}x{on}")
+            ours_dtype, peer_dtype = report["args"]["dtype"], r.get("dtype", "")
+            # On CPUs the peer stays float32: a bfloat16 run of ours is not its equal.
+            unequal = (
+                ""
+                if peer_dtype.startswith(ours_dtype)
+                else f" (ours {ours_dtype}, the peer {peer_dtype})"
+            )
+            print(f"ratio pan_jax / {r['impl']} ({setting}): {ratio:.2f}x{on}{unequal}")
     for r in rows:
         if r.get("largest_batch_estimate") is not None:
             print(

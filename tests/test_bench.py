@@ -28,7 +28,7 @@ def bench_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     command = [
         sys.executable, "-m", "pan_jax.bench", "--model=pan_smp", "--backbone=resnet18",
-        "--batch=2,max", "--crop=128", "--dtype=float32", "--what=train,forward", "--peer=eager",
+        "--batch=2,max", "--crop=128", "--what=train,forward", "--peer=eager",
         "--steps=2", "--warmup=1", f"--json={out / 'bench.json'}",
         f"--profile_dir={out / 'profile'}", "--time_init",
     ]  # fmt: skip
@@ -73,6 +73,7 @@ def test_bench_measures_ours_and_the_peer(bench_report):
         achieved = flops * row["images_per_s"] / 1e12
         assert row["mfu"] == pytest.approx(achieved / report["peak_tflops"], rel=1e-6), row
     assert rows[("smp torch eager", "train")]["dtype"] == "float32"  # no autocast on a CPU
+    assert report["args"]["dtype"] == "float32"  # --dtype=auto: ours likewise
     assert "ratio pan_jax / smp torch eager (train, batch 2)" in stdout
     assert "ratio pan_jax / smp torch eager (forward, batch 2)" in stdout
     # XLA's memory plan of the train step holds the state; a CPU has no device memory limit to
@@ -284,11 +285,20 @@ def test_ratios_are_printed_only_for_the_peers_own_network(capsys):
         "machine": {"device_count": 1},
         "peak_tflops": 1.0,
         "peak_source": "--peak_tflops",
-        "args": {"model": "pan_smp"},
-        "results": [{"impl": "pan_jax x", **row}, {"impl": "smp torch eager", **row}],
+        "args": {"model": "pan_smp", "dtype": "float32"},
+        "results": [
+            {"impl": "pan_jax x", **row},
+            {"impl": "smp torch eager", **row, "dtype": "float32"},
+        ],
     }
     bench.print_table(report)
     assert "ratio pan_jax / smp torch eager (train, batch 2): 1.00x\n" in capsys.readouterr().out
+    report["args"]["dtype"] = "bfloat16"  # --dtype=bfloat16 on a CPU: the peer stays float32
+    bench.print_table(report)
+    assert "1.00x (ours bfloat16, the peer float32)\n" in capsys.readouterr().out
+    report["results"][1]["dtype"] = "bfloat16 autocast, channels_last"  # as on a GPU
+    bench.print_table(report)
+    assert "batch 2): 1.00x\n" in capsys.readouterr().out
     report["machine"]["device_count"] = 2
     bench.print_table(report)
     assert "1.00x (pan_jax on 2 devices, the peer on one)" in capsys.readouterr().out
