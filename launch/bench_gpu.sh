@@ -17,6 +17,7 @@
 # OUTDIR gets few files, whatever the number of parts (a device call brings back at most 8),
 # rewritten after every part so that a cut run still leaves every finished figure:
 #   bench.json  every part's JSON under its name;  bench.log  the GPU and every part's output;
+#   bench.md  the figures and the goals in markdown (python -m pan_jax.bench_report bench.json);
 #   <profile>.xplane.pb.gz and <profile>_hlo.txt.gz  each trace and the compiled step it ran,
 #   for `python -m pan_jax.op_profile TRACE --hlo=HLO` (TensorBoard/Perfetto read the trace).
 # BENCH_EXTRA_ARGS (e.g. "--backbone=resnet18 --crop=128") is appended to every bench command.
@@ -84,6 +85,8 @@ for profile in sorted(glob.glob(os.path.join(parts, "profile", "*"))):
             with open(source, "rb") as f, gzip.open(os.path.join(out, target), "wb") as g:
                 g.write(f.read())
 PY
+  # The figures and the goals as docs/benchmarks.md tables them.
+  python3 -m pan_jax.bench_report "$out/bench.json" >"$out/bench.md" 2>&1
 }
 
 run() {  # run NAME SECONDS ARGS...

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from pan_jax import flops, models, op_profile, sharding, train
+from pan_jax import bench_report, flops, models, op_profile, sharding, train
 from pan_jax.models import layers
 
 FLAGS = flags.FLAGS
@@ -728,13 +728,14 @@ def main(argv) -> int:
     # from the measurements.
     if FLAGS.time_init and FLAGS.jax:
         time_train_inits(report, save)
-    print_table(report)
+    bench_report.print_table(report)
+    bench_report.print_goals([report])
     save()
     if "train_init_s" in report:
         print(f"train.create_state (a training run's init): {report['train_init_s']:.1f} s")
     if "train_init_on_devices_s" in report:
         print(f"  the same on the devices: {report['train_init_on_devices_s']:.1f} s")
-    if not any(_measured(r) for r in report["results"]):
+    if not any(bench_report.measured(r) for r in report["results"]):
         # A bench that measured nothing must not pass for one that did (scripts, CI).
         print(
             "error: no measurement succeeded: each one failed or was skipped (see above)",
@@ -754,7 +755,8 @@ def record_largest_batch(report: dict, estimated_at: int, record: Callable, skip
     rows = [
         r
         for r in report["results"]
-        if (r["impl"], r["what"], r["batch"]) == (name, "train", estimated_at) and _measured(r)
+        if (r["impl"], r["what"], r["batch"]) == (name, "train", estimated_at)
+        and bench_report.measured(r)
     ]
     if not rows:
         skip(name, "train", LARGEST, f"no train row at batch {estimated_at} to estimate it from")
@@ -775,76 +777,6 @@ def record_largest_batch(report: dict, estimated_at: int, record: Callable, skip
         return {**measured, "largest_batch_from": estimated_at}
 
     record(name, "train", estimate, measure)
-
-
-def _measured(row: dict) -> bool:
-    return "error" not in row and "skipped" not in row
-
-
-def print_table(report: dict) -> None:
-    print(
-        f"\nmachine: {report['machine']}  MFU against {report['peak_tflops']:.3g} TFLOP/s "
-        f"({report['peak_source']})"
-    )
-    header = (
-        "impl",
-        "what",
-        "batch",
-        "img/s",
-        "step ms",
-        "compile s",
-        "GFLOP/img",
-        "MFU",
-        "mem GB",
-    )
-    widths = (-24, -9, 6, 10, 10, 11, 11, 7, 8)
-    print(
-        "".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(header, widths, strict=True))
-    )
-    rows = report["results"]
-    for r in rows:
-        if not _measured(r):
-            why = f"error: {r['error'][:80]}" if "error" in r else f"skipped: {r['skipped']}"
-            print(f"{r['impl']:<24}{r['what']:<9}{r['batch']:>6}  {why}")
-            continue
-        print(
-            f"{r['impl']:<24}{r['what']:<9}{r['batch']:>6}{r['images_per_s']:>10.1f}"
-            f"{r['step_s'] * 1e3:>10.1f}"
-            f"{r['compile_s']:>11.1f}{r.get('flops_per_image', float('nan')) / 1e9:>11.1f}"
-            f"{r.get('mfu', float('nan')):>7.1%}{r.get('peak_memory_gb', float('nan')):>8.2f}"
-        )
-    print(
-        "mem GB: ours the device's high-water mark so far in this process (never reset: it "
-        "holds earlier rows), the peer's its own row's peak"
-    )
-    ours = {
-        (r["what"], r["batch"]): r for r in rows if r["impl"].startswith("pan_jax") and _measured(r)
-    }
-    devices = report["machine"]["device_count"]
-    on = f" (pan_jax on {devices} devices, the peer on one)" if devices > 1 else ""
-    # Only pan_smp is the peer's network; another model's ratio would compare two networks.
-    peers = [r for r in rows if r["impl"].startswith("smp") and _measured(r)]
-    for r in peers if report["args"]["model"] == "pan_smp" else []:
-        key = (r["what"], r["batch"])
-        if key in ours:
-            ratio = ours[key]["images_per_s"] / r["images_per_s"]
-            setting = f"{r['what']}, batch {r['batch']}"
-            ours_dtype, peer_dtype = report["args"]["dtype"], r.get("dtype", "")
-            # On CPUs the peer stays float32: a bfloat16 run of ours is not its equal.
-            unequal = (
-                ""
-                if peer_dtype.startswith(ours_dtype)
-                else f" (ours {ours_dtype}, the peer {peer_dtype})"
-            )
-            print(f"ratio pan_jax / {r['impl']} ({setting}): {ratio:.2f}x{on}{unequal}")
-    for r in rows:
-        if r.get("largest_batch_estimate") is not None:
-            print(
-                f"{r['impl']} {r['what']}: XLA plans {r['compiled_peak_gb']:.2f} GB for batch "
-                f"{r['batch']}; the largest batch in {r['device_memory_gb']:.1f} GB is about "
-                f"{r['largest_batch_estimate']}"
-            )
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pytest
 from absl import flags
 
 from pan_jax import bench, op_profile
+from pan_jax import bench_report as tables
 from pan_jax.models.layers import ConvBN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +77,9 @@ def test_bench_measures_ours_and_the_peer(bench_report):
     assert report["args"]["dtype"] == "float32"  # --dtype=auto: ours likewise
     assert "ratio pan_jax / smp torch eager (train, batch 2)" in stdout
     assert "ratio pan_jax / smp torch eager (forward, batch 2)" in stdout
+    # The goals of docs/benchmarks.md next to the figures: on a CPU, the forward pass.
+    assert "goal: `pan_smp` forward ≥ 1.0× SMP torch eager: " in stdout
+    assert "goal: `pan_smp` forward ≥ 1.0× SMP torch.compile: not measured" in stdout
     # XLA's memory plan of the train step holds the state; a CPU has no device memory limit to
     # fit a batch into (on GPUs the JSON and the table give the largest batch).
     assert train["compiled_peak_gb"] > train["state_gb"] > 0.04  # ResNet-18 PAN, fp32 + momentum
@@ -279,6 +283,83 @@ def test_rows_over_the_budget_are_recorded_as_skipped(tmp_path):
     assert "skipped: over --budget_s" in result.stdout
 
 
+def h200_parts():
+    """The ninth session's H200 figures (docs/benchmarks.md), as launch/bench_gpu.sh merges its
+    parts: ours and the eager peer in one, the torch.compile peer in another, and an A/B."""
+    machine = {"jax_device": "gpu:NVIDIA H200", "device_count": 1, "jax": "0.11.2",
+               "python": "3.12", "cpu": "Xeon", "cpu_count": 16, "date": "2026-11-27"}  # fmt: skip
+
+    def part(results, **args):
+        args = {"model": "pan_smp", "backbone": "resnet101", "dtype": "bfloat16", **args}
+        return {"machine": machine, "args": args, "peak_tflops": 734.8,
+                "peak_source": "bfloat16 matmul", "results": results}  # fmt: skip
+
+    bf16 = "bfloat16 autocast, channels_last"
+    return {
+        "smp": part([
+            {"impl": "pan_jax pan_smp", "what": "train", "batch": 16, "images_per_s": 401.6,
+             "step_s": 0.0398, "compile_s": 57.6, "mfu": 0.175, "peak_memory_gb": 6.43},
+            {"impl": "smp torch eager", "what": "train", "batch": 16, "images_per_s": 336.1,
+             "step_s": 0.0476, "compile_s": 1.9, "dtype": bf16},
+            {"impl": "pan_jax pan_smp", "what": "train", "batch": 240, "images_per_s": 450.0,
+             "step_s": 0.533, "compile_s": 72.6, "mfu": 0.196, "largest_batch_from": 16},
+        ]),
+        "pan": {"error": "unreadable JSON: cut by its time limit"},
+        "bn_moments": part(  # the A/B's other lowering: not our default, no goal of ours
+            [{"impl": "pan_jax pan_smp", "what": "train", "batch": 16, "images_per_s": 900.0,
+              "step_s": 0.0178, "compile_s": 30.0, "mfu": 0.6}],
+            bn_moments="two_pass",
+        ),
+        "compile": part([
+            {"impl": "smp torch compile", "what": "train", "batch": 16, "images_per_s": 318.8,
+             "step_s": 0.0502, "compile_s": 104.6, "dtype": bf16},
+        ]),
+    }  # fmt: skip
+
+
+def test_goals_are_stated_next_to_the_figures_of_a_gpu_call(tmp_path):
+    merged = tmp_path / "bench.json"
+    merged.write_text(json.dumps(h200_parts()))
+    reports = tables.load(str(merged))
+    assert len(reports) == 3  # the cut part has no results
+    goals = {g.goal: (g.status, g.figure) for g in tables.goals(reports)}
+    assert goals == {
+        "`pan_smp` training ≥ 1.5× SMP torch eager": (
+            "missed", "1.19× (401.6 against 336.1 img/s, batch 16)"),
+        # The peer of another part of the same call pairs with ours.
+        "`pan_smp` training ≥ 1.0× SMP torch.compile": (
+            "met", "1.26× (401.6 against 318.8 img/s, batch 16)"),
+        "MFU ≥ 50% of the measured bf16 matmul rate": (
+            "missed", "17.5% (pan_smp, batch 16); 19.6% (pan_smp, batch 240)"),
+        "train step compile ≤ 60 s": (
+            "missed", "57.6 s (pan_smp, batch 16); 72.6 s (pan_smp, batch 240)"),
+    }  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pan_jax.bench_report", str(merged)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    md = result.stdout
+    assert "| pan_jax `pan_smp` R101 | train | 16 | 401.6 | 39.8 | 57.6 s (compile) | 17.5% |" in md
+    assert "| pan_jax `pan_smp` R101 | train | 240 (largest) | 450.0 |" in md
+    assert "| **ratio pan_jax / torch eager** | train | 16 | **1.19×** |" in md
+    assert "| SMP PAN R101, torch.compile | train | 16 | 318.8 | 50.2 | 104.6 s |" in md
+    assert "| MFU ≥ 50% of the measured bf16 matmul rate | 17.5% (pan_smp, batch 16)" in md
+    assert "Measured matmul rate (MFU's denominator): 735 TFLOP/s." in md
+
+
+def test_bench_report_names_a_file_it_cannot_read(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"pan": {"error": "cut"}}))
+    for path, message in [(tmp_path / "none.json", "No such file"), (empty, "no bench results")]:
+        result = subprocess.run(
+            [sys.executable, "-m", "pan_jax.bench_report", str(path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1 and f"error: {path}: " in result.stderr, result.stderr
+        assert message in result.stderr
+
+
 def test_ratios_are_printed_only_for_the_peers_own_network(capsys):
     row = {"what": "train", "batch": 2, "step_s": 1.0, "compile_s": 1.0, "images_per_s": 2.0}
     report = {
@@ -291,19 +372,19 @@ def test_ratios_are_printed_only_for_the_peers_own_network(capsys):
             {"impl": "smp torch eager", **row, "dtype": "float32"},
         ],
     }
-    bench.print_table(report)
+    tables.print_table(report)
     assert "ratio pan_jax / smp torch eager (train, batch 2): 1.00x\n" in capsys.readouterr().out
     report["args"]["dtype"] = "bfloat16"  # --dtype=bfloat16 on a CPU: the peer stays float32
-    bench.print_table(report)
+    tables.print_table(report)
     assert "1.00x (ours bfloat16, the peer float32)\n" in capsys.readouterr().out
     report["results"][1]["dtype"] = "bfloat16 autocast, channels_last"  # as on a GPU
-    bench.print_table(report)
+    tables.print_table(report)
     assert "batch 2): 1.00x\n" in capsys.readouterr().out
     report["machine"]["device_count"] = 2
-    bench.print_table(report)
+    tables.print_table(report)
     assert "1.00x (pan_jax on 2 devices, the peer on one)" in capsys.readouterr().out
     report["args"]["model"] = "pan"  # the paper's PAN is not SMP's network
-    bench.print_table(report)
+    tables.print_table(report)
     assert "ratio" not in capsys.readouterr().out
 
 
@@ -580,3 +661,29 @@ def test_bench_gpu_script_checks_that_compiling_ahead_is_reused():
     result = run_python(check)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 compile(s) of the step, reused" in result.stdout
+
+
+def test_bench_gpu_script_leaves_its_figures_and_their_markdown(tmp_path):
+    """launch/bench_gpu.sh end to end on this CPU, one part on a tiny setting: what a device
+    call brings back (at most 8 files) holds every figure, and the markdown of the docs."""
+    out = tmp_path / "out"
+    tiny = "--backbone=resnet18 --crop=128 --batch=2 --dtype=float32 --steps=1 --warmup=0"
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",  # python3
+        "BENCH_PARTS": "pan",
+        "BENCH_EXTRA_ARGS": f"{tiny} --peak_tflops=1",
+    }
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "bench_gpu.sh"), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["bench.json", "bench.log", "bench.md"]
+    (row,) = json.loads((out / "bench.json").read_text())["pan"]["results"]
+    assert row["impl"] == "pan_jax pan" and row["images_per_s"] > 0, row
+    markdown = (out / "bench.md").read_text()
+    assert "| pan_jax `pan` R18 | train | 2 |" in markdown
+    assert "A training run's initialisation of `pan` (`train.create_state`): " in markdown
+    assert "1 compile(s) of the step, reused" in (out / "bench.log").read_text()
