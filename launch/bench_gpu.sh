@@ -11,7 +11,8 @@
 # training does, then on the GPU for comparison). The torch.compile peer was measured in the
 # ninth session. A second call, on the still warm machine, takes what the first skipped, e.g.
 # `BENCH_PARTS="bn_moments pointwise"`. The A/B parts compare with the smp part's train row of
-# the same call, or else run our default step first.
+# the same call, or else run our default step first (BENCH_BASELINE=previous: they compare with
+# the previous call's instead, when the device tool says the machine was still warm).
 # The smp part also traces the training step and the forward pass and prints where their time
 # goes.
 # OUTDIR gets few files, whatever the number of parts (a device call brings back at most 8),
@@ -115,8 +116,10 @@ run() {  # run NAME SECONDS ARGS...
 }
 
 baseline() {  # the A/Bs' other side: the smp part's train row when this call ran it (the same
-  # program), else the default step once, since another call may have got another machine
-  [[ -s $parts/smp.json || -s $parts/baseline.json ]] ||
+  # program), else the default step once, since another call may have got another machine.
+  # BENCH_BASELINE=previous: the previous call's smp part, where the device tool's reply says
+  # this call found the machine warm (the same machine); it saves a step compile.
+  [[ -s $parts/smp.json || -s $parts/baseline.json || ${BENCH_BASELINE:-} == previous ]] ||
     run baseline 120 --model=pan_smp --batch=16 --what=train --peer=none
 }
 

@@ -200,10 +200,15 @@ def print_goals(reports: Sequence[dict]) -> None:
     sys.stdout.flush()
 
 
-def _label(row: dict, backbone: str) -> str:
-    short = backbone.replace("resnet", "R")
+def _label(row: dict, args: dict) -> str:
+    short = args["backbone"].replace("resnet", "R")
     if row["impl"].startswith(OURS):
-        return f"pan_jax `{row['impl'].split()[1]}` {short}"
+        variants = [
+            f"`--{name}={args[name]}`"
+            for name, default in (("bn_moments", "one_pass"), ("pointwise_conv", "matmul"))
+            if args.get(name, default) != default
+        ]
+        return f"pan_jax `{row['impl'].split()[1]}` {short}" + "".join(f", {v}" for v in variants)
     return f"SMP PAN {short}, {PEER_NAMES.get(row['impl'], row['impl'])}"
 
 
@@ -226,9 +231,8 @@ def markdown(reports: Sequence[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for report in reports:
-        backbone = report["args"]["backbone"]
         for r in report["results"]:
-            label, what, batch = _label(r, backbone), r["what"], r["batch"]
+            label, what, batch = _label(r, report["args"]), r["what"], r["batch"]
             if "largest_batch_from" in r:
                 batch = f"{batch} (largest)"
             if not measured(r):

@@ -664,7 +664,7 @@ def test_bench_gpu_script_checks_that_compiling_ahead_is_reused():
 
 
 def test_bench_gpu_script_leaves_its_figures_and_their_markdown(tmp_path):
-    """launch/bench_gpu.sh end to end on this CPU, one part on a tiny setting: what a device
+    """launch/bench_gpu.sh end to end on this CPU, two parts on a tiny setting: what a device
     call brings back (at most 8 files) holds every figure, and the markdown of the docs."""
     out = tmp_path / "out"
     tiny = "--backbone=resnet18 --crop=128 --batch=2 --dtype=float32 --steps=1 --warmup=0"
@@ -672,7 +672,8 @@ def test_bench_gpu_script_leaves_its_figures_and_their_markdown(tmp_path):
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",  # python3
-        "BENCH_PARTS": "pan",
+        "BENCH_PARTS": "pan bn_moments",
+        "BENCH_BASELINE": "previous",  # the A/B's baseline: the previous call's smp part
         "BENCH_EXTRA_ARGS": f"{tiny} --peak_tflops=1",
     }
     result = subprocess.run(
@@ -681,9 +682,13 @@ def test_bench_gpu_script_leaves_its_figures_and_their_markdown(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["bench.json", "bench.log", "bench.md"]
-    (row,) = json.loads((out / "bench.json").read_text())["pan"]["results"]
+    parts = json.loads((out / "bench.json").read_text())
+    assert list(parts) == ["pan", "bn_moments"]  # no baseline part: BENCH_BASELINE=previous
+    (row,) = parts["pan"]["results"]
     assert row["impl"] == "pan_jax pan" and row["images_per_s"] > 0, row
+    assert parts["bn_moments"]["args"]["bn_moments"] == "two_pass"
     markdown = (out / "bench.md").read_text()
     assert "| pan_jax `pan` R18 | train | 2 |" in markdown
+    assert "| pan_jax `pan_smp` R18, `--bn_moments=two_pass` | train | 2 |" in markdown
     assert "A training run's initialisation of `pan` (`train.create_state`): " in markdown
     assert "1 compile(s) of the step, reused" in (out / "bench.log").read_text()
