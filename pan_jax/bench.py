@@ -15,6 +15,9 @@ memory (ours: the process's high-water mark so far). The peer is
 autocast with channels_last and cuDNN's autotuner on GPU, eager and with torch.compile; for
 `pan_smp` its MFU uses our FLOP count (the same network), and only `pan_smp` gets ratios.
 `--profile_dir` traces each of our measurements and prints where its time goes (op_profile).
+`--batch=16,max` then trains at the largest batch that XLA's memory plan of the batch-16 step
+says fits. The table ends with the speed goals of docs/benchmarks.md next to the figures
+(`pan_jax.bench_report`, which also prints a `--json` file as that file's markdown).
 Flag values are checked when parsed (--what, --peer and --batch are comma lists); a measurement
 that fails is reported as an error row and the others still run, and the exit status is 1 when
 none succeeded.
@@ -632,7 +635,7 @@ def main(argv) -> int:
         FLAGS.dtype = "float32" if on_cpu else "bfloat16"
     arg_names = (
         "model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup",
-        "steps_per_sample", "pointwise_conv", "bn_moments", "time_init",
+        "steps_per_sample", "pointwise_conv", "bn_moments", "time_init", "device_memory_gb",
     )  # fmt: skip
     report: dict[str, Any] = {
         "machine": machine(),
