@@ -11,8 +11,9 @@
 # training does, then on the GPU for comparison). The torch.compile peer was measured in the
 # ninth session. A second call, on the still warm machine, takes what the first skipped, e.g.
 # `BENCH_PARTS="bn_moments pointwise"`. The A/B parts compare with the smp part's train row of
-# the same call, or else run our default step first (BENCH_BASELINE=previous: they compare with
-# the previous call's instead, when the device tool says the machine was still warm).
+# the same call, or else run our default step first. BENCH_BASELINE=previous skips that step
+# where the device tool says the machine was still warm: the previous call's smp part is then
+# the baseline (`python -m pan_jax.bench_report CALL1/bench.json CALL2/bench.json` pairs them).
 # The smp part also traces the training step and the forward pass and prints where their time
 # goes.
 # OUTDIR gets few files, whatever the number of parts (a device call brings back at most 8),
@@ -127,12 +128,12 @@ for part in ${BENCH_PARTS:-$all_parts}; do
   case $part in
   smp)  # pan_smp vs SMP eager at batch 16, train and forward, and where our step's time goes;
     # then our train step at the largest batch that fits
-    run smp 300 --model=pan_smp --batch=16,max --what=train,forward --peer=eager \
+    run smp 280 --model=pan_smp --batch=16,max --what=train,forward --peer=eager \
       --profile_dir="$parts/profile" ;;
   pan)  # the paper's model (deep stem, 128-wide decoder) at batch 16 and the largest batch,
         # and a training run's init time (train_init_s, on the host; train_init_on_devices_s,
         # on the GPU)
-    run pan 280 --model=pan --batch=16,max --what=train --peer=none --time_init ;;
+    run pan 260 --model=pan --batch=16,max --what=train --peer=none --time_init ;;
   compile)  # the torch.compile peer (its compile is slow, so it runs alone)
     run compile 150 --model=pan_smp --batch=16 --what=train --peer=compile --nojax \
       --peak_tflops=1 ;;

@@ -115,7 +115,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "device_memory_gb",
         0.0,
         f"Device memory to fit --batch={LARGEST} into, in GiB (0: what JAX may allocate on the "
-        "device; CPUs report no limit). E.g. an H100's on an H200.",
+        "device, by default 75% of it; CPUs report no limit). E.g. 58.5, JAX's share of an "
+        "H100's 78 GiB, while running on an H200.",
         lower_bound=0.0,
         flag_values=flag_values,
     )
@@ -145,7 +146,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         0,
         "Steps dispatched back to back per timed repetition, waiting once at the end, as the "
         "training loop keeps the device busy while the host dispatches the next step "
-        "(0: on accelerators 5 up to batch 16, then fewer, down to 2 from batch 40 on; 1 on "
+        "(0: on accelerators 5 up to batch 16, then fewer, down to 2 from batch 27 on; 1 on "
         "CPUs, where the host dispatches nothing ahead of work).",
         lower_bound=0,
         flag_values=flag_values,
@@ -259,7 +260,11 @@ def steps_per_sample(batch: int = 16) -> int:
     step on an H200 at batch 16) weighs little, few where a step takes long (large batches)."""
     if FLAGS.steps_per_sample:
         return FLAGS.steps_per_sample
-    if jax.devices()[0].platform == "cpu":
+    return default_steps_per_sample(batch, jax.devices()[0].platform)
+
+
+def default_steps_per_sample(batch: int, platform: str) -> int:
+    if platform == "cpu":
         return 1
     return min(5, max(2, 80 // batch))
 
@@ -449,10 +454,10 @@ def jax_train(
     dtype: str,
     steps: int,
     warmup: int,
-    profile: bool = True,
+    profiled: bool = True,
 ) -> dict:
     """The real training step (`train.make_train_step`) on a synthetic device-resident batch
-    (and its profile, where --profile_dir and `profile` ask for one)."""
+    (and its profile, where --profile_dir and `profiled` ask for one)."""
     model, optimizer, initial_state = _model_and_state(model_name, backbone, dtype)
     state = jax.tree.map(jnp.copy, initial_state)  # the step donates (deletes) its input state
     mesh = sharding.create_mesh()
@@ -485,7 +490,7 @@ def jax_train(
         jax.block_until_ready(holder[1])
 
     seconds, profile = _time_and_profile(
-        dispatch, wait, steps, warmup, compiled, batch, f"train_b{batch}" if profile else None
+        dispatch, wait, steps, warmup, compiled, batch, f"train_b{batch}" if profiled else None
     )
     return {
         "compile_s": compile_s,
@@ -611,6 +616,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def compute_dtype(flag: str, on_cpu: bool) -> str:
+    """--dtype, with `auto` resolved: float32 on CPUs (as the peer runs there), else bfloat16."""
+    if flag != "auto":
+        return flag
+    return "float32" if on_cpu else "bfloat16"
+
+
 def machine() -> dict:
     device = jax.devices()[0]
     return {
@@ -631,8 +643,7 @@ def main(argv) -> int:
     # Compile times are part of the report: never load them from a persistent cache.
     jax.config.update("jax_enable_compilation_cache", False)
     on_cpu = jax.devices()[0].platform == "cpu"
-    if FLAGS.dtype == "auto":
-        FLAGS.dtype = "float32" if on_cpu else "bfloat16"
+    FLAGS.dtype = compute_dtype(FLAGS.dtype, on_cpu)
     arg_names = (
         "model", "backbone", "batch", "crop", "dtype", "peer", "what", "steps", "warmup",
         "steps_per_sample", "pointwise_conv", "bn_moments", "time_init", "device_memory_gb",
@@ -656,7 +667,7 @@ def main(argv) -> int:
             with open(FLAGS.json, "w") as f:
                 json.dump(report, f, indent=2)
 
-    def skip(name: str, what: str, batch: int, why: str) -> None:
+    def skip(name: str, what: str, batch: int | str, why: str) -> None:
         print(f"skipped {name} {what} batch {batch}: {why}", flush=True)
         report["results"].append({"impl": name, "what": what, "batch": batch, "skipped": why})
         save()
@@ -749,7 +760,12 @@ def main(argv) -> int:
     return 0
 
 
-def record_largest_batch(report: dict, estimated_at: int, record: Callable, skip: Callable) -> None:
+def record_largest_batch(
+    report: dict,
+    estimated_at: int,
+    record: Callable[[str, str, int, Callable[[], dict]], None],
+    skip: Callable[[str, str, int | str, str], None],
+) -> None:
     """Our train step at the largest batch that XLA's memory plan of the step at batch
     `estimated_at` says fits: the estimate checked by a run (an out-of-memory is its row's
     error). The peers and the forward pass are not measured there, nor is it profiled (the
@@ -765,18 +781,22 @@ def record_largest_batch(report: dict, estimated_at: int, record: Callable, skip
         skip(name, "train", LARGEST, f"no train row at batch {estimated_at} to estimate it from")
         return
     estimate = rows[0].get("largest_batch_estimate")
+    if "compiled_peak_gb" not in rows[0]:
+        skip(name, "train", LARGEST, "XLA reported no memory plan of the step to estimate it from")
+        return
     if estimate is None:
         why = "no device memory limit to fit it into (set --device_memory_gb)"
         skip(name, "train", LARGEST, why)
         return
-    if estimate == 0:
-        skip(name, "train", LARGEST, f"not even {jax.device_count() * 8} images fit the device")
+    if estimate <= estimated_at:
+        why = f"batch {estimated_at} is already the largest that fits (estimate: {estimate})"
+        skip(name, "train", LARGEST, why)
         return
     print(f"largest batch: {estimate}, from the memory plan at batch {estimated_at}", flush=True)
 
     def measure() -> dict:
         args = (FLAGS.model, FLAGS.backbone, estimate, FLAGS.crop, FLAGS.dtype)
-        measured = jax_train(*args, FLAGS.steps, FLAGS.warmup, profile=False)
+        measured = jax_train(*args, FLAGS.steps, FLAGS.warmup, profiled=False)
         return {**measured, "largest_batch_from": estimated_at}
 
     record(name, "train", estimate, measure)

@@ -1,10 +1,11 @@
 """What `python -m pan_jax.bench` measured, as tables: the console table, the goals of
 docs/benchmarks.md next to the figures, and markdown for that file.
 
-    python -m pan_jax.bench_report OUT/bench.json
+    python -m pan_jax.bench_report OUT/bench.json [OUT2/bench.json ...]
 
-reads a `bench --json` file or the merged `bench.json` of `launch/bench_gpu.sh` (one report
-per part, all from one device call) and prints the figures and the goals in markdown.
+reads `bench --json` files or the merged `bench.json` of `launch/bench_gpu.sh` (one report
+per part, all from one device call; a second call on the same machine can be added) and prints
+the figures, the ratios and the goals in markdown.
 The goals are targets to report against, never test assertions.
 """
 
@@ -125,6 +126,25 @@ def _default_variant(report: dict) -> bool:
     )
 
 
+def paired_ratios(reports: Sequence[dict]) -> list[Ratio]:
+    """`ratios` across the parts of one launch/bench_gpu.sh call: a peer measured in one part
+    (`--nojax`) pairs with our `pan_smp` row of another. The A/B parts are left out."""
+    reports = [r for r in reports if _default_variant(r)]
+    if not reports:
+        return []
+    ours: dict[tuple[str, Any], dict] = {}
+    for report in reports:
+        if report["args"]["model"] == "pan_smp":
+            for r in report["results"]:
+                if r["impl"].startswith(OURS) and measured(r):
+                    ours.setdefault((r["what"], r["batch"]), r)
+    peers = [r for report in reports for r in report["results"] if r["impl"] in PEER_NAMES]
+    dtype = reports[0]["args"]["dtype"]
+    return ratios(
+        {"args": {"model": "pan_smp", "dtype": dtype}, "results": [*peers, *ours.values()]}
+    )
+
+
 def goals(reports: Sequence[dict]) -> list[Goal]:
     """Issue 7's goals for the figures of `reports` (runs on one machine, as the parts of one
     launch/bench_gpu.sh call): on a GPU, `pan_smp` training ≥ 1.5× SMP eager and ≥ 1.0×
@@ -133,20 +153,7 @@ def goals(reports: Sequence[dict]) -> list[Goal]:
     reports = [r for r in reports if _default_variant(r)]
     if not reports:
         return []
-    on_cpu = reports[0]["machine"]["jax_device"].startswith("cpu")
-    # A peer measured in one part (--nojax) pairs with ours of another, as in bench_gpu.sh.
-    ours: dict[tuple[str, Any], dict] = {}
-    for report in reports:
-        if report["args"]["model"] == "pan_smp":
-            for r in report["results"]:
-                if r["impl"].startswith(OURS) and measured(r):
-                    ours.setdefault((r["what"], r["batch"]), r)
-    merged = {"args": {"model": "pan_smp", "dtype": reports[0]["args"]["dtype"]}, "results": []}
-    for report in reports:
-        peers = [r for r in report["results"] if r["impl"] in PEER_NAMES]
-        merged["results"] += peers
-    merged["results"] += list(ours.values())
-    pairs = ratios(merged)
+    pairs = paired_ratios(reports)
 
     def versus(peer: str, what: str, at_least: float) -> Goal:
         found = [p for p in pairs if p.peer["impl"] == peer and p.peer["what"] == what]
@@ -160,43 +167,45 @@ def goals(reports: Sequence[dict]) -> list[Goal]:
         name = f"`pan_smp` {step} ≥ {at_least:.1f}× SMP {PEER_NAMES[peer]}"
         return Goal(name, figure or "not measured", _status([p.ratio >= at_least for p in found]))
 
-    if on_cpu:
+    if reports[0]["machine"]["jax_device"].startswith("cpu"):
         return [
             versus("smp torch eager", "forward", 1.0),
             versus("smp torch compile", "forward", 1.0),
         ]
-    trains = [
-        r
-        for report in reports
-        for r in report["results"]
-        if r["impl"].startswith(OURS) and r["what"] == "train" and measured(r)
-    ]
-    with_mfu = [r for r in trains if "mfu" in r and math.isfinite(r["mfu"])]
+    trains: dict[tuple[str, Any], dict] = {}  # a part's baseline repeats the smp part's row
+    for report in reports:
+        for r in report["results"]:
+            if r["impl"].startswith(OURS) and r["what"] == "train" and measured(r):
+                trains.setdefault((r["impl"], r["batch"]), r)
+    with_mfu = [r for r in trains.values() if math.isfinite(r.get("mfu", math.nan))]
     mfu = "; ".join(
         f"{r['mfu']:.1%} ({r['impl'].split()[1]}, batch {r['batch']})" for r in with_mfu
     )
     compile_s = "; ".join(
-        f"{r['compile_s']:.1f} s ({r['impl'].split()[1]}, batch {r['batch']})" for r in trains
+        f"{r['compile_s']:.1f} s ({r['impl'].split()[1]}, batch {r['batch']})"
+        for r in trains.values()
     )
+    dtype = reports[0]["args"]["dtype"]
     return [
         versus("smp torch eager", "train", 1.5),
         versus("smp torch compile", "train", 1.0),
         Goal(
-            "MFU ≥ 50% of the measured bf16 matmul rate",
+            f"MFU ≥ 50% of the measured {dtype} matmul rate",
             mfu or "not measured",
             _status([r["mfu"] >= 0.5 for r in with_mfu]),
         ),
         Goal(
             "train step compile ≤ 60 s",
             compile_s or "not measured",
-            _status([r["compile_s"] <= 60 for r in trains]),
+            _status([r["compile_s"] <= 60 for r in trains.values()]),
         ),
     ]
 
 
 def print_goals(reports: Sequence[dict]) -> None:
     for goal in goals(reports):
-        print(f"goal: {goal.goal}: {goal.status} ({goal.figure})")
+        figure = "" if goal.status == "not measured" else f" ({goal.figure})"
+        print(f"goal: {goal.goal}: {goal.status}{figure}")
     sys.stdout.flush()
 
 
@@ -222,8 +231,12 @@ def markdown(reports: Sequence[dict]) -> str:
             f"Python {machine['python']}, {machine['cpu']} ({machine['cpu_count']} cores), "
             f"{machine['date']}."
         )
-    peaks = sorted({f"{r['peak_tflops']:.3g}" for r in reports})
-    lines.append(f"Measured matmul rate (MFU's denominator): {', '.join(peaks)} TFLOP/s.")
+    # A --nojax part (the torch.compile peer) is given a dummy --peak_tflops.
+    peaks = sorted(
+        {f"{r['peak_tflops']:.3g}" for r in reports if r["peak_source"] != "--peak_tflops"}
+    )
+    if peaks:
+        lines.append(f"Measured matmul rate (MFU's denominator): {', '.join(peaks)} TFLOP/s.")
     lines += [
         "",
         "| implementation | step | batch | img/s | step ms | time to first step | MFU "
@@ -236,7 +249,9 @@ def markdown(reports: Sequence[dict]) -> str:
             if "largest_batch_from" in r:
                 batch = f"{batch} (largest)"
             if not measured(r):
-                why = r.get("error") or r.get("skipped")
+                # XLA's out-of-memory errors hold newlines and '|'.
+                why = " ".join(str(r.get("error") or r.get("skipped")).split())
+                why = why.replace("|", "\\|")
                 lines.append(f"| {label} | {what} | {batch} | {why} | | | | |")
                 continue
             first = f"{r['compile_s']:.1f} s" + (" (compile)" if r["impl"].startswith(OURS) else "")
@@ -247,12 +262,13 @@ def markdown(reports: Sequence[dict]) -> str:
                 f"| {label} | {what} | {batch} | {r['images_per_s']:.1f} | "
                 f"{r['step_s'] * 1e3:.1f} | {first} | {mfu} | {memory} |"
             )
-        for ratio in ratios(report):
-            peer = PEER_NAMES[ratio.peer["impl"]]
-            lines.append(
-                f"| **ratio pan_jax / {peer}** | {ratio.peer['what']} | {ratio.peer['batch']} | "
-                f"**{ratio.ratio:.2f}×** | | | | |"
-            )
+    for ratio in paired_ratios(reports):
+        peer = PEER_NAMES[ratio.peer["impl"]]
+        lines.append(
+            f"| **ratio pan_jax / {peer}** | {ratio.peer['what']} | {ratio.peer['batch']} | "
+            f"**{ratio.ratio:.2f}×** | | | | |"
+        )
+    lines += _variant_ratios(reports)
     for report in reports:
         if "train_init_s" in report:
             on_devices = report.get("train_init_on_devices_s")
@@ -266,6 +282,31 @@ def markdown(reports: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _variant_ratios(reports: Sequence[dict]) -> list[str]:
+    """Each A/B row against our default row of the same model, step and batch."""
+    default = {
+        (r["impl"], r["what"], r["batch"]): r
+        for report in reports
+        if _default_variant(report)
+        for r in report["results"]
+        if r["impl"].startswith(OURS) and measured(r)
+    }
+    lines = []
+    for report in reports:
+        if _default_variant(report):
+            continue
+        variant = _label({"impl": "pan_jax x"}, report["args"]).split(", ", 1)[1]
+        for r in report["results"]:
+            base = default.get((r["impl"], r["what"], r["batch"]))
+            if base and measured(r):
+                ratio = r["images_per_s"] / base["images_per_s"]
+                lines.append(
+                    f"| **ratio {variant} / our default** | {r['what']} | {r['batch']} | "
+                    f"**{ratio:.2f}×** | | | | |"
+                )
+    return lines
+
+
 def load(path: str) -> list[dict]:
     """The reports of a `bench --json` file, or of launch/bench_gpu.sh's merged bench.json (in
     its parts' order; a part without results, such as a failed one, is left out)."""
@@ -277,17 +318,20 @@ def load(path: str) -> list[dict]:
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) != 2:
-        print(f"usage: python -m pan_jax.bench_report BENCH_JSON\n\n{__doc__}", file=sys.stderr)
+    if len(argv) < 2:
+        print(f"usage: python -m pan_jax.bench_report BENCH_JSON...\n\n{__doc__}", file=sys.stderr)
         return 2
-    try:
-        reports = load(argv[1])
-    except (OSError, ValueError) as error:
-        print(f"error: {argv[1]}: {error}", file=sys.stderr)
-        return 1
-    if not reports:
-        print(f"error: {argv[1]}: no bench results in it", file=sys.stderr)
-        return 1
+    reports = []
+    for path in argv[1:]:
+        try:
+            found = load(path)
+        except (OSError, ValueError) as error:
+            print(f"error: {path}: {error}", file=sys.stderr)
+            return 1
+        if not found:
+            print(f"error: {path}: no bench results in it", file=sys.stderr)
+            return 1
+        reports += found
     print(markdown(reports), end="")
     return 0
 
