@@ -736,3 +736,25 @@ def test_bench_gpu_script_leaves_its_figures_and_their_markdown(tmp_path):
     log = (out / "bench.log").read_text()
     assert "1 compile(s) of the step, reused" in log
     assert f"largest batch: {largest['batch']}, from the memory plan at batch 16" in log
+
+
+@pytest.mark.parametrize("baseline", ["", "previous"])
+def test_bench_gpu_script_runs_the_ab_baseline_unless_the_previous_call_holds_it(
+    tmp_path, baseline
+):
+    # No time left for any part: each part, and the baseline it asks for, is a skipped line.
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+        "BENCH_PARTS": "bn_moments",
+        "BENCH_BUDGET_S": "0",
+        "BENCH_BASELINE": baseline,
+    }
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "bench_gpu.sh"), str(tmp_path / "out")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = re.findall(r"^skipped (\w+):", result.stdout, re.M)
+    assert skipped == (["bn_moments"] if baseline == "previous" else ["baseline", "bn_moments"])
