@@ -96,12 +96,13 @@ def print_table(report: dict) -> None:
         setting = f"{r.peer['what']}, batch {r.peer['batch']}"
         unequal = f" ({r.unequal_dtypes})" if r.unequal_dtypes else ""
         print(f"ratio pan_jax / {r.peer['impl']} ({setting}): {r.ratio:.2f}x{on}{unequal}")
+    each = " per device" if devices > 1 else ""  # the state replicated, the batch split
     for r in report["results"]:
         if r.get("largest_batch_estimate") is not None:
             print(
-                f"{r['impl']} {r['what']}: XLA plans {r['compiled_peak_gb']:.2f} GB for batch "
-                f"{r['batch']}; the largest batch in {r['device_memory_gb']:.1f} GB is about "
-                f"{r['largest_batch_estimate']}"
+                f"{r['impl']} {r['what']}: XLA plans {r['compiled_peak_gb']:.2f} GB{each} for "
+                f"batch {r['batch']}; the largest batch in {r['device_memory_gb']:.1f} GB{each} "
+                f"is about {r['largest_batch_estimate']}"
             )
     sys.stdout.flush()
 
