@@ -771,14 +771,20 @@ def record_largest_batch(
     error). The peers and the forward pass are not measured there, nor is it profiled (the
     profile of a smaller batch shows the same kernels)."""
     name = f"pan_jax {FLAGS.model}"
-    rows = [
+    tried = [
         r
         for r in report["results"]
         if (r["impl"], r["what"], r["batch"]) == (name, "train", estimated_at)
-        and bench_report.measured(r)
     ]
+    rows = [r for r in tried if bench_report.measured(r)]
     if not rows:
-        skip(name, "train", LARGEST, f"no train row at batch {estimated_at} to estimate it from")
+        why = (
+            f"the train row at batch {estimated_at}, to estimate it from, "
+            + ("failed" if "error" in tried[0] else "was skipped")
+            if tried
+            else f"no train row at batch {estimated_at} to estimate it from (--what=train)"
+        )
+        skip(name, "train", LARGEST, why)
         return
     estimate = rows[0].get("largest_batch_estimate")
     if "compiled_peak_gb" not in rows[0]:

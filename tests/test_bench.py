@@ -264,13 +264,15 @@ def test_mfu_counts_every_device_a_row_ran_on(tmp_path):
 def test_rows_over_the_budget_are_recorded_as_skipped(tmp_path):
     # A budget spent before the first row: every row is skipped, in the JSON as in the table.
     result = run_bench(
-        *TINY, "--budget_s=0.001", "--what=train,forward", f"--json={tmp_path / 'b'}"
-    )
+        *TINY, "--budget_s=0.001", "--what=train,forward", "--batch=1,max",
+        f"--json={tmp_path / 'b'}",
+    )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
     rows = json.loads((tmp_path / "b").read_text())["results"]
-    assert [(r["what"], r["skipped"]) for r in rows] == [
-        ("train", "over --budget_s"),
-        ("forward", "over --budget_s"),
+    assert [(r["what"], r["batch"], r["skipped"]) for r in rows] == [
+        ("train", 1, "over --budget_s"),
+        ("forward", 1, "over --budget_s"),
+        ("train", "max", "the train row at batch 1, to estimate it from, was skipped"),
     ]
     assert "skipped: over --budget_s" in result.stdout
 
