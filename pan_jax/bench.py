@@ -786,10 +786,10 @@ def record_largest_batch(
         )
         skip(name, "train", LARGEST, why)
         return
-    estimate = rows[0].get("largest_batch_estimate")
     if "compiled_peak_gb" not in rows[0]:
         skip(name, "train", LARGEST, "XLA reported no memory plan of the step to estimate it from")
         return
+    estimate = rows[0].get("largest_batch_estimate")
     if estimate is None:
         why = "no device memory limit to fit it into (set --device_memory_gb)"
         skip(name, "train", LARGEST, why)

@@ -32,26 +32,35 @@ class Ratio(NamedTuple):
     unequal_dtypes: str  # "" where both ran in one dtype
 
 
-def ratios(report: dict) -> list[Ratio]:
-    """Ours over each peer at the same step and batch, for `pan_smp` only: another model's
-    ratio would compare two networks."""
-    if report["args"]["model"] != "pan_smp":
-        return []
-    rows = [r for r in report["results"] if measured(r)]
-    ours = {(r["what"], r["batch"]): r for r in rows if r["impl"].startswith(OURS)}
+def _pair(reports: Sequence[dict]) -> list[Ratio]:
+    """Our `pan_smp` rows over each peer's at the same step and batch, across `reports` (the
+    first of our rows where several have one setting)."""
+    ours: dict[tuple[str, Any], dict] = {}
+    for report in reports:
+        if report["args"]["model"] == "pan_smp":  # another model's ratio: two networks
+            for r in report["results"]:
+                if r["impl"].startswith(OURS) and measured(r):
+                    ours.setdefault((r["what"], r["batch"]), r)
     out = []
-    for peer in rows:
-        mine = ours.get((peer["what"], peer["batch"]))
-        if peer["impl"] in PEER_NAMES and mine:
-            ours_dtype, peer_dtype = report["args"]["dtype"], peer.get("dtype", "")
-            # On CPUs the peer stays float32: a bfloat16 run of ours is not its equal.
-            unequal = (
-                ""
-                if peer_dtype.startswith(ours_dtype)
-                else f"ours {ours_dtype}, the peer {peer_dtype}"
-            )
-            out.append(Ratio(mine, peer, mine["images_per_s"] / peer["images_per_s"], unequal))
+    for report in reports:
+        for peer in report["results"]:
+            mine = ours.get((peer["what"], peer["batch"]))
+            if peer["impl"] in PEER_NAMES and measured(peer) and mine:
+                ours_dtype, peer_dtype = reports[0]["args"]["dtype"], peer.get("dtype", "")
+                # On CPUs the peer stays float32: a bfloat16 run of ours is not its equal.
+                unequal = (
+                    ""
+                    if peer_dtype.startswith(ours_dtype)
+                    else f"ours {ours_dtype}, the peer {peer_dtype}"
+                )
+                ratio = mine["images_per_s"] / peer["images_per_s"]
+                out.append(Ratio(mine, peer, ratio, unequal))
     return out
+
+
+def ratios(report: dict) -> list[Ratio]:
+    """Ours over each peer at the same step and batch, for `pan_smp` only."""
+    return _pair([report])
 
 
 def print_table(report: dict) -> None:
@@ -119,31 +128,28 @@ def _status(values: Sequence[bool]) -> str:
     return "met" if all(values) else "missed"
 
 
+# The bench's A/Bs of an alternative lowering, and our default of each.
+_VARIANT_DEFAULTS = (("bn_moments", "one_pass"), ("pointwise_conv", "matmul"))
+
+
+def _variants(args: dict) -> list[str]:
+    """The A/B options a report ran with, as flags ([] for our default lowering)."""
+    return [
+        f"`--{name}={args[name]}`"
+        for name, default in _VARIANT_DEFAULTS
+        if args.get(name, default) != default
+    ]
+
+
 def _default_variant(report: dict) -> bool:
-    """Not one of the bench's A/Bs of an alternative lowering (--bn_moments, --pointwise_conv)."""
-    args = report["args"]
-    return args.get("bn_moments", "one_pass") == "one_pass" and (
-        args.get("pointwise_conv", "matmul") == "matmul"
-    )
+    return not _variants(report["args"])
 
 
 def paired_ratios(reports: Sequence[dict]) -> list[Ratio]:
     """`ratios` across the parts of one launch/bench_gpu.sh call: a peer measured in one part
     (`--nojax`) pairs with our `pan_smp` row of another. The A/B parts are left out."""
     reports = [r for r in reports if _default_variant(r)]
-    if not reports:
-        return []
-    ours: dict[tuple[str, Any], dict] = {}
-    for report in reports:
-        if report["args"]["model"] == "pan_smp":
-            for r in report["results"]:
-                if r["impl"].startswith(OURS) and measured(r):
-                    ours.setdefault((r["what"], r["batch"]), r)
-    peers = [r for report in reports for r in report["results"] if r["impl"] in PEER_NAMES]
-    dtype = reports[0]["args"]["dtype"]
-    return ratios(
-        {"args": {"model": "pan_smp", "dtype": dtype}, "results": [*peers, *ours.values()]}
-    )
+    return _pair(reports) if reports else []
 
 
 def goals(reports: Sequence[dict]) -> list[Goal]:
@@ -154,7 +160,7 @@ def goals(reports: Sequence[dict]) -> list[Goal]:
     reports = [r for r in reports if _default_variant(r)]
     if not reports:
         return []
-    pairs = paired_ratios(reports)
+    pairs = _pair(reports)
 
     def versus(peer: str, what: str, at_least: float) -> Goal:
         found = [p for p in pairs if p.peer["impl"] == peer and p.peer["what"] == what]
@@ -213,12 +219,7 @@ def print_goals(reports: Sequence[dict]) -> None:
 def _label(row: dict, args: dict) -> str:
     short = args["backbone"].replace("resnet", "R")
     if row["impl"].startswith(OURS):
-        variants = [
-            f"`--{name}={args[name]}`"
-            for name, default in (("bn_moments", "one_pass"), ("pointwise_conv", "matmul"))
-            if args.get(name, default) != default
-        ]
-        return f"pan_jax `{row['impl'].split()[1]}` {short}" + "".join(f", {v}" for v in variants)
+        return ", ".join([f"pan_jax `{row['impl'].split()[1]}` {short}", *_variants(args)])
     return f"SMP PAN {short}, {PEER_NAMES.get(row['impl'], row['impl'])}"
 
 
@@ -296,7 +297,7 @@ def _variant_ratios(reports: Sequence[dict]) -> list[str]:
     for report in reports:
         if _default_variant(report):
             continue
-        variant = _label({"impl": "pan_jax x"}, report["args"]).split(", ", 1)[1]
+        variant = ", ".join(_variants(report["args"]))
         for r in report["results"]:
             base = default.get((r["impl"], r["what"], r["batch"]))
             if base and measured(r):
