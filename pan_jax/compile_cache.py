@@ -4,8 +4,11 @@ A resumed, requeued or re-evaluated run loads its compiled programs instead of c
 again: the ResNet-101 train step takes about a minute to compile on an H200 and every image size
 of an evaluation a few seconds (docs/benchmarks.md), paid again after every preemption. JAX
 writes entries from process 0 only (on GPUs they serve every process and every local device) and
-treats an unreadable entry as a miss, so a run killed while writing loses only that entry; JAX
-does not write it again (it warns on every load; `rm -r WORKDIR/compilation_cache` clears it).
+treats an unreadable entry as a miss. JAX writes an entry without a temporary file or fsync, so a
+host that stops while writing (a preempted VM) can leave it empty or cut short, and JAX never
+writes an existing entry again: it would compile and warn on every later start. `enable` removes
+such entries from the workdir's cache before anything is compiled, so the run that compiles the
+program writes it anew (a cache of the user's own, shared by other jobs, is left as it is).
 The cache key holds the program, the XLA flags, jax's version, the device kind and the cache's
 absolute path, so a workdir moved to another place or accelerator compiles afresh.
 `JAX_COMPILATION_CACHE_DIR`, when set, wins (empty: off).
@@ -14,9 +17,11 @@ absolute path, so a workdir moved to another place or accelerator compiles afres
 from __future__ import annotations
 
 import os
+import pathlib
 import threading
 
 import jax
+from absl import logging
 
 from pan_jax import checkpointing
 
@@ -54,6 +59,8 @@ def enable(workdir: str | os.PathLike, enabled: bool = True) -> str | None:
         # autotune cache lives there), so `runs/x` and `/home/me/runs/x` would miss each other.
         directory = os.fspath(checkpointing.absolute_path(workdir) / DIRECTORY_NAME)
         jax.config.update("jax_compilation_cache_dir", directory)
+        if jax.process_index() == 0:  # the only process that writes entries
+            _remove_unreadable_entries(directory)
     else:
         directory = None
     if directory and not _listening:
@@ -61,6 +68,37 @@ def enable(workdir: str | os.PathLike, enabled: bool = True) -> str | None:
         jax.monitoring.register_event_duration_secs_listener(_on_duration)
         _listening = True
     return directory
+
+
+def _remove_unreadable_entries(directory: str) -> list[str]:
+    """Deletes the entries that do not decompress; returns their names."""
+    try:  # jax's own reader of an entry's bytes (zstd or zlib, whichever wrote it)
+        from jax._src.compilation_cache import decompress_executable
+    except ImportError:  # a jax that moved it: leave the cache as it is
+        return []
+    removed = []
+    for path in sorted(pathlib.Path(directory).glob("*-cache")):
+        try:
+            decompress_executable(path.read_bytes())
+        except FileNotFoundError:  # evicted meanwhile
+            continue
+        except OSError as error:  # unreadable to this process: not ours to judge
+            logging.warning("Compilation cache entry %s not checked: %s", path, error)
+        except Exception:  # zlib.error, zstd's errors: a cut-short entry
+            try:
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+            except OSError as error:  # a read-only workdir: jax will warn and compile
+                logging.warning("Cannot remove the unreadable cache entry %s: %s", path, error)
+    if removed:
+        logging.warning(
+            "Removed %d unreadable entries from the compilation cache %s (written by a run that "
+            "stopped while writing them); they are compiled and written again: %s",
+            len(removed),
+            directory,
+            ", ".join(removed),
+        )
+    return removed
 
 
 def summary() -> str:

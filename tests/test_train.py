@@ -625,6 +625,38 @@ def test_the_cache_is_found_however_the_workdir_is_spelt(tmp_path):
     assert "0 programs loaded" not in outputs[1].stdout, outputs[1].stdout
 
 
+def test_a_cut_short_cache_entry_is_compiled_and_written_again(tmp_path):
+    """A host stopped while jax wrote an entry leaves it empty or cut short; jax never rewrites
+    an existing entry, so without `enable`'s clean-up every later start would compile it again."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cache = tmp_path / "workdir" / compile_cache.DIRECTORY_NAME
+
+    def run():
+        command = [sys.executable, "-c", CACHE_SCRIPT, str(tmp_path / "workdir"), "on"]
+        result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    first = run()
+    whole = {entry: entry.read_bytes() for entry in cache.glob("*-cache")}
+    assert whole and f"{len(whole)} programs loaded" in run().stdout
+    for cut in (lambda data: data[: len(data) // 2], lambda data: b""):
+        for entry, data in whole.items():
+            entry.write_bytes(cut(data))
+        result = run()
+        removed = f"Removed {len(whole)} unreadable entries from the compilation cache {cache}"
+        assert removed in result.stderr
+        assert all(entry.name in result.stderr for entry in whole)
+        assert "Error reading persistent compilation cache" not in result.stderr
+        assert result.stdout == first.stdout  # nothing loaded: compiled again
+        assert {entry: len(entry.read_bytes()) for entry in whole} == {
+            entry: len(data) for entry, data in whole.items()
+        }  # and written again
+        result = run()
+        assert f"{len(whole)} programs loaded" in result.stdout and "Removed" not in result.stderr
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_saves_at_the_current_step_and_exits_cleanly(tmp_path, data_dir, signum):
     workdir = tmp_path / "run"
