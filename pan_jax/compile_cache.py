@@ -73,8 +73,12 @@ def enable(workdir: str | os.PathLike, enabled: bool = True) -> str | None:
 def _remove_unreadable_entries(directory: str) -> list[str]:
     """Deletes the entries that do not decompress; returns their names."""
     try:  # jax's own reader of an entry's bytes (zstd or zlib, whichever wrote it)
-        from jax._src.compilation_cache import decompress_executable
-    except ImportError:  # a jax that moved it: leave the cache as it is
+        from jax._src.compilation_cache import compress_executable, decompress_executable
+
+        usable = decompress_executable(compress_executable(b"probe")) == b"probe"
+    except Exception:  # ImportError, or a changed signature
+        usable = False
+    if not usable:  # a jax that moved or changed them: leave the cache as it is
         return []
     removed = []
     for path in sorted(pathlib.Path(directory).glob("*-cache")):

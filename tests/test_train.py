@@ -657,6 +657,18 @@ def test_a_cut_short_cache_entry_is_compiled_and_written_again(tmp_path):
         assert f"{len(whole)} programs loaded" in result.stdout and "Removed" not in result.stderr
 
 
+def test_a_jax_whose_cache_format_changed_keeps_its_entries(tmp_path, monkeypatch):
+    from jax._src import compilation_cache as jax_cache
+
+    (tmp_path / "cut-cache").write_bytes(b"\x00cut short")
+    monkeypatch.setattr(jax_cache, "compress_executable", lambda data, level: data)  # new args
+    assert compile_cache._remove_unreadable_entries(str(tmp_path)) == []
+    assert (tmp_path / "cut-cache").exists()
+    monkeypatch.undo()
+    assert compile_cache._remove_unreadable_entries(str(tmp_path)) == ["cut-cache"]
+    assert not (tmp_path / "cut-cache").exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_saves_at_the_current_step_and_exits_cleanly(tmp_path, data_dir, signum):
     workdir = tmp_path / "run"
