@@ -59,7 +59,9 @@ def enable(workdir: str | os.PathLike, enabled: bool = True) -> str | None:
         # autotune cache lives there), so `runs/x` and `/home/me/runs/x` would miss each other.
         directory = os.fspath(checkpointing.absolute_path(workdir) / DIRECTORY_NAME)
         jax.config.update("jax_compilation_cache_dir", directory)
-        if jax.process_index() == 0:  # the only process that writes entries
+        # Process 0 is the only one that writes entries. An object store (gs://) never holds
+        # a partly written object.
+        if jax.process_index() == 0 and "://" not in directory:
             _remove_unreadable_entries(directory)
     else:
         directory = None
