@@ -8,7 +8,8 @@ treats an unreadable entry as a miss. JAX writes an entry without a temporary fi
 host that stops while writing (a preempted VM) can leave it empty or cut short, and JAX never
 writes an existing entry again: it would compile and warn on every later start. `enable` removes
 such entries from the workdir's cache before anything is compiled, so the run that compiles the
-program writes it anew (a cache of the user's own, shared by other jobs, is left as it is).
+program writes it anew (a cache of the user's own, shared by other jobs, or in a bucket, is
+left as it is).
 The cache key holds the program, the XLA flags, jax's version, the device kind and the cache's
 absolute path, so a workdir moved to another place or accelerator compiles afresh.
 `JAX_COMPILATION_CACHE_DIR`, when set, wins (empty: off).
