@@ -777,25 +777,21 @@ def record_largest_batch(
         if (r["impl"], r["what"], r["batch"]) == (name, "train", estimated_at)
     ]
     rows = [r for r in tried if bench_report.measured(r)]
-    if not rows:
-        why = (
-            f"the train row at batch {estimated_at}, to estimate it from, "
-            + ("failed" if "error" in tried[0] else "was skipped")
-            if tried
-            else f"no train row at batch {estimated_at} to estimate it from (--what=train)"
-        )
-        skip(name, "train", LARGEST, why)
-        return
-    if "compiled_peak_gb" not in rows[0]:
-        skip(name, "train", LARGEST, "XLA reported no memory plan of the step to estimate it from")
-        return
-    estimate = rows[0].get("largest_batch_estimate")
-    if estimate is None:
+    estimate = rows[0].get("largest_batch_estimate") if rows else None
+    if not tried:
+        why = f"no train row at batch {estimated_at} to estimate it from (--what=train)"
+    elif not rows:
+        failed = "failed" if "error" in tried[0] else "was skipped"
+        why = f"the train row at batch {estimated_at}, to estimate it from, {failed}"
+    elif "compiled_peak_gb" not in rows[0]:
+        why = "XLA reported no memory plan of the step to estimate it from"
+    elif estimate is None:
         why = "no device memory limit to fit it into (set --device_memory_gb)"
-        skip(name, "train", LARGEST, why)
-        return
-    if estimate <= estimated_at:
+    elif estimate <= estimated_at:
         why = f"batch {estimated_at} is already the largest that fits (estimate: {estimate})"
+    else:
+        why = ""
+    if why:
         skip(name, "train", LARGEST, why)
         return
     print(f"largest batch: {estimate}, from the memory plan at batch {estimated_at}", flush=True)

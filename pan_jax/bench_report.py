@@ -32,26 +32,38 @@ class Ratio(NamedTuple):
     unequal_dtypes: str  # "" where both ran in one dtype
 
 
-def _pair(reports: Sequence[dict]) -> list[Ratio]:
-    """Our `pan_smp` rows over each peer's at the same step and batch, across `reports` (the
-    first of our rows where several have one setting)."""
-    ours: dict[tuple[str, Any], dict] = {}
+def _our_rows(reports: Sequence[dict]) -> dict[tuple[str, str, Any], dict]:
+    """Our measured rows by (impl, step, batch), each with its report's model and compute
+    dtype: the first where several reports hold one setting (an A/B part's baseline repeats
+    the smp part's row)."""
+    rows: dict[tuple[str, str, Any], dict] = {}
     for report in reports:
-        if report["args"]["model"] == "pan_smp":  # another model's ratio: two networks
-            for r in report["results"]:
-                if r["impl"].startswith(OURS) and measured(r):
-                    ours.setdefault((r["what"], r["batch"]), r)
+        for r in report["results"]:
+            if r["impl"].startswith(OURS) and measured(r):
+                args = report["args"]
+                row = {**r, "model": args["model"], "dtype": args["dtype"]}
+                rows.setdefault((r["impl"], r["what"], r["batch"]), row)
+    return rows
+
+
+def _pair(reports: Sequence[dict]) -> list[Ratio]:
+    """Our `pan_smp` rows over each peer's at the same step and batch, across `reports`.
+    Another model's ratio would compare two networks."""
+    ours: dict[tuple[str, Any], dict] = {}
+    for (_, what, batch), r in _our_rows(reports).items():
+        if r["model"] == "pan_smp":
+            ours.setdefault((what, batch), r)
     out = []
     for report in reports:
         for peer in report["results"]:
             mine = ours.get((peer["what"], peer["batch"]))
             if peer["impl"] in PEER_NAMES and measured(peer) and mine:
-                ours_dtype, peer_dtype = reports[0]["args"]["dtype"], peer.get("dtype", "")
+                peer_dtype = peer.get("dtype", "")
                 # On CPUs the peer stays float32: a bfloat16 run of ours is not its equal.
                 unequal = (
                     ""
-                    if peer_dtype.startswith(ours_dtype)
-                    else f"ours {ours_dtype}, the peer {peer_dtype}"
+                    if peer_dtype.startswith(mine["dtype"])
+                    else f"ours {mine['dtype']}, the peer {peer_dtype}"
                 )
                 ratio = mine["images_per_s"] / peer["images_per_s"]
                 out.append(Ratio(mine, peer, ratio, unequal))
@@ -179,18 +191,13 @@ def goals(reports: Sequence[dict]) -> list[Goal]:
             versus("smp torch eager", "forward", 1.0),
             versus("smp torch compile", "forward", 1.0),
         ]
-    trains: dict[tuple[str, Any], dict] = {}  # a part's baseline repeats the smp part's row
-    for report in reports:
-        for r in report["results"]:
-            if r["impl"].startswith(OURS) and r["what"] == "train" and measured(r):
-                trains.setdefault((r["impl"], r["batch"]), r)
-    with_mfu = [r for r in trains.values() if math.isfinite(r.get("mfu", math.nan))]
+    trains = [r for (_, what, _), r in _our_rows(reports).items() if what == "train"]
+    with_mfu = [r for r in trains if math.isfinite(r.get("mfu", math.nan))]
     mfu = "; ".join(
         f"{r['mfu']:.1%} ({r['impl'].split()[1]}, batch {r['batch']})" for r in with_mfu
     )
     compile_s = "; ".join(
-        f"{r['compile_s']:.1f} s ({r['impl'].split()[1]}, batch {r['batch']})"
-        for r in trains.values()
+        f"{r['compile_s']:.1f} s ({r['impl'].split()[1]}, batch {r['batch']})" for r in trains
     )
     dtype = reports[0]["args"]["dtype"]
     return [
@@ -204,7 +211,7 @@ def goals(reports: Sequence[dict]) -> list[Goal]:
         Goal(
             "train step compile ≤ 60 s",
             compile_s or "not measured",
-            _status([r["compile_s"] <= 60 for r in trains.values()]),
+            _status([r["compile_s"] <= 60 for r in trains]),
         ),
     ]
 
@@ -286,13 +293,7 @@ def markdown(reports: Sequence[dict]) -> str:
 
 def _variant_ratios(reports: Sequence[dict]) -> list[str]:
     """Each A/B row against our default row of the same model, step and batch."""
-    default = {
-        (r["impl"], r["what"], r["batch"]): r
-        for report in reports
-        if _default_variant(report)
-        for r in report["results"]
-        if r["impl"].startswith(OURS) and measured(r)
-    }
+    default = _our_rows([report for report in reports if _default_variant(report)])
     lines = []
     for report in reports:
         if _default_variant(report):

@@ -398,6 +398,17 @@ def test_bench_report_names_a_file_it_cannot_read(tmp_path):
         assert message in result.stderr
 
 
+def test_a_ratio_across_parts_names_the_dtype_of_the_part_that_ran_ours():
+    # The --nojax part (first here) has a dtype flag too; ours ran in the other part's.
+    row = {"what": "train", "batch": 2, "step_s": 1.0, "compile_s": 1.0, "images_per_s": 2.0}
+    peer = {"machine": {}, "args": {"model": "pan_smp", "dtype": "bfloat16"},
+            "results": [{"impl": "smp torch eager", **row, "dtype": "float32"}]}  # fmt: skip
+    ours = {"machine": {}, "args": {"model": "pan_smp", "dtype": "float32"},
+            "results": [{"impl": "pan_jax pan_smp", **row}]}  # fmt: skip
+    (ratio,) = tables.paired_ratios([peer, ours])
+    assert ratio.ratio == 1.0 and ratio.unequal_dtypes == ""
+
+
 def test_ratios_are_printed_only_for_the_peers_own_network(capsys):
     row = {"what": "train", "batch": 2, "step_s": 1.0, "compile_s": 1.0, "images_per_s": 2.0}
     report = {
