@@ -9,7 +9,8 @@ host that stops while writing (a preempted VM) can leave it empty or cut short, 
 writes an existing entry again: it would compile and warn on every later start. `enable` removes
 such entries from the workdir's cache before anything is compiled, so the run that compiles the
 program writes it anew (a cache of the user's own, shared by other jobs, or in a bucket, is
-left as it is).
+left as it is). That check reads the whole cache once per start: 27 ms for the 2.3 MB of six
+PAN programs on a 2-core CPU, about 1 s per 100 MB, against minutes of compiling it can save.
 The cache key holds the program, the XLA flags, jax's version, the device kind and the cache's
 absolute path, so a workdir moved to another place or accelerator compiles afresh.
 `JAX_COMPILATION_CACHE_DIR`, when set, wins (empty: off).

@@ -567,6 +567,20 @@ print(compile_cache.summary())
 """
 
 
+def run_cache_script(
+    workdir: str, switch: str = "on", cwd: Path = REPO, cache_dir: str | None = None
+) -> subprocess.CompletedProcess:
+    """CACHE_SCRIPT in a fresh process; `cache_dir` sets JAX_COMPILATION_CACHE_DIR (unset: None)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if cache_dir is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    command = [sys.executable, "-c", CACHE_SCRIPT, workdir, switch]
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.parametrize(
     "environment, switch, where",
     [
@@ -577,17 +591,10 @@ print(compile_cache.summary())
     ],
 )
 def test_compilation_cache_location(tmp_path, environment, switch, where):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    if environment is not None:
-        env["JAX_COMPILATION_CACHE_DIR"] = environment and str(tmp_path / environment)
-    command = [sys.executable, "-c", CACHE_SCRIPT, str(tmp_path / "workdir"), switch]
+    cache_dir = None if environment is None else environment and str(tmp_path / environment)
     outputs = [
-        subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-        for _ in range(2)
+        run_cache_script(str(tmp_path / "workdir"), switch, cache_dir=cache_dir) for _ in range(2)
     ]
-    for result in outputs:
-        assert result.returncode == 0, result.stderr[-3000:]
     expected = {
         "workdir": tmp_path / "workdir" / compile_cache.DIRECTORY_NAME,
         "elsewhere": tmp_path / "elsewhere",
@@ -606,45 +613,23 @@ def test_compilation_cache_location(tmp_path, environment, switch, where):
 def test_the_cache_is_found_however_the_workdir_is_spelt(tmp_path):
     """jax hashes the cache's directory into its keys: `--workdir=runs/x` run from the checkout
     and the same workdir given as an absolute path must share programs."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     spellings = [("workdir", tmp_path), (str(tmp_path / "workdir"), REPO)]
-    outputs = [
-        subprocess.run(
-            [sys.executable, "-c", CACHE_SCRIPT, workdir, "on"],
-            env=env,
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        for workdir, cwd in spellings
-    ]
-    for result in outputs:
-        assert result.returncode == 0, result.stderr[-3000:]
+    outputs = [run_cache_script(workdir, cwd=cwd) for workdir, cwd in spellings]
     assert "0 programs loaded" not in outputs[1].stdout, outputs[1].stdout
 
 
 def test_a_cut_short_cache_entry_is_compiled_and_written_again(tmp_path):
     """A host stopped while jax wrote an entry leaves it empty or cut short; jax never rewrites
     an existing entry, so without `enable`'s clean-up every later start would compile it again."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    workdir = str(tmp_path / "workdir")
     cache = tmp_path / "workdir" / compile_cache.DIRECTORY_NAME
-
-    def run():
-        command = [sys.executable, "-c", CACHE_SCRIPT, str(tmp_path / "workdir"), "on"]
-        result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
-
-    first = run()
+    first = run_cache_script(workdir)
     whole = {entry: entry.read_bytes() for entry in cache.glob("*-cache")}
-    assert whole and f"{len(whole)} programs loaded" in run().stdout
+    assert whole and f"{len(whole)} programs loaded" in run_cache_script(workdir).stdout
     for cut in (lambda data: data[: len(data) // 2], lambda data: b""):
         for entry, data in whole.items():
             entry.write_bytes(cut(data))
-        result = run()
+        result = run_cache_script(workdir)
         removed = f"Removed {len(whole)} unreadable entries from the compilation cache {cache}"
         assert removed in result.stderr
         assert all(entry.name in result.stderr for entry in whole)
@@ -653,7 +638,7 @@ def test_a_cut_short_cache_entry_is_compiled_and_written_again(tmp_path):
         assert {entry: len(entry.read_bytes()) for entry in whole} == {
             entry: len(data) for entry, data in whole.items()
         }  # and written again
-        result = run()
+        result = run_cache_script(workdir)
         assert f"{len(whole)} programs loaded" in result.stdout and "Removed" not in result.stderr
 
 
