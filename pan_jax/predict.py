@@ -50,7 +50,7 @@ from absl import app, flags, logging
 from etils import epath
 from PIL import ExifTags, Image, ImageFile
 
-from pan_jax import checkpointing, evaluate, logs
+from pan_jax import checkpointing, inference, logs
 from pan_jax.normalization import normalize
 
 FORMATS = ("voc", "cityscapes", "indices")
@@ -111,7 +111,7 @@ def palette_for(output_format: str, num_classes: int) -> np.ndarray:
     one-class model, whose masks hold 0 and 1)."""
     if output_format == "cityscapes" and num_classes == len(CITYSCAPES_PALETTE):
         return CITYSCAPES_PALETTE
-    return voc_palette(max(256, num_classes))[: evaluate.mask_classes(num_classes)]
+    return voc_palette(max(256, num_classes))[: inference.mask_classes(num_classes)]
 
 
 def output_format_for(dataset_name: str | None, num_classes: int) -> str:
@@ -229,9 +229,9 @@ def mask_image(classes: np.ndarray, output_format: str, num_classes: int) -> Ima
 def segment(model: Any, variables: Any, image: np.ndarray, **options: Any) -> np.ndarray:
     """Class indices (H, W) int32 of one uint8 RGB (H, W, 3) image.
 
-    `options` are `evaluate.predict_scores`'s: mode, scales, flip, crop_size, stride, pad_multiple.
+    `options` are `inference.predict_scores`'s: mode, scales, flip, crop_size, stride, pad_multiple.
     """
-    return evaluate.predict_image(model, variables, normalize(np.asarray(image)), **options)
+    return inference.predict_image(model, variables, normalize(np.asarray(image)), **options)
 
 
 def _is_inside(path: str, directory: str) -> bool:
@@ -360,7 +360,7 @@ def check_output_format(output_format: str, num_classes: int) -> None:
             f"--dataset=cityscapes writes the 19 trainIds as label ids, but the model has "
             f"{num_classes} classes; use --dataset=indices (or auto)"
         )
-    if output_format == "voc" and evaluate.mask_classes(num_classes) > 256:
+    if output_format == "voc" and inference.mask_classes(num_classes) > 256:
         raise ValueError(
             f"--dataset=voc writes 8-bit palette PNGs, but the model has {num_classes} classes; "
             "use --dataset=indices (16-bit) or auto"
@@ -413,7 +413,7 @@ flags.DEFINE_string(
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
 flags.DEFINE_string("input", None, "An image file, a directory of images or a glob.")
 flags.DEFINE_string("output", None, "Directory for the masks (and overlays).")
-flags.DEFINE_bool("multiscale", False, f"Average softmax over the scales {evaluate.MS_SCALES}.")
+flags.DEFINE_bool("multiscale", False, f"Average softmax over the scales {inference.MS_SCALES}.")
 flags.DEFINE_bool("flip", False, "Also average over horizontally flipped views.")
 flags.DEFINE_bool(
     "overlay", False, "Also write <name>_overlay.png, the image blended with class colors."
@@ -421,7 +421,7 @@ flags.DEFINE_bool(
 flags.DEFINE_enum(
     "mode",
     None,
-    list(evaluate.MODES),
+    list(inference.MODES),
     "Inference mode (default: the workdir's eval.mode, else whole).",
 )
 flags.DEFINE_list(
@@ -486,9 +486,9 @@ def inference_options(
         config.pop("stride", None)
     merged = {**config, **given}
     try:
-        options = evaluate.check_options(
+        options = inference.check_options(
             mode=merged.get("mode", "whole"),
-            scales=evaluate.MS_SCALES if multiscale else (1.0,),
+            scales=inference.MS_SCALES if multiscale else (1.0,),
             crop_size=merged.get("crop_size"),
             stride=merged.get("stride"),
             pad_multiple=merged.get("pad_multiple", PAD_MULTIPLE),
@@ -546,7 +546,7 @@ def main(argv: Sequence[str]) -> int:
         return 1
 
     try:  # weights that do not fit their model.json, a format that cannot hold the classes
-        model, variables, spec, step = evaluate.load_model(directory, FLAGS.step)
+        model, variables, spec, step = inference.load_model(directory, FLAGS.step)
         output_format = FLAGS.dataset
         if output_format == "auto":
             dataset_name = (run_config.get("data") or {}).get("name")

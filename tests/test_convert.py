@@ -21,7 +21,7 @@ import torch
 import torchvision
 from flax import traverse_util
 
-from pan_jax import checkpointing, convert, evaluate, models
+from pan_jax import checkpointing, convert, inference, models
 from pan_jax.convert import cli
 from pan_jax.convert.imagenet import convert_resnet
 from pan_jax.models.resnet import ResNet
@@ -458,7 +458,7 @@ def test_cli_timm_backbone_into_paper_pan(checkpoint, tmp_path, capsys, caplog):
     logits = apply(variables, np.ones((1, 128, 160, 3), np.float32))
     assert logits.shape == (1, 128, 160, 21) and np.isfinite(np.asarray(logits)).all()
     with caplog.at_level(std_logging.WARNING):  # what predict and the notebook load it with
-        evaluate.load_model(out)
+        inference.load_model(out)
     assert f"{out}: its decoder and head were never trained" in caplog.text
 
 

@@ -1,69 +1,30 @@
-"""Inference modes, dataset evaluation, reports and the `evaluate(config, workdir)` entry."""
+"""Dataset evaluation (every image scored once, on every local device and process), reports and
+the `evaluate(config, workdir)` entry."""
 
-import functools
 import json
 import logging
 import re
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from pan_jax import checkpointing, evaluate, metrics, models
+from pan_jax import checkpointing, evaluate, inference, metrics, models
 from pan_jax.models import random_variables
 from pan_jax.models.layers import resize_bilinear
-
-NUM_CLASSES = 5
+from tests.test_inference import (
+    NUM_CLASSES,
+    binary_model,
+    direct_logits,
+    fcn_with_random_weights,
+    random_image,
+)
 
 
 @pytest.fixture(scope="module")
 def model_and_variables():
-    # The evaluator does not care which model it runs: the FCN baseline compiles fastest.
-    model = models.create("fcn", num_classes=NUM_CLASSES, backbone="resnet18")
-    return model, random_variables(model)
-
-
-def random_image(height, width, seed=0):
-    return np.random.default_rng(seed).normal(size=(height, width, 3)).astype(np.float32)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(model, variables, images):
-    return model.apply(variables, images, train=False)
-
-
-def direct_logits(model, variables, image):
-    """A plain forward pass on the unpadded image: the reference for every mode."""
-    return np.asarray(_apply(model, variables, jnp.asarray(image)[None])[0])
-
-
-def binary_model(image):
-    """SMP's binary PAN (classes=1) stand-in whose logits on `image` are above 0 for half of
-    the pixels."""
-    model = models.create("fcn", num_classes=1, backbone="resnet18")
-    variables = random_variables(model)
-    logits = direct_logits(model, variables, image)[..., 0]
-    params = jax.tree.map(lambda x: x, variables["params"])
-    params["head"]["bias"] = params["head"]["bias"] - np.median(logits)
-    return model, {**variables, "params": params}
-
-
-def test_a_one_class_model_masks_where_its_sigmoid_passes_one_half():
-    # A mask by argmax would be all 0.
-    image = random_image(128, 128)
-    model, variables = binary_model(image)
-    logits = direct_logits(model, variables, image)[..., 0]
-    mask = evaluate.predict_image(model, variables, image, pad_multiple=1)
-    np.testing.assert_array_equal(mask, logits > 0)
-    assert 0.3 < mask.mean() < 0.7
-    # Views merged as mean probabilities: the sigmoid, not a softmax over one class (always 1).
-    mirrored = direct_logits(model, variables, image[:, ::-1])[:, ::-1, 0]
-    mean = (jax.nn.sigmoid(logits) + jax.nn.sigmoid(mirrored)) / 2
-    both = evaluate.predict_image(model, variables, image, flip=True, pad_multiple=1)
-    np.testing.assert_array_equal(both, np.asarray(mean) > 0.5)
-    assert (both != mask).any()  # the flipped view counts
+    return fcn_with_random_weights()
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -72,7 +33,7 @@ def test_a_one_class_model_is_scored_on_its_masks(flip):
     image = random_image(128, 128)
     model, variables = binary_model(image)
     label = np.random.default_rng(3).integers(0, 2, (128, 128)).astype(np.int32)
-    mask = evaluate.predict_image(model, variables, image, flip=flip)
+    mask = inference.predict_image(model, variables, image, flip=flip)
     assert 0.2 < mask.mean() < 0.8
     report = evaluate.evaluate_dataset(
         model, variables, [{"image": image, "label": label}], num_classes=1, flip=flip
@@ -88,7 +49,7 @@ def test_whole_image_scores_at_the_label_size(model_and_variables):
     image = random_image(128, 128)  # a bucket size: no padding, so the forward pass is exact
     logits = direct_logits(model, variables, image)
     np.testing.assert_array_equal(
-        evaluate.predict_image(model, variables, image), np.argmax(logits, axis=-1)
+        inference.predict_image(model, variables, image), np.argmax(logits, axis=-1)
     )
     # A label of another size: logits are resized to it (bilinear) before the argmax.
     label = np.random.default_rng(1).integers(0, NUM_CLASSES, (96, 160)).astype(np.int32)
@@ -98,104 +59,6 @@ def test_whole_image_scores_at_the_label_size(model_and_variables):
         model, variables, [{"image": image, "label": label}], num_classes=NUM_CLASSES
     )
     np.testing.assert_array_equal(report["confusion_matrix"], np.asarray(expected))
-
-
-@pytest.mark.parametrize("size, pad_multiple", [((128, 128), 128), ((131, 150), 1)])
-def test_multiscale_with_scale_one_and_no_flip_equals_single_scale(
-    model_and_variables, size, pad_multiple
-):
-    model, variables = model_and_variables
-    image = random_image(*size, seed=2)
-    reference = np.argmax(direct_logits(model, variables, image), axis=-1)
-    options = dict(pad_multiple=pad_multiple, flip=False)
-    single = evaluate.predict_image(model, variables, image, **options)
-    one_scale = evaluate.predict_image(model, variables, image, scales=(1.0,), **options)
-    # Two identical views go through the softmax-averaging path of multi-scale inference.
-    merged = evaluate.predict_image(model, variables, image, scales=(1.0, 1.0), **options)
-    np.testing.assert_array_equal(single, reference)
-    np.testing.assert_array_equal(one_scale, reference)
-    np.testing.assert_array_equal(merged, reference)
-
-
-def test_views_are_merged_by_averaging_softmax_probabilities(model_and_variables):
-    model, variables = model_and_variables
-    image = random_image(100, 120, seed=9)
-
-    def single_view(picture, scale):  # one view: its logits at the original size
-        return np.asarray(evaluate.predict_scores(model, variables, picture, scales=(scale,)))
-
-    views = []
-    for scale in (0.75, 1.5):
-        views.append(single_view(image, scale)[:100, :120])
-        views.append(single_view(image[:, ::-1], scale)[:100, :120][:, ::-1])  # mirrored back
-    expected = np.mean([jax.nn.softmax(v, axis=-1) for v in views], axis=0)
-    merged = evaluate.predict_scores(model, variables, image, scales=(0.75, 1.5), flip=True)
-    # 1e-5: the evaluator flips after rescaling, this reference before (cv2 rounding differs).
-    np.testing.assert_allclose(np.asarray(merged)[:100, :120], expected, rtol=0, atol=1e-5)
-
-
-def test_flip_averaging_of_a_mirror_symmetric_input_is_mirror_symmetric(model_and_variables):
-    model, variables = model_and_variables
-    half = random_image(120, 60, seed=3)
-    image = np.concatenate([half, half[:, ::-1]], axis=1)  # 120×120: also padded at the right
-    plain = evaluate.predict_image(model, variables, image)
-    # The network itself is not mirror-equivariant, so without flip the prediction is not
-    # symmetric; that is what makes the flipped check below meaningful.
-    assert (plain != plain[:, ::-1]).mean() > 0.05
-    flipped = evaluate.predict_image(model, variables, image, flip=True)
-    np.testing.assert_array_equal(flipped, flipped[:, ::-1])
-    scores = np.asarray(evaluate.predict_scores(model, variables, image, flip=True))[:120, :120]
-    np.testing.assert_allclose(scores, scores[:, ::-1], rtol=0, atol=1e-6)
-    # With rescaled views too (resampling is symmetric up to float rounding).
-    multi = np.asarray(
-        evaluate.predict_scores(model, variables, image, scales=(0.75, 1.25), flip=True)
-    )[:120, :120]
-    np.testing.assert_allclose(multi, multi[:, ::-1], rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "size, crop, pad_multiple",
-    [((128, 256), (128, 256), 128), ((128, 256), 300, 128), ((131, 150), (131, 150), 1)],
-)
-def test_sliding_window_as_large_as_the_image_equals_whole(
-    model_and_variables, size, crop, pad_multiple
-):
-    model, variables = model_and_variables
-    image = random_image(*size, seed=4)
-    h, w = size
-    whole = np.asarray(evaluate.predict_scores(model, variables, image, pad_multiple=pad_multiple))
-    slide = np.asarray(
-        evaluate.predict_scores(
-            model,
-            variables,
-            image,
-            mode="slide",
-            crop_size=crop,
-            stride=17,
-            pad_multiple=pad_multiple,
-        )
-    )
-    np.testing.assert_allclose(slide[:h, :w], whole[:h, :w], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(slide[:h, :w], direct_logits(model, variables, image), atol=1e-4)
-
-
-def test_sliding_windows_follow_mmseg(model_and_variables):
-    model, variables = model_and_variables
-    image = random_image(128, 200, seed=5)
-    # mmseg: grid = ceil((200 − 128) / 64) + 1 = 3 columns at x = 0, 64 and 200 − 128 = 72.
-    total, count = np.zeros((128, 200, NUM_CLASSES)), np.zeros((128, 200, 1))
-    for x in (0, 64, 72):
-        total[:, x : x + 128] += direct_logits(model, variables, image[:, x : x + 128])
-        count[:, x : x + 128] += 1
-    expected = total / count
-    scores = evaluate.predict_scores(
-        model, variables, image, mode="slide", crop_size=128, stride=64
-    )
-    np.testing.assert_allclose(np.asarray(scores)[:128, :200], expected, rtol=0, atol=1e-4)
-    np.testing.assert_array_equal(
-        evaluate.predict_image(model, variables, image, mode="slide", crop_size=128, stride=64),
-        np.argmax(expected, axis=-1),
-    )
 
 
 @pytest.mark.parametrize(
@@ -223,39 +86,6 @@ def test_no_image_is_dropped(model_and_variables, options):
     assert report["num_images"] == len(sizes)
     assert report["confusion_matrix"].sum() == sum((e["label"] != 255).sum() for e in elements)
     assert report["confusion_matrix"].dtype == np.int64
-
-
-def test_compilations_are_bounded_by_buckets(model_and_variables):
-    model, variables = model_and_variables
-    evaluate.predict_image(model, variables, random_image(128, 128))  # compile the 128² bucket
-    before = evaluate._forward._cache_size()
-    for i, (h, w) in enumerate([(100, 101), (37, 128), (128, 64), (77, 77), (3, 120), (128, 1)]):
-        evaluate.predict_image(model, variables, random_image(h, w, seed=i))
-    # Sliding windows of images of any size larger than the crop: the crop's one program.
-    for i, (h, w) in enumerate([(200, 150), (131, 260), (256, 256)]):
-        options = {"mode": "slide", "crop_size": 128, "stride": 100}
-        evaluate.predict_image(model, variables, random_image(h, w, seed=i), **options)
-    assert evaluate._forward._cache_size() == before
-
-
-@pytest.mark.parametrize("align_corners", [True, False])
-def test_resize_logits_equals_torch_bilinear(align_corners):
-    rng = np.random.default_rng(7)
-    logits = rng.normal(size=(40, 50, 3)).astype(np.float32)
-    valid = logits[:29, :41]
-    for out in [(29, 41), (57, 23), (12, 90)]:
-        expected = resize_bilinear(jnp.asarray(valid)[None], out, align_corners)[0]
-        got = evaluate.resize_logits(logits, (29, 41), out, align_corners=align_corners)
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
-        mirrored = evaluate.resize_logits(
-            logits[:29, :41][:, ::-1],
-            (29, 41),
-            out,
-            align_corners=align_corners,
-            flip=True,
-            padded_out=(out[0] + 3, out[1] + 5),
-        )
-        np.testing.assert_allclose(mirrored[: out[0], : out[1]], expected, rtol=0, atol=1e-5)
 
 
 def test_options_errors_name_the_field():
@@ -344,7 +174,7 @@ import numpy as np
 pid, port, tests_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 sys.path.insert(0, tests_dir)
-sys.path.insert(0, os.path.dirname(tests_dir))  # for tests.helpers
+sys.path.insert(0, os.path.dirname(tests_dir))  # for tests.test_inference
 from jax.sharding import NamedSharding, PartitionSpec as P
 from pan_jax import evaluate, models
 from test_evaluate import NUM_CLASSES, multihost_elements, random_variables
@@ -418,7 +248,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pan_jax import evaluate, models
+from pan_jax import evaluate, inference, models
 from tests.test_evaluate import NUM_CLASSES, multihost_elements, random_variables
 
 model = models.create("fcn", num_classes=NUM_CLASSES, backbone="resnet18")
@@ -437,9 +267,9 @@ def spy(scores, *args):
 evaluate._score = spy
 
 def compilations(run):
-    before = evaluate._forward._cache_size()
+    before = inference._forward._cache_size()
     result = run()
-    return result, evaluate._forward._cache_size() - before
+    return result, inference._forward._cache_size() - before
 
 
 elements = multihost_elements() * 3  # 3 images of each size: batches of 4 are filled up

@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=model,
         )
         merged = initialise_missing(model, merged, args.seed, size)
-        if report.untrained_parts:  # inference from it warns (evaluate.load_model)
+        if report.untrained_parts:  # inference from it warns (inference.load_model)
             spec["untrained"] = report.untrained_parts
     except (ConversionError, ValueError, FileNotFoundError, DownloadError) as error:
         print(f"error: {error}", file=sys.stderr)
