@@ -1,5 +1,6 @@
 """Inference on whole images (pan_jax.inference): every mode and view against a plain forward
-pass on the unpadded image, torch's bilinear resize and mmseg's sliding windows."""
+pass on the unpadded image, mmseg's sliding windows and the model's bilinear resize (which
+tests/test_layers.py holds to torch's)."""
 
 import functools
 
