@@ -13,7 +13,10 @@ scores at the size of its label:
   `align_corners`, as mmseg does) to the output size *before* they are merged, by **averaging
   softmax probabilities** (mmseg's `SegTTAModel.merge_preds` does the same; the PAN paper does
   not say; a one-class model's sigmoid). A single view keeps its logits. The paper's
-  multi-scale set is `MS_SCALES`.
+  multi-scale set is `MS_SCALES`. Unpadded (`pad_multiple=1`) this equals mmseg's own test-time
+  augmentation, whole or sliding, run on the same network (tests/test_inference.py), but for one
+  rounding: mmseg resizes the uint8 image and then normalizes it, so its rescaled pixels are
+  whole numbers; here the normalized float image is resized.
 
 Bounded compilation: XLA compiles one program per input shape, and evaluation images come in
 many sizes (VOC) at six scales. Each model input is therefore zero-padded at the bottom/right to

@@ -1,9 +1,6 @@
 """The paper's Table 2 baselines equal the reference implementations they are named after:
 `aspp` torchvision's DeepLabV3, `psp` mmsegmentation's PSPNet (the original's head)."""
 
-import sys
-import types
-
 import jax
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ import torchvision
 from pan_jax import models
 from pan_jax.convert.core import torch_to_flax
 from pan_jax.convert.imagenet import resnet_rules
-from tests.helpers import randomize_statistics
+from tests.helpers import allow_mmseg_import, randomize_statistics
 
 # torchvision's DeepLabV3: `backbone.` a ResNet, `classifier.` DeepLabHead(ASPP, 3×3 ConvBN, 1×1).
 DEEPLABV3_RULES = (
@@ -87,18 +84,10 @@ def test_aspp_equals_torchvision_deeplabv3():
     assert_same_logits(model, variables, lambda x: reference(x)["out"], [(72, 88), (8, 13)])
 
 
-class _NoOps(types.ModuleType):
-    def __getattr__(self, name: str) -> type:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (), {})
-
-
 def mmseg_pspnet(stem_channels: int, output_stride: int, align_corners: bool) -> torch.nn.Module:
     """mmseg's configs/_base_/models/pspnet_r50-d8.py without its auxiliary head (which only
     trains), plain BN for SyncBN, at output stride 8 or 16. Imported here: mmseg takes seconds."""
-    # mmcv-lite has no compiled ops, yet mmseg imports some at import; PSPNet uses none.
-    sys.modules.setdefault("mmcv.ops", _NoOps("mmcv.ops"))
+    allow_mmseg_import()
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 

@@ -197,3 +197,80 @@ def test_resize_logits_equals_torch_bilinear(align_corners):
             padded_out=(out[0] + 3, out[1] + 5),
         )
         np.testing.assert_allclose(mirrored[: out[0], : out[1]], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"mode": "slide", "crop_size": 96, "stride": 64}],
+    ids=["whole", "slide"],
+)
+def test_multiscale_flip_equals_mmsegmentations_test_time_augmentation(
+    model_and_variables, options
+):
+    """mmseg's own code on the same network: its Resize and RandomFlip views, its whole or
+    sliding-window inference, its un-flip and resize to the original shape
+    (`postprocess_result`) and SegTTAModel's merge of softmax probabilities."""
+    import torch
+    from mmengine.config import ConfigDict
+
+    from tests.helpers import allow_mmseg_import
+
+    allow_mmseg_import()
+    from mmcv.transforms import RandomFlip, Resize
+    from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
+    from mmseg.structures import SegDataSample
+
+    model, variables = model_and_variables
+
+    class Segmentor:  # mmseg's EncoderDecoder whose network is ours
+        inference = EncoderDecoder.inference
+        slide_inference = EncoderDecoder.slide_inference
+        whole_inference = EncoderDecoder.whole_inference
+        postprocess_result = EncoderDecoder.postprocess_result
+        out_channels = NUM_CLASSES
+        align_corners = model.align_corners
+        test_cfg = ConfigDict(
+            mode=options.get("mode", "whole"),
+            crop_size=(options.get("crop_size"),) * 2,
+            stride=(options.get("stride"),) * 2,
+        )
+
+        def encode_decode(self, inputs, batch_img_metas):
+            images = inputs.permute(0, 2, 3, 1).numpy()
+            logits = [direct_logits(model, variables, image) for image in images]
+            return torch.from_numpy(np.stack(logits)).permute(0, 3, 1, 2)
+
+    class TestTimeAugmentation:
+        merge_preds = SegTTAModel.merge_preds
+        module = Segmentor()
+
+    # Normalized float pixels: mmseg resizes the uint8 image before normalizing it, which
+    # rounds every resized pixel (pan_jax.inference's docstring).
+    image = random_image(150, 190, seed=11)
+    scales = (0.75, 1.25)
+    segmentor, samples = Segmentor(), []
+    for scale in scales:
+        for flip in (False, True):
+            view = Resize(scale_factor=scale, keep_ratio=True)({"img": image.copy()})
+            view = RandomFlip(prob=float(flip), direction="horizontal")(view)
+            meta = {
+                "img_path": "image.png",
+                "ori_shape": image.shape[:2],
+                "img_shape": view["img"].shape[:2],
+                "flip": flip,
+                "flip_direction": "horizontal",
+            }
+            inputs = torch.from_numpy(np.ascontiguousarray(view["img"])).permute(2, 0, 1)[None]
+            logits = segmentor.inference(inputs, [meta])
+            samples += segmentor.postprocess_result(logits, [SegDataSample(metainfo=meta)])
+    merged = TestTimeAugmentation().merge_preds([samples])[0]
+    expected = np.mean([torch.softmax(s.seg_logits.data, 0).numpy() for s in samples], axis=0)
+
+    # pad_multiple=1: mmseg runs every view unpadded.
+    options = {"scales": scales, "flip": True, "pad_multiple": 1, **options}
+    scores = np.asarray(inference.predict_scores(model, variables, image, **options))
+    np.testing.assert_allclose(scores[:150, :190], expected.transpose(1, 2, 0), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(
+        inference.predict_image(model, variables, image, **options),
+        merged.pred_sem_seg.data[0].numpy(),
+    )
