@@ -1,4 +1,4 @@
-"""Dataset-level metrics against torchmetrics (≥ 1.0) and a numpy rendering of mmseg's formula."""
+"""Dataset-level metrics against torchmetrics (≥ 1.0) and mmsegmentation's own IoUMetric."""
 
 import os
 import socket
