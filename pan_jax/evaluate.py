@@ -84,13 +84,8 @@ def _replicated(variables: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def _checked(element: Mapping[str, Any], index: int) -> tuple[np.ndarray, np.ndarray]:
-    image, label = np.asarray(element["image"]), np.asarray(element["label"])
     name = element.get("file_name", f"element {index}")
-    if image.ndim != 3 or image.shape[-1] != 3 or not np.issubdtype(image.dtype, np.floating):
-        raise ValueError(
-            f"{name}: expected a normalized float (H, W, 3) image "
-            f"(pan_jax.data.normalize), got {image.dtype} {image.shape}"
-        )
+    image, label = inference.checked_image(element["image"], name), np.asarray(element["label"])
     if label.ndim != 2:
         raise ValueError(f"{name}: expected an (H, W) label, got shape {label.shape}")
     return image, label
@@ -113,12 +108,12 @@ def evaluate_dataset(
 ) -> dict[str, Any]:
     """Dataset-level metrics of `model` over every element of `dataset` (this process's shard).
 
-    Elements are {'image': float32 (H, W, 3) normalized, 'label': int (H', W') with 255 = ignore,
-    ...}; the label size may differ from the image size (logits are resized to it). Returns
-    `metrics.compute_metrics` of the confusion matrix summed over all processes, plus
-    `confusion_matrix` (int64; 2 × 2 for a one-class model, whose masks hold 0 and 1),
-    `num_images` (all processes) and the inference options. This is
-    a collective with several processes: every process must call it. `num_images_hint` (this
+    Elements are {'image': uint8 (H, W, 3) RGB, or float normalized (`inference.checked_image`),
+    'label': int (H', W') with 255 = ignore, ...}; the label size may differ from the image size
+    (logits are resized to it). Returns `metrics.compute_metrics` of the confusion matrix summed
+    over all processes, plus `confusion_matrix` (int64; 2 × 2 for a one-class model, whose masks
+    hold 0 and 1), `num_images` (all processes) and the inference options. This is a collective
+    with several processes: every process must call it. `num_images_hint` (this
     process's image count) only feeds the progress log's ETA. `devices`: those of this process
     to run on (default: all of them).
     """

@@ -13,10 +13,9 @@ scores at the size of its label:
   `align_corners`, as mmseg does) to the output size *before* they are merged, by **averaging
   softmax probabilities** (mmseg's `SegTTAModel.merge_preds` does the same; the PAN paper does
   not say; a one-class model's sigmoid). A single view keeps its logits. The paper's
-  multi-scale set is `MS_SCALES`. Unpadded (`pad_multiple=1`) this equals mmseg's own test-time
-  augmentation, whole or sliding, run on the same network (tests/test_inference.py), but for one
-  rounding: mmseg resizes the uint8 image and then normalizes it, so its rescaled pixels are
-  whole numbers; here the normalized float image is resized.
+  multi-scale set is `MS_SCALES`. A uint8 image is rescaled as uint8 and normalized on the
+  device, as mmseg does: unpadded (`pad_multiple=1`) this equals mmseg's own test-time
+  augmentation, whole or sliding, run on the same network (tests/test_inference.py).
 
 Bounded compilation: XLA compiles one program per input shape, and evaluation images come in
 many sizes (VOC) at six scales. Each model input is therefore zero-padded at the bottom/right to
@@ -46,7 +45,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from pan_jax import checkpointing
+from pan_jax import checkpointing, normalization
 
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # The paper's and mmseg's `img_ratios`.
 PAD_MULTIPLE = 128
@@ -159,7 +158,12 @@ def resize_logits(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(model: Any, variables: Any, images: jax.Array) -> jax.Array:
+def _forward(model: Any, variables: Any, images: jax.Array, valid_sizes: jax.Array) -> jax.Array:
+    """Logits of a (B, H, W, 3) batch padded at the bottom/right. uint8 RGB is normalized here,
+    0 (the mean pixel) outside each image's (height, width) in `valid_sizes` (B, 2), as the
+    train step does; float images come normalized, padded with 0 (`valid_sizes` unused)."""
+    if images.dtype == jnp.uint8:
+        images = normalization.normalize_crops(images, valid_sizes)
     return model.apply(variables, images, train=False)
 
 
@@ -328,12 +332,34 @@ def _slide_logits(
         for j in range(cols):
             y = max(min(i * stride[0] + win_h, height) - win_h, 0)
             x = max(min(j * stride[1] + win_w, width) - win_w, 0)
-            windows = np.zeros((len(images), pad_h, pad_w, 3), np.float32)
+            windows = np.zeros((len(images), pad_h, pad_w, 3), images.dtype)
             windows[:, :win_h, :win_w] = images[:, y : y + win_h, x : x + win_w]
-            logits = _forward(model, variables, to_devices(windows, batch_sharding))
+            logits = _forward(
+                model,
+                variables,
+                to_devices(windows, batch_sharding),
+                to_devices(np.tile(size, (len(images), 1)), batch_sharding),
+            )
             offset = np.array([y, x], np.int32)
             total, count = _add_window(total, count, logits, offset, size)
     return _average_windows(total, count)
+
+
+def checked_image(image: Any, name: str = "image") -> np.ndarray:
+    """An image as inference takes it: uint8 RGB (H, W, 3) as decoded, normalized on the
+    device after any rescaling (mmseg resizes the uint8 image too); or float (H, W, 3),
+    already normalized (`normalization.normalize`), as float32."""
+    image = np.asarray(image)
+    if (
+        image.ndim != 3
+        or image.shape[-1] != 3
+        or not (image.dtype == np.uint8 or np.issubdtype(image.dtype, np.floating))
+    ):
+        raise ValueError(
+            f"{name}: expected a uint8 RGB (H, W, 3) image, or a float one normalized by "
+            f"pan_jax.normalization.normalize; got {image.dtype} {image.shape}"
+        )
+    return image if image.dtype == np.uint8 else image.astype(np.float32, copy=False)
 
 
 def views_of(scales: Sequence[float], flip: bool) -> list[tuple[float, bool]]:
@@ -391,8 +417,14 @@ def merged_scores(
         valid_sizes = [view.shape[:2] for view in inputs]
         if options["mode"] == "whole":
             shape = padded_shape(valid_sizes[0], multiple, min_size)  # the same for the whole batch
-            batch = np.stack([pad_to(view, *shape, 0.0) for view in inputs])
-            logits = _forward(model, variables, to_devices(batch, batch_sharding))
+            batch = np.stack([pad_to(view, *shape, 0) for view in inputs])
+            sizes = np.array(valid_sizes, np.int32)
+            logits = _forward(
+                model,
+                variables,
+                to_devices(batch, batch_sharding),
+                to_devices(sizes, batch_sharding),
+            )
         else:
             logits = _slide_logits(
                 model,
@@ -430,19 +462,16 @@ def predict_scores(
     stride: int | Sequence[int] | None = None,
     pad_multiple: int = PAD_MULTIPLE,
 ) -> jax.Array:
-    """Merged class scores of one normalized image, on the device, at `out_size` (padded).
+    """Merged class scores of one image, on the device, at `out_size` (padded).
 
-    `image` is float32 (H, W, 3), ImageNet-normalized. Returns (H', W', C) with H' =
-    `padded_size(out_size[0])`, valid in the top-left `out_size` (default: the image size):
-    logits for a single view, the mean softmax probability over views otherwise (sigmoid for
-    a one-class model).
+    `image`: see `checked_image`. Returns (H', W', C) with H' = `padded_size(out_size[0])`,
+    valid in the top-left `out_size` (default: the image size): logits for a single view, the
+    mean softmax probability over views otherwise (sigmoid for a one-class model).
     """
     options = check_options(
         mode=mode, scales=scales, crop_size=crop_size, stride=stride, pad_multiple=pad_multiple
     )
-    image = np.asarray(image, np.float32)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected a normalized (H, W, 3) image, got shape {image.shape}")
+    image = checked_image(image)
     out_size = tuple(out_size or image.shape[:2])
     padded_out = padded_shape(out_size, options["pad_multiple"], model.min_input_size)
     return merged_scores(
@@ -451,7 +480,7 @@ def predict_scores(
 
 
 def predict_image(model: Any, variables: Any, image: np.ndarray, **options: Any) -> np.ndarray:
-    """Class indices (H, W) int32 of one normalized float32 (H, W, 3) image.
+    """Class indices (H, W) int32 of one image (see `checked_image`).
 
     `options` are those of `predict_scores` (mode, scales, flip, crop_size, stride, pad_multiple).
     """

@@ -1,8 +1,9 @@
 """The models' input contract: RGB with ImageNet statistics, `(x − mean) / std` in float32.
 
-Evaluation and prediction normalize on the host. Training ships uint8 crops and normalizes on
-the device (`normalize_crops`): a quarter of the bytes through grain's shared memory and the
-host-to-device copy, and no per-pixel float work on the CPU cores that decode.
+Training, evaluation and prediction ship uint8 images and normalize them on the device
+(`normalize_crops`): a quarter of the bytes through grain's shared memory and the host-to-device
+copy, and no per-pixel float work on the CPU cores that decode. Evaluation rescales its views
+while they are uint8, as mmseg does, so its multi-scale inputs round as mmseg's.
 """
 
 from typing import Any

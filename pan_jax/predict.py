@@ -51,7 +51,6 @@ from etils import epath
 from PIL import ExifTags, Image, ImageFile
 
 from pan_jax import checkpointing, inference, logs
-from pan_jax.normalization import normalize
 
 FORMATS = ("voc", "cityscapes", "indices")
 # Without a run config: every size SMP's PAN accepts (a multiple of its output stride, 16 or
@@ -231,7 +230,10 @@ def segment(model: Any, variables: Any, image: np.ndarray, **options: Any) -> np
 
     `options` are `inference.predict_scores`'s: mode, scales, flip, crop_size, stride, pad_multiple.
     """
-    return inference.predict_image(model, variables, normalize(np.asarray(image)), **options)
+    image = np.asarray(image)
+    if image.dtype != np.uint8:  # a float image here would be taken as already normalized
+        raise ValueError(f"expected a uint8 RGB image (as load_image returns), got {image.dtype}")
+    return inference.predict_image(model, variables, image, **options)
 
 
 def _is_inside(path: str, directory: str) -> bool:

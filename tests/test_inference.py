@@ -4,6 +4,7 @@ tests/test_layers.py holds to torch's)."""
 
 import functools
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from pan_jax import inference, models
 from pan_jax.models import random_variables
 from pan_jax.models.layers import resize_bilinear
+from pan_jax.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 NUM_CLASSES = 5
 
@@ -29,6 +31,12 @@ def model_and_variables():
 
 def random_image(height, width, seed=0):
     return np.random.default_rng(seed).normal(size=(height, width, 3)).astype(np.float32)
+
+
+def random_uint8_image(height, width, seed=0):
+    """Smooth, so that rescaling it differs from rescaling its rounded values."""
+    noise = np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
+    return cv2.GaussianBlur(noise, (5, 5), 0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -207,9 +215,10 @@ def test_resize_logits_equals_torch_bilinear(align_corners):
 def test_multiscale_flip_equals_mmsegmentations_test_time_augmentation(
     model_and_variables, options
 ):
-    """mmseg's own code on the same network: its Resize and RandomFlip views, its whole or
-    sliding-window inference, its un-flip and resize to the original shape
-    (`postprocess_result`) and SegTTAModel's merge of softmax probabilities."""
+    """mmseg's own code on the same network: its Resize and RandomFlip views of the uint8
+    image, its data preprocessor's normalization, its whole or sliding-window inference, its
+    un-flip and resize to the original shape (`postprocess_result`) and SegTTAModel's merge of
+    softmax probabilities."""
     import torch
     from mmengine.config import ConfigDict
 
@@ -217,6 +226,7 @@ def test_multiscale_flip_equals_mmsegmentations_test_time_augmentation(
 
     allow_mmseg_import()
     from mmcv.transforms import RandomFlip, Resize
+    from mmseg.models.data_preprocessor import SegDataPreProcessor
     from mmseg.models.segmentors import EncoderDecoder, SegTTAModel
     from mmseg.structures import SegDataSample
 
@@ -244,9 +254,9 @@ def test_multiscale_flip_equals_mmsegmentations_test_time_augmentation(
         merge_preds = SegTTAModel.merge_preds
         module = Segmentor()
 
-    # Normalized float pixels: mmseg resizes the uint8 image before normalizing it, which
-    # rounds every resized pixel (pan_jax.inference's docstring).
-    image = random_image(150, 190, seed=11)
+    # The ImageNet statistics of mmseg's configs; images already RGB (its loader reads BGR).
+    preprocess = SegDataPreProcessor(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    image = random_uint8_image(150, 190, seed=11)
     scales = (0.75, 1.25)
     segmentor, samples = Segmentor(), []
     for scale in scales:
@@ -260,9 +270,11 @@ def test_multiscale_flip_equals_mmsegmentations_test_time_augmentation(
                 "flip": flip,
                 "flip_direction": "horizontal",
             }
-            inputs = torch.from_numpy(np.ascontiguousarray(view["img"])).permute(2, 0, 1)[None]
+            sample = SegDataSample(metainfo=meta)
+            pixels = torch.from_numpy(np.ascontiguousarray(view["img"])).permute(2, 0, 1)
+            inputs = preprocess({"inputs": [pixels], "data_samples": [sample]})["inputs"]
             logits = segmentor.inference(inputs, [meta])
-            samples += segmentor.postprocess_result(logits, [SegDataSample(metainfo=meta)])
+            samples += segmentor.postprocess_result(logits, [sample])
     merged = TestTimeAugmentation().merge_preds([samples])[0]
     expected = np.mean([torch.softmax(s.seg_logits.data, 0).numpy() for s in samples], axis=0)
 
@@ -274,3 +286,31 @@ def test_multiscale_flip_equals_mmsegmentations_test_time_augmentation(
         inference.predict_image(model, variables, image, **options),
         merged.pred_sem_seg.data[0].numpy(),
     )
+
+
+@pytest.mark.parametrize(
+    "size, options",
+    [
+        ((128, 128), {"pad_multiple": 1}),
+        ((100, 120), {}),  # padded to 128²
+        ((150, 190), {"mode": "slide", "crop_size": 128, "stride": 64}),
+        ((100, 120), {"mode": "slide", "crop_size": 128}),  # a padded window
+    ],
+    ids=["whole", "whole-padded", "slide", "slide-padded"],
+)
+def test_a_uint8_image_equals_its_normalized_copy(model_and_variables, size, options):
+    # Normalized on the device, with the padding set to 0 (the mean pixel) after normalizing.
+    model, variables = model_and_variables
+    image = random_uint8_image(*size, seed=12)
+    as_uint8 = np.asarray(inference.predict_scores(model, variables, image, **options))
+    normalized = np.asarray(inference.predict_scores(model, variables, normalize(image), **options))
+    # Logits of about ±15: float32 rounding (XLA divides by the std via its reciprocal).
+    np.testing.assert_allclose(as_uint8, normalized, rtol=0, atol=1e-4)
+
+
+def test_an_image_of_another_kind_is_refused(model_and_variables):
+    model, variables = model_and_variables
+    with pytest.raises(ValueError, match=r"picture: expected a uint8 RGB .* got uint16"):
+        inference.checked_image(np.zeros((8, 8, 3), np.uint16), "picture")
+    with pytest.raises(ValueError, match=r"expected a uint8 RGB .* \(8, 8\)"):
+        inference.predict_image(model, variables, np.zeros((8, 8), np.uint8))
