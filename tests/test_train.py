@@ -28,6 +28,7 @@ from configs import demo
 from pan_jax import checkpointing, compile_ahead, compile_cache, convert, models, sharding, train
 from pan_jax import flops as flops_lib
 from pan_jax.data import pipeline, synthetic
+from pan_jax.normalization import normalize
 from tests.helpers import HUB_RESNET18, resnet18_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -429,7 +430,7 @@ def test_the_step_normalizes_the_pipelines_uint8_crops_on_the_device():
     shipped = {key: np.stack([c[key] for c in crops])[None] for key in crops[0]}
     assert shipped["image"].dtype == np.uint8 and (shipped["image_size"] < 128).any()
     # What the host would have fed: normalized, padding 0 (the mean), int32 labels.
-    host = pipeline.normalize(shipped["image"])
+    host = normalize(shipped["image"])
     for index, (h, w) in enumerate(shipped["image_size"][0]):
         host[0, index, h:], host[0, index, :, w:] = 0.0, 0.0
     fed = {"image": host, "label": shipped["label"].astype(np.int32)}
@@ -463,7 +464,7 @@ def test_a_tiny_model_overfits_a_handful_of_images():
     # 256 px: objects large against the decoder's 1/4-resolution output.
     sample = synthetic.SyntheticConfig(name="overfit", image_size=256, void_width=0)
     examples = [synthetic.generate_example(sample, "train", i) for i in range(2)]
-    images = pipeline.normalize(np.stack([image for image, _ in examples]))
+    images = normalize(np.stack([image for image, _ in examples]))
     labels = np.stack([mask.reshape(mask.shape[:2]) for _, mask in examples]).astype(np.int32)
     batch = {"image": np.asarray(images, np.float32)[None], "label": labels[None]}
     step = jax.jit(
