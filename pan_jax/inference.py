@@ -328,18 +328,14 @@ def _slide_logits(
     rows = max(height - win_h + stride[0] - 1, 0) // stride[0] + 1
     cols = max(width - win_w + stride[1] - 1, 0) // stride[1] + 1
     size = np.array([win_h, win_w], np.int32)
+    window_sizes = to_devices(np.tile(size, (len(images), 1)), batch_sharding)  # every window's
     for i in range(rows):
         for j in range(cols):
             y = max(min(i * stride[0] + win_h, height) - win_h, 0)
             x = max(min(j * stride[1] + win_w, width) - win_w, 0)
             windows = np.zeros((len(images), pad_h, pad_w, 3), images.dtype)
             windows[:, :win_h, :win_w] = images[:, y : y + win_h, x : x + win_w]
-            logits = _forward(
-                model,
-                variables,
-                to_devices(windows, batch_sharding),
-                to_devices(np.tile(size, (len(images), 1)), batch_sharding),
-            )
+            logits = _forward(model, variables, to_devices(windows, batch_sharding), window_sizes)
             offset = np.array([y, x], np.int32)
             total, count = _add_window(total, count, logits, offset, size)
     return _average_windows(total, count)
