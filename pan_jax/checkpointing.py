@@ -43,7 +43,6 @@ class CheckpointDamagedError(ValueError):
 def _damaged(manager: ocp.CheckpointManager, step: int, error: Exception) -> CheckpointDamagedError:
     """The error for an unreadable checkpoint: what failed and how to resume from the one
     before. Nothing is deleted: the folder may be repairable, or wanted for a post-mortem."""
-    _quiet_abandoned_reads()
     directory = manager.directory
     earlier = [s for s in manager.all_steps() if s < step]
     then = f"to resume from step {max(earlier)}" if earlier else "to start the run afresh"
@@ -54,18 +53,29 @@ def _damaged(manager: ocp.CheckpointManager, step: int, error: Exception) -> Che
     )
 
 
+_ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
+
+
 class _AbandonedReadsFilter(std_logging.Filter):
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return "exception was never retrieved" not in record.getMessage()
+        if "exception was never retrieved" not in record.getMessage():
+            return True
+        where = record.exc_info[2] if record.exc_info else None
+        while where is not None:  # raised in orbax's reads
+            if _ORBAX_SOURCE in where.tb_frame.f_code.co_filename:
+                return False
+            where = where.tb_next
+        return True
 
 
 def _quiet_abandoned_reads() -> None:
-    """Called where an orbax restore failed (damaged or mismatched). Its other reads go on
-    running on orbax's event loop; as they end, or are collected, each reports its own failure:
-    asyncio logs "Task exception was never retrieved", callbacks into the closed loop raise
-    "Event loop is closed", and its coroutines, collected unfinished, raise their read errors:
-    dozens of tracebacks under the one error that says what failed.
-    From here on those are dropped."""
+    """Called before each orbax restore. When one read fails, orbax closes its event loop and
+    abandons the other reads, which go on in TensorStore's threads; as they end, or are
+    collected, each reports its own failure: asyncio logs "Task exception was never retrieved",
+    TensorStore's callbacks into the closed loop raise "Event loop is closed", and orbax's
+    coroutines, collected unfinished, raise their read errors: dozens of tracebacks under the
+    one error that says what failed. The first ones can come before the restore has raised,
+    hence installed before it. Nothing else is dropped."""
     asyncio_log = std_logging.getLogger("asyncio")
     if any(isinstance(f, _AbandonedReadsFilter) for f in asyncio_log.filters):
         return
@@ -73,11 +83,15 @@ def _quiet_abandoned_reads() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
-        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in (
-            str(unraisable.exc_value)
+        where = unraisable.exc_traceback
+        closed_loop = (  # raised in a TensorStore thread, outside any Python caller
+            isinstance(unraisable.exc_value, RuntimeError)
+            and "Event loop is closed" in str(unraisable.exc_value)
+            and where is not None
+            and where.tb_frame.f_code.co_name == "call_soon_threadsafe"
         )
         code = getattr(unraisable.object, "cr_code", None)  # an orbax coroutine collected
-        orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        orbax_read = code is not None and _ORBAX_SOURCE in code.co_filename
         if not (closed_loop or orbax_read):
             previous(unraisable)
 
@@ -164,11 +178,11 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict, ModelSpec]:
     size = model.min_input_size
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
     where = f"{path / 'variables'} does not fit the model of {spec_file}"
+    _quiet_abandoned_reads()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             variables = checkpointer.restore(path / "variables", template)
     except (ValueError, KeyError) as error:  # another structure (e.g. another backbone)
-        _quiet_abandoned_reads()
         raise CheckpointMismatchError(f"{where}: {error}") from error
     # orbax restores an array of another shape as it is stored (e.g. num_classes edited).
     stored_leaves = jax.tree_util.tree_leaves_with_path(variables)
@@ -361,6 +375,7 @@ def save(
 
 
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    _quiet_abandoned_reads()
     try:
         restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
@@ -384,12 +399,12 @@ def restore_or_none(
         abstract_state,
         jax.tree.map(lambda _: state_sharding, abstract_state),
     )
+    _quiet_abandoned_reads()
     try:
         restored = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
     except (ValueError, KeyError) as error:  # orbax's tree and shape mismatches
-        _quiet_abandoned_reads()
         where = f"checkpoint {step} in {manager.directory}"
         raise CheckpointMismatchError(
             f"{where} does not fit this run's state (or is damaged): {error}"
@@ -436,6 +451,7 @@ def _restore_variables(
         "batch_stats": abstract["batch_stats"],
     }
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
+    _quiet_abandoned_reads()
     try:
         restored = manager.restore(
             step,
@@ -448,7 +464,6 @@ def _restore_variables(
             ),
         )
     except (ValueError, KeyError) as error:
-        _quiet_abandoned_reads()
         raise CheckpointMismatchError(
             f"checkpoint {step} in {directory} does not fit its model.json's model (or is "
             f"damaged): {error}"
