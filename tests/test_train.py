@@ -831,7 +831,8 @@ def test_a_damaged_checkpoint_is_named_with_the_step_to_resume_from(tmp_path, da
                 f.truncate(1000)  # as a copy cut short, or a disk that filled, leaves it
     message = r"checkpoint 4 in .* is incomplete or damaged \(.*\)\. Move it aside .*from step 2"
     # In processes of their own: orbax abandons the reads of a failed restore, which complain
-    # as they are collected (main silences them; a test process would show them later).
+    # as they end (checkpointing quiets them; pytest puts its own unraisablehook in front in
+    # each test, and would report them in a later one).
     for mode in ("train", "eval"):  # resume; --mode=eval (predict loads the same way)
         code, output = run_main(workdir, data_dir, f"--mode={mode}", num_train_steps=6)
         assert code == 1 and "Traceback" not in output, output[-3000:]
