@@ -49,7 +49,9 @@ def mmseg_metrics(images, num_classes, ignore_index=255):
         )
         for label, pred in images
     ]
-    totals = [sum(area) for area in zip(*areas, strict=True)]
+    # float64 before its divisions: its areas are float32 (exact integers here), its ratios
+    # would round to float32.
+    totals = [sum(area).double() for area in zip(*areas, strict=True)]
     result = IoUMetric.total_area_to_metrics(*totals, metrics=["mIoU"])
     return {**result, "mIoU": np.nanmean(result["IoU"]), "mAcc": np.nanmean(result["Acc"])}
 
@@ -72,12 +74,11 @@ def test_miou_equals_mmsegmentations_iou_metric_and_torchmetrics():
     assert np.isnan(result["iou"][ABSENT]) and result["iou"][PREDICTED_ONLY] == 0.0
     assert confusion.sum() == sum(int((label != 255).sum()) for label, _ in images)
 
-    # mmseg divides float32 areas (exact integers here): float32 rounding.
-    np.testing.assert_allclose(result["iou"], reference["IoU"], rtol=1e-6, atol=0, equal_nan=True)
-    np.testing.assert_allclose(result["accuracy"], reference["Acc"], rtol=1e-6, equal_nan=True)
-    assert result["miou"] == pytest.approx(reference["mIoU"], abs=1e-6)
-    assert result["pixel_accuracy"] == pytest.approx(reference["aAcc"], abs=1e-6)
-    assert result["mean_accuracy"] == pytest.approx(reference["mAcc"], abs=1e-6)
+    np.testing.assert_allclose(result["iou"], reference["IoU"], rtol=0, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(result["accuracy"], reference["Acc"], atol=1e-12, equal_nan=True)
+    assert result["miou"] == pytest.approx(reference["mIoU"], abs=1e-12)
+    assert result["pixel_accuracy"] == pytest.approx(reference["aAcc"], abs=1e-12)
+    assert result["mean_accuracy"] == pytest.approx(reference["mAcc"], abs=1e-12)
 
     jaccard = MulticlassJaccardIndex(num_classes=NUM_CLASSES, ignore_index=255, average="macro")
     accuracy = MulticlassAccuracy(num_classes=NUM_CLASSES, ignore_index=255, average="micro")
