@@ -182,12 +182,13 @@ def evaluate_dataset(
 
     def batch_key(image: np.ndarray, padded_out: tuple[int, int]) -> tuple:
         # Whole mode: the model's padded inputs (each image is resized to its own label);
-        # slide mode: the size itself, which places the windows.
+        # slide mode: the size itself, which places the windows. And the kind of image: stacked
+        # with float ones, uint8 images would be read as normalized.
         if options["mode"] == "whole":
-            return inference.view_shapes(
-                image.shape[:2], options["scales"], multiple, min_size
-            ), padded_out
-        return image.shape[:2], padded_out
+            shapes = inference.view_shapes(image.shape[:2], options["scales"], multiple, min_size)
+        else:
+            shapes = image.shape[:2]
+        return (shapes, image.dtype), padded_out
 
     for index, element in enumerate(dataset):
         image, label = _checked(element, index)

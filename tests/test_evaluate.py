@@ -304,6 +304,21 @@ for options in [
     evaluate._MAX_WAITING = limit
     np.testing.assert_array_equal(hurried["confusion_matrix"], one["confusion_matrix"])
     print("EQUAL", flush=True)
+
+# Images of one size but of both kinds (uint8, and float normalized) never share a batch:
+# stacked together, the uint8 ones would be read as normalized values.
+rng = np.random.default_rng(3)
+uint8_elements = [
+    {**e, "image": rng.integers(0, 256, e["image"].shape).astype(np.uint8)}
+    for e in multihost_elements()
+]
+mixed = (uint8_elements + multihost_elements()) * 2
+spread, one = (
+    evaluate.evaluate_dataset(model, variables, mixed, num_classes=NUM_CLASSES, devices=devices)
+    for devices in (None, jax.devices()[:1])
+)
+np.testing.assert_array_equal(spread["confusion_matrix"], one["confusion_matrix"])
+print("KINDS APART", flush=True)
 """
 
 
@@ -330,6 +345,7 @@ def test_images_are_spread_over_the_local_devices(tmp_path):
     assert result.stdout.count("DEVICES [0, 1, 2, 3]") == 2, result.stdout
     assert result.stdout.count("DEVICES [0]\n") == 2, result.stdout
     assert result.stdout.count("EQUAL") == 2, result.stdout
+    assert "KINDS APART" in result.stdout, result.stdout
     programs = list((tmp_path / "hlo").glob("*after_optimizations.txt"))
     assert len(programs) > 10
     for program in programs:
