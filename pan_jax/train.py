@@ -751,12 +751,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 logging.info("step %d was checkpointed, never evaluated: evaluating it", start_step)
                 run_eval(start_step)
             step = start_step
+            stopped = False
             if step < config.num_train_steps:
                 logging.info("first step ...")
             while step < config.num_train_steps:
                 if preemption.requested:  # came after the last step's check, or during an eval
                     flush_metrics(step, force=True, final=True)  # and checked: never save a NaN
                     save_and_exit(step, preemption.requested)
+                    stopped = True
                     break
                 host_batch = next(train_iter)
                 if config.get("log_batch_digests"):
@@ -785,6 +787,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 flush_metrics(step, force=must_save, final=bool(stop))
                 if stop:
                     save_and_exit(step, preemption.requested)
+                    stopped = True
                     break
                 if must_save:
                     checkpointing.save(
@@ -796,7 +799,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     run_eval(step)
                     last_timed = (step, time.perf_counter())  # evaluation is not throughput
             flush_metrics(step, force=True)
-            if step == config.num_train_steps:  # launchers look for this line (tpu_pod.sh)
+            # Still under the signal handlers: a SIGTERM now must not kill the last save.
+            manager.wait_until_finished()
+            # Launchers look for this line (tpu_pod.sh deletes the slice), so not where the run
+            # stopped at its last step with that step's evaluation still owed to a resume.
+            if step == config.num_train_steps and not (stopped and _is_eval_step(step, config)):
                 logging.info("training finished at step %d", step)
     finally:  # an error or a second Ctrl-C must not leave the last save half written
         manager.wait_until_finished()

@@ -984,6 +984,74 @@ def test_a_sigterm_during_an_eval_exits_before_another_step(
     assert "SIGTERM: checkpoint at step 2 written, exiting" in caplog.text
 
 
+def test_a_stop_during_the_last_step_leaves_its_evaluation_to_the_resume(
+    tmp_path, data_dir, monkeypatch, caplog
+):
+    # It logged "training finished" (launch/tpu_pod.sh then deletes the slice) with the final
+    # evaluation skipped, owed to a resume that would never come.
+    real_global_batch = sharding.global_batch
+    batches = []
+
+    def global_batch(*args, **kwargs):
+        batches.append(1)
+        if len(batches) == 4:  # the last step's: the notice comes while it runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_global_batch(*args, **kwargs)
+
+    monkeypatch.setattr(sharding, "global_batch", global_batch)
+    caplog.set_level("INFO")
+    workdir = tmp_path / "run"
+    config = tiny_config(data_dir, num_train_steps=4, eval_every_steps=4, checkpoint_every_steps=8)
+    train.train_and_evaluate(config, str(workdir))
+    assert "SIGTERM: checkpoint at step 4 written, exiting" in caplog.text
+    assert checkpointing.finished_steps(workdir) == [4]
+    assert "training finished" not in caplog.text and "eval at step" not in caplog.text
+    caplog.clear()
+    train.train_and_evaluate(config, str(workdir))
+    assert "evaluating it" in caplog.text and "eval at step 4" in caplog.text
+    assert "training finished at step 4" in caplog.text
+    # Without evaluations the run is done at its last step, stopped or not.
+    batches.clear()
+    config = tiny_config(data_dir, num_train_steps=4, checkpoint_every_steps=8)
+    train.train_and_evaluate(config, str(tmp_path / "no_eval"))
+    assert "training finished at step 4" in caplog.text
+
+
+def test_training_finished_is_logged_once_the_last_checkpoint_is_written(
+    tmp_path, data_dir, monkeypatch, caplog
+):
+    # The final save was waited for only after the SIGTERM handler was gone: a SIGTERM after
+    # "training finished" (which tpu_pod.sh takes for the end) killed its write.
+    import orbax.checkpoint as ocp
+
+    events = []
+    real_wait = ocp.CheckpointManager.wait_until_finished
+
+    def wait_until_finished(self):
+        real_wait(self)
+        events.append(("written", tuple(checkpointing.finished_steps(tmp_path / "run"))))
+
+    class Handler(std_logging.Handler):
+        def emit(self, record):
+            if "training finished" in record.getMessage():
+                events.append(("finished", None))
+                handler_installed.append(signal.getsignal(signal.SIGTERM))
+
+    handler_installed = []
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait_until_finished)
+    handler = Handler()
+    caplog.set_level("INFO")
+    std_logging.getLogger().addHandler(handler)
+    try:
+        config = tiny_config(data_dir, num_train_steps=3, checkpoint_every_steps=2)
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    finally:
+        std_logging.getLogger().removeHandler(handler)
+    finished = events.index(("finished", None))
+    assert ("written", (2, 3)) in events[:finished], events
+    assert handler_installed[0] not in (signal.SIG_DFL, signal.default_int_handler)
+
+
 def test_an_option_spelled_out_at_its_default_is_the_same_model():
     # Resuming with --config.model.overrides.output_stride=16 (pan_smp's own) was refused.
     plain = {"name": "pan_smp", "backbone": "resnet18", "num_classes": 3, "overrides": {}}
