@@ -62,8 +62,15 @@ def padded_size(size: int, pad_multiple: int, min_size: int) -> int:
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """mmcv's `rescale_size`: int(x·s + 0.5) per side, at least 1."""
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+    """The view mmseg's test-time `Resize(scale_factor=s, keep_ratio=True)` makes, at least 1.
+
+    mmcv rounds twice: the target (int(h·s + 0.5), int(w·s + 0.5)) becomes a bound for
+    `rescale_size`, whose factor min(long'/long, short'/short) is applied and rounded again
+    (150×191 at 0.75 gives 112×143, not 113×143).
+    """
+    bound = (int(height * scale + 0.5), int(width * scale + 0.5))
+    factor = min(max(bound) / max(height, width), min(bound) / min(height, width))
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 def _interpolation_indices(
@@ -476,11 +483,12 @@ def predict_scores(
 
 
 def predict_image(model: Any, variables: Any, image: np.ndarray, **options: Any) -> np.ndarray:
-    """Class indices (H, W) int32 of one image (see `checked_image`).
+    """Class indices (H, W) int32 of one image (see `checked_image`), at `out_size` if given.
 
-    `options` are those of `predict_scores` (mode, scales, flip, crop_size, stride, pad_multiple).
+    `options` are those of `predict_scores` (out_size, mode, scales, flip, crop_size, stride,
+    pad_multiple).
     """
-    height, width = np.shape(image)[:2]
+    height, width = options.get("out_size") or np.shape(image)[:2]
     scores = predict_scores(model, variables, image, **options)
     views = views_of(options.get("scales", (1.0,)), options.get("flip", False))
     return np.asarray(class_indices(scores, averaged=len(views) > 1))[:height, :width]
