@@ -16,7 +16,8 @@ a.png.png):
 The dataset is read from the workdir's `config.json` (`data.name`); without one (a converted
 model) 21 classes are written as VOC palette PNGs, anything else as indices; --dataset
 overrides. A one-class model (SMP's binary `classes=1`) writes 1 where its sigmoid passes 0.5.
---overlay also writes `<stem>_overlay.png`, the image blended with class colors. Mode, crop,
+--overlay also writes `<stem>_overlay.jpg`, the image blended with class colors (a JPEG, so that
+evaluation scripts, which take every PNG of a results folder for a mask, never see it). Mode, crop,
 stride and padding default to the workdir config's `eval` section; in slide mode (--mode=slide or
 the config's) a --crop_size without --stride slides by 2/3 of that crop (whole mode uses no crop).
 
@@ -320,9 +321,14 @@ def list_inputs(pattern: str, exclude_dir: str | None = None) -> list[tuple[str,
 
 
 def output_paths(output_dir: str | os.PathLike, name: str, write_overlay: bool) -> list[epath.Path]:
-    """The files written for the input named `name`: its mask, then its overlay (if asked)."""
+    """The files written for the input named `name`: its mask, then its overlay (if asked).
+
+    Overlays are JPEGs: the evaluation scripts take every PNG under a results folder for a mask
+    (cityscapesscripts finds `<city>_<seq>_<frame>*.png` at any depth, and a second match for one
+    image is an error there).
+    """
     mask = epath.Path(output_dir) / f"{name}.png"
-    return [mask, mask.parent / f"{mask.stem}_overlay.png"] if write_overlay else [mask]
+    return [mask, mask.parent / f"{mask.stem}_overlay.jpg"] if write_overlay else [mask]
 
 
 def check_outputs_spare_inputs(
@@ -348,7 +354,7 @@ def check_outputs_spare_inputs(
                 raise ValueError(
                     f"--output={os.fspath(output_dir)}: the {kind} of {path} and the "
                     f"{written[resolved]} would both be written to {target}; rename one input or "
-                    "leave out --overlay"
+                    "give another --output"
                 )
             written[resolved] = f"{kind} of {path}"
 
@@ -379,7 +385,7 @@ def predict_files(
     write_overlay: bool = False,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
-    """Writes `<output_dir>/<name>.png` (and `<name>_overlay.png`) for every (path, name).
+    """Writes `<output_dir>/<name>.png` (and `<name>_overlay.jpg`) for every (path, name).
 
     Returns (written mask paths, error messages); a failing file is logged and skipped.
     """
@@ -401,7 +407,7 @@ def predict_files(
             mask_image(classes, output_format, model.num_classes).save(f, format="PNG")
         if write_overlay:
             with targets[1].open("wb") as f:
-                Image.fromarray(overlay(image, classes, palette)).save(f, format="PNG")
+                Image.fromarray(overlay(image, classes, palette)).save(f, format="JPEG", quality=90)
         written.append(os.fspath(target))
         logging.info("[%d/%d] %s -> %s", index + 1, len(inputs), path, target)
     return written, errors
@@ -418,7 +424,7 @@ flags.DEFINE_string("output", None, "Directory for the masks (and overlays).")
 flags.DEFINE_bool("multiscale", False, f"Average softmax over the scales {inference.MS_SCALES}.")
 flags.DEFINE_bool("flip", False, "Also average over horizontally flipped views.")
 flags.DEFINE_bool(
-    "overlay", False, "Also write <name>_overlay.png, the image blended with class colors."
+    "overlay", False, "Also write <name>_overlay.jpg, the image blended with class colors."
 )
 flags.DEFINE_enum(
     "mode",

@@ -1,5 +1,6 @@
 """`python -m pan_jax.predict`: odd image formats, a bad file among good ones, mask formats."""
 
+import copy
 import io
 import json
 import os
@@ -246,7 +247,7 @@ def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, saved_model, tm
         mask = Image.open(out / f"{stem}.png")
         assert mask.mode == "P" and mask.size == (image.shape[1], image.shape[0]), name
         assert np.asarray(mask).max() < NUM_CLASSES
-        assert Image.open(out / f"{stem}_overlay.png").size == mask.size
+        assert Image.open(out / f"{stem}_overlay.jpg").size == mask.size
     assert not (out / "notes.png").exists()
     # The mask holds exactly the classes this process predicts for the same image, padded as
     # the CLI pads for a model directory.
@@ -324,24 +325,48 @@ def test_outputs_must_spare_inputs_by_resolved_path_masks_and_overlays(tmp_path)
     with pytest.raises(ValueError, match=r"mask of .*rgb\.png .*overwriting the input"):
         predict.check_outputs_spare_inputs(single, photos / "x" / "..", write_overlay=False)
     predict.check_outputs_spare_inputs(single, tmp_path / "masks", write_overlay=True)
-    # street.jpg's overlay, street_overlay.png, is also an input (whose own mask is itself).
+    # street.jpg's overlay, street_overlay.jpg, is also an input.
     Image.fromarray(smooth_rgb(16, 16)).save(tmp_path / "street.jpg")
-    Image.fromarray(smooth_rgb(16, 16)).save(tmp_path / "street_overlay.png")
+    Image.fromarray(smooth_rgb(16, 16)).save(tmp_path / "street_overlay.jpg")
     street = predict.list_inputs(str(tmp_path / "street*"))
     with pytest.raises(ValueError, match=r"the overlay of .*street\.jpg would be written to"):
         predict.check_outputs_spare_inputs(street, tmp_path, write_overlay=True)
-    with pytest.raises(ValueError, match=r"the mask of .*street_overlay\.png would be written"):
-        predict.check_outputs_spare_inputs(street, tmp_path, write_overlay=False)
-    # Written elsewhere, street.jpg's overlay and street_overlay.png's mask still collide.
-    with pytest.raises(ValueError, match=r"would both be written to .*street_overlay\.png"):
-        predict.check_outputs_spare_inputs(street, tmp_path / "masks", write_overlay=True)
-    predict.check_outputs_spare_inputs(street, tmp_path / "masks", write_overlay=False)
+    predict.check_outputs_spare_inputs(street, tmp_path, write_overlay=False)
+    predict.check_outputs_spare_inputs(street, tmp_path / "masks", write_overlay=True)
+    # Two outputs that resolve to one file (a link in the output directory) are refused too.
+    (tmp_path / "out" / "b").mkdir(parents=True)
+    (tmp_path / "out" / "a").symlink_to(tmp_path / "out" / "b")
+    twins = [(str(photos / "rgb.png"), "a/x"), (str(tmp_path / "street.jpg"), "b/x")]
+    with pytest.raises(ValueError, match=r"the mask of .*street\.jpg and the mask of .*rgb\.png"):
+        predict.check_outputs_spare_inputs(twins, tmp_path / "out", write_overlay=False)
+
+
+def test_cityscapes_evaluation_finds_one_prediction_per_image_with_overlays(tmp_path):
+    # With the overlays as <stem>_overlay.png, cityscapesscripts found two predictions for
+    # every image (its search takes <city>_<seq>_<frame>*.png at any depth) and exited.
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval  # noqa: N813
+
+    image = tmp_path / "leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png"
+    image.parent.mkdir(parents=True)
+    Image.fromarray(smooth_rgb(16, 16)).save(image)
+    results = tmp_path / "results"
+    inputs = predict.list_inputs(str(tmp_path / "leftImg8bit" / "val"), exclude_dir=str(results))
+    predict.check_outputs_spare_inputs(inputs, results, write_overlay=True)
+    (name,) = [name for _, name in inputs]
+    mask, overlay = predict.output_paths(results, name, write_overlay=True)
+    mask.parent.mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(mask)
+    Image.fromarray(smooth_rgb(16, 16)).save(overlay)
+    arguments = copy.copy(cs_eval.args)
+    arguments.predictionPath, arguments.predictionWalk = str(results), None
+    ground_truth = tmp_path / "gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelIds.png"
+    assert cs_eval.getPrediction(arguments, str(ground_truth)) == os.fspath(mask)
 
 
 def test_list_inputs_skips_files_inside_the_output_directory(tmp_path):
     photos = tmp_path / "photos2"
     (photos / "masks" / "masks").mkdir(parents=True)
-    for name in ("rgb.png", "masks/rgb.png", "masks/rgb_overlay.png", "masks/masks/rgb.png"):
+    for name in ("rgb.png", "masks/rgb.png", "masks/rgb_overlay.jpg", "masks/masks/rgb.png"):
         Image.fromarray(smooth_rgb(16, 16)).save(photos / name)
     masks = str(photos / "masks")
     assert predict.list_inputs(str(photos), exclude_dir=masks) == [(str(photos / "rgb.png"), "rgb")]
@@ -352,7 +377,7 @@ def test_list_inputs_skips_files_inside_the_output_directory(tmp_path):
     assert len(predict.list_inputs(str(photos), exclude_dir=spelled)) == 1
     # Every match is an output: the error says where they went.
     with pytest.raises(FileNotFoundError, match=r"besides 1 file\(s\) inside --output="):
-        predict.list_inputs(str(photos / "**" / "*_overlay.png"), exclude_dir=masks)
+        predict.list_inputs(str(photos / "**" / "*_overlay.jpg"), exclude_dir=masks)
     # --output is the input directory itself: skipping would leave nothing, so all are inputs
     # (and check_outputs_spare_inputs refuses what would overwrite them).
     assert len(predict.list_inputs(str(photos), exclude_dir=str(photos))) == 4
@@ -366,7 +391,7 @@ def test_predict_does_not_read_its_own_masks_back(saved_model, tmp_path):
     photos = tmp_path / "photos2"
     (photos / "masks").mkdir(parents=True)
     Image.fromarray(smooth_rgb(40, 40)).save(photos / "rgb.png")
-    for left_by_a_first_run in ("rgb.png", "rgb_overlay.png"):
+    for left_by_a_first_run in ("rgb.png", "rgb_overlay.jpg"):
         Image.fromarray(smooth_rgb(40, 40, 1)).save(photos / "masks" / left_by_a_first_run)
     output = photos / "masks"
     result = run_predict(
@@ -374,7 +399,7 @@ def test_predict_does_not_read_its_own_masks_back(saved_model, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Wrote 1 masks" in result.stdout
-    assert sorted(os.listdir(output)) == ["rgb.png", "rgb_overlay.png"]
+    assert sorted(os.listdir(output)) == ["rgb.png", "rgb_overlay.jpg"]
 
 
 def test_predict_checks_its_arguments_before_loading_the_model(tmp_path):
