@@ -3,9 +3,11 @@
 import dataclasses
 import hashlib
 import io
+import os
 import shutil
 import socket
 import tarfile
+import types
 import urllib.parse
 
 import numpy as np
@@ -494,6 +496,20 @@ def test_moved_archives_are_extracted_from_where_they_are_now(tmp_path):
     cfg.manual_dir = str(tmp_path / "new")
     data.prepare(cfg)
     assert np.array_equal(_records(cfg, "val")[E]["label"], masks[E])
+
+
+def test_archives_in_a_bucket_are_extracted_without_a_local_link(tmp_path):
+    # A local link to gs://... pointed at a relative "gs:/..." path that is not there: the
+    # archives in a bucket with the dataset built on a local disk failed to extract.
+    extracted = []
+    dl_manager = types.SimpleNamespace(
+        download_dir=str(tmp_path / "downloads"),
+        extract=lambda path: extracted.append(path) or str(tmp_path / "out"),
+    )
+    archive = epath.Path(f"gs://bucket/archives/{voc_aug.VOC.file_name}")
+    assert voc_aug._extract(dl_manager, archive, "0" * 32) == epath.Path(tmp_path / "out")
+    assert [os.fspath(path) for path in extracted] == [os.fspath(archive)]
+    assert not (tmp_path / "downloads").exists()
 
 
 @pytest.mark.parametrize("cut", ["inside a member", "between members"])

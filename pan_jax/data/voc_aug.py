@@ -427,9 +427,13 @@ def _extract(
 
     tfds reuses an extraction by the archive's file name alone: a replaced archive (a download
     cut short, then completed) would still be read from its first extraction. So it extracts a
-    link named `<md5>.<name>`; where no link can be made (a bucket), the archive itself.
+    link named `<md5>.<name>`; where no link can be made (either side in a bucket), the archive
+    itself.
     """
     link = epath.Path(dl_manager.download_dir) / "archives_by_md5" / f"{md5}.{archive.name}"
+    if any("://" in os.fspath(path) for path in (archive, link)):
+        # A local link to `gs://...` would point at a relative path "gs:/..." that is not there.
+        return epath.Path(dl_manager.extract(archive))
     target = os.path.abspath(archive)
     try:
         # An earlier build's link may point where the archive no longer is (moved, or replaced
