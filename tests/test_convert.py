@@ -202,6 +202,29 @@ def test_every_named_variant_fits(library, name):
     assert arch == convert.resnet_variant(name) and unused == ["fc.bias", "fc.weight"]
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        "hf-hub:timm/resnetaa50d.sw_in12k_ft_in1k (cached as /cache/model.safetensors)",
+        "weights/resnetblur50.bt_in1k/model.safetensors",
+        "ResNetAA101d.pth",
+    ],
+)
+def test_anti_aliased_resnets_are_refused_by_name(source):
+    # Their blur pools hold no weights: converted as resnet50d/resnet50/resnet101d, they gave
+    # features 1.1-1.3 (relative) away from timm's, silently.
+    with torch.device("meta"):
+        model = timm.create_model("resnetaa50d", pretrained=False)
+    state_dict = {
+        k: np.broadcast_to(np.zeros((), np.float32 if v.is_floating_point() else np.int64), v.shape)
+        for k, v in model.state_dict().items()
+    }
+    _, arch, _ = convert_resnet(state_dict, "resnet50d.safetensors")  # its keys alone: resnet50d
+    assert arch == convert.resnet_variant("resnet50d")
+    with pytest.raises(convert.ConversionError, match=r"anti-aliased ResNet.*resnet101s"):
+        convert_resnet(state_dict, source)
+
+
 def test_avg_down_and_dilation_rule_are_seen(checkpoint, images):
     """The comparison above has teeth where the keys do not: a "d" checkpoint run without
     the average-pool shortcut, or with SMP's dilation rule, gives other features."""
@@ -376,6 +399,7 @@ def test_load_pretrained_backbone_leaves_decoder(checkpoint, tmp_path):
     again, report = convert.load_pretrained(template, tmp_path / "m", "pan_jax", model=other)
     assert {n.split("/")[1] for n in report.loaded} == {"backbone", "decoder"}
     assert set(report.not_loaded) == {"params/head/bias", "params/head/kernel"}
+    assert not any("other options" in n for n in report.notes)  # the class count: the head's
     assert any(
         "head" in n and "(3, 3, 128, 3)" in n and "(3, 3, 128, 5)" in n for n in report.notes
     )
@@ -391,6 +415,17 @@ def test_load_pretrained_backbone_leaves_decoder(checkpoint, tmp_path):
     _, report = convert.load_pretrained(template, tmp_path / "m", "pan_jax", model=narrow)
     (note,) = [n for n in report.notes if n.startswith("decoder not loaded")]
     assert note.count(": checkpoint (") == 3 and " in all)" in note and len(note) < 600, note
+    # Options that change what the weights compute but not their shapes load, and are said.
+    gated = models.create(
+        "pan", num_classes=3, backbone="resnet18", stem="deep32", avg_down=True, gau_gate="sigmoid"
+    )
+    template = jax.eval_shape(lambda: gated.init(jax.random.key(0), np.zeros((1, 128, 128, 3))))
+    _, report = convert.load_pretrained(template, tmp_path / "m", "pan_jax", model=gated)
+    assert not report.not_loaded
+    assert report.notes == (
+        "loaded into a model of other options (decoder.gau_gate: checkpoint 'relu', model "
+        "'sigmoid')",
+    )
 
 
 def test_load_pretrained_checks_the_variant(checkpoint):

@@ -16,7 +16,8 @@ one converter serves both. The variant is read from the keys and shapes:
 
 (N = 18…152 where the library has it; d = avg_down: timm's "d" shortcut average-pools before
 its conv.) Variants whose extra pieces have no parameters (timm's anti-aliased `resnetaa*`,
-`resnetblur*`) cannot be told from a plain ResNet by their keys; they are not supported.
+`resnetblur*`) cannot be told from a plain ResNet by their keys; they are not supported, and
+refused where their name shows (the file, folder or hub repository), not in a bare state dict.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ Arch = dict[str, Any]  # {"depth": int, "stem": str, "avg_down": bool}: `ResNet`
 # The ImageNet classifier, which a segmentation backbone does not use.
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 _DEPTHS = {(sizes, depth >= 50): depth for depth, sizes in STAGE_SIZES.items()}
+# timm's anti-aliased ResNets: a plain ResNet's keys and shapes, another network (blur pools).
+_ANTI_ALIASED = re.compile(r"(?<![a-z])resnet(?:aa|blur)\d+[a-z]?", re.IGNORECASE)
 _SUFFIXES = {
     "": dict(stem="torchvision", avg_down=False),
     "c": dict(stem="deep32", avg_down=False),
@@ -155,6 +158,13 @@ def convert_resnet(
     state_dict: Mapping[str, Any], source: str, variant: str | None = None
 ) -> tuple[dict, Arch, list[str]]:
     """As `from_imagenet` on a read state dict; also returns the checkpoint keys left unused."""
+    if anti_aliased := _ANTI_ALIASED.search(source):
+        raise ConversionError(
+            f"{source}: timm's {anti_aliased.group(0)} is an anti-aliased ResNet: its blur "
+            "pooling has no weights, so its keys and shapes are a plain ResNet's, but pan_jax's "
+            "ResNet has no such layers and would compute another network; use a plain "
+            "torchvision/timm ResNet (e.g. resnet101, resnet101d, resnet101s)"
+        )
     arch = detect_resnet(state_dict, source)
     if variant is not None:
         wanted = resnet_variant(variant)

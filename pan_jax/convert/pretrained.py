@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 from etils import epath
+from flax import linen as nn
 from flax import traverse_util
 
 from pan_jax.convert import download
@@ -100,22 +101,41 @@ def _variables_arch(variables: Mapping[str, Any]) -> str:
     return f"a ResNet with {'-'.join(map(str, blocks))} blocks and stem widths {stem_widths}"
 
 
-def _read(path: str | os.PathLike, kind: str) -> tuple[dict, Arch | None, list[str]]:
-    """(variables of the checkpoint in the model's layout, its backbone arch, unused keys)."""
+def option_differences(saved: Any, model: Any, prefix: str = "") -> list[str]:
+    """Where two models' options differ, e.g. "decoder.gate: checkpoint 'sigmoid', model 'relu'"
+    (their modules' fields, recursively; not the class count or the compute dtype)."""
+    differences = []
+    for field in dataclasses.fields(model):
+        if field.name in ("parent", "name", "dtype", "num_classes"):
+            continue
+        was, now = getattr(saved, field.name, None), getattr(model, field.name)
+        if isinstance(was, nn.Module) and type(was) is type(now):
+            differences += option_differences(was, now, f"{prefix}{field.name}.")
+        elif isinstance(was, nn.Module) or isinstance(now, nn.Module):
+            kinds = type(was).__name__, type(now).__name__
+            differences.append(f"{prefix}{field.name}: checkpoint {kinds[0]}, model {kinds[1]}")
+        elif was != now:
+            differences.append(f"{prefix}{field.name}: checkpoint {was!r}, model {now!r}")
+    return differences
+
+
+def _read(path: str | os.PathLike, kind: str) -> tuple[dict, Arch | None, list[str], Any]:
+    """(variables of the checkpoint in the model's layout, its backbone arch, unused keys, the
+    model it was saved from where it says)."""
     name = os.fspath(path)
     if kind in ("torchvision", "timm"):
         backbone, arch, unused = convert_resnet(read_state_dict(path), name)
-        return {c: {"backbone": tree} for c, tree in backbone.items()}, arch, unused
+        return {c: {"backbone": tree} for c, tree in backbone.items()}, arch, unused, None
     if kind == "smp":
         state_dict = read_state_dict(path)
         depth = int(smp_spec(state_dict)["backbone"].removeprefix("resnet"))
         arch = {"depth": depth, "stem": "torchvision", "avg_down": False}
-        return from_smp(state_dict), arch, []
+        return from_smp(state_dict), arch, [], None
     from pan_jax import checkpointing  # orbax is only needed for this kind
 
     variables, spec, _ = checkpointing.load_any(path)  # a model dir or a run's latest checkpoint
-    backbone = checkpointing.model_from_spec(spec).backbone
-    return variables, _backbone_arch(backbone), []
+    saved = checkpointing.model_from_spec(spec)
+    return variables, _backbone_arch(saved.backbone), [], saved
 
 
 def _cast_like(value: Any, like: Any) -> Any:
@@ -161,9 +181,20 @@ def load_pretrained(
       download.DownloadError: a remote file could not be fetched.
     """
     path = resolve_source(path, kind, model)
-    loaded, arch, unused = _read(path, kind)
+    loaded, arch, unused, saved = _read(path, kind)
+    notes = []
+    if saved is not None and model is not None and (differs := option_differences(saved, model)):
+        # Fine-tuning across options is legitimate; weights of the same shapes load silently.
+        notes.append(f"loaded into a model of other options ({'; '.join(differs)})")
     return merge_pretrained(
-        variables, loaded, source=os.fspath(path), kind=kind, arch=arch, unused=unused, model=model
+        variables,
+        loaded,
+        source=os.fspath(path),
+        kind=kind,
+        arch=arch,
+        unused=unused,
+        model=model,
+        notes=notes,
     )
 
 
@@ -201,8 +232,10 @@ def merge_pretrained(
     arch: Arch | None,
     unused: list[str],
     model: Any = None,
+    notes: Sequence[str] = (),
 ) -> tuple[dict, PretrainedReport]:
-    """`load_pretrained` on a checkpoint already converted to the model's layout (`loaded`)."""
+    """`load_pretrained` on a checkpoint already converted to the model's layout (`loaded`);
+    `notes` open the report's."""
     name = source  # the checkpoint's file name, for messages
     if model is not None and arch is not None and arch != _backbone_arch(model.backbone):
         raise ConversionError(
@@ -233,7 +266,7 @@ def merge_pretrained(
     )
 
     out = {c: dict(target[c]) for c in collections}
-    notes: list[str] = []
+    notes = list(notes)
     loaded_names: list[str] = []
     unused_names = list(unused)
     loaded_values = 0
