@@ -28,8 +28,9 @@ Settings are environment variables (defaults in brackets):
   PROJECT [gcloud's default]  ZONE [us-central2-b]  NAME [pan-jax]  QR_ID [$NAME-qr]
   ACCELERATOR [v4-32]  RUNTIME [tpu-ubuntu2204-base]  PROVISIONING [spot | reserved | on-demand]
   BUCKET [gs://my-bucket]  TFDS_DATA_DIR [$BUCKET/tensorflow_datasets]
-  WORKDIR [$BUCKET/runs/pan_voc]  CONFIG [configs/voc.py]  PYTHON [python3.11]
-  JAX_SPEC [jax[tpu]>=0.10,<0.12]  LOG [pan_jax_train.log, in each worker's home]
+  CONFIG [configs/voc.py]  WORKDIR [$BUCKET/runs/<config name>, or <name>_<ROW> for file.py:ROW]
+  PYTHON [python3.11]  JAX_SPEC [jax[tpu]>=0.10,<0.12]  LOG [pan_jax_train.log, in each
+  worker's home]  NUM_WORKERS [8: grain decoding processes per worker]
 EOF
 }
 
@@ -43,8 +44,11 @@ RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"   # v5e: v2-alpha-tpuv5-lite, v6e: v2-
 PROVISIONING="${PROVISIONING:-spot}"
 BUCKET="${BUCKET:-gs://my-bucket}"
 TFDS_DATA_DIR="${TFDS_DATA_DIR:-${BUCKET}/tensorflow_datasets}"
-WORKDIR="${WORKDIR:-${BUCKET}/runs/pan_voc}"
 CONFIG="${CONFIG:-configs/voc.py}"
+config_name=$(basename "${CONFIG%%:*}" .py)  # configs/voc_ablation.py:ROW -> voc_ablation_ROW
+[[ $CONFIG == *:* ]] && config_name+="_${CONFIG#*:}"
+WORKDIR="${WORKDIR:-${BUCKET}/runs/${config_name}}"
+NUM_WORKERS="${NUM_WORKERS:-8}"
 PYTHON="${PYTHON:-python3.11}"              # pan_jax needs Python >= 3.11 (Ubuntu 22.04 has 3.10)
 JAX_SPEC="${JAX_SPEC:-jax[tpu]>=0.10,<0.12}"
 LOG="${LOG:-pan_jax_train.log}"
@@ -168,6 +172,7 @@ main_command() {
   command+=" setsid nohup ~/${REMOTE_VENV}/bin/python -m pan_jax.main"
   command+=" --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
   command+=" --config.data.data_dir=$(printf '%q' "$TFDS_DATA_DIR")"
+  command+=" --config.data.num_workers=$(printf '%q' "$NUM_WORKERS")"
   for arg in "$@"; do
     command+=" $(printf '%q' "$arg")"
   done

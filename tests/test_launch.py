@@ -119,8 +119,9 @@ def test_tpu_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path):
     assert "PAN_JAX_DISTRIBUTED=1" in words
     assert words[words.index("pan_jax.main") + 1 :] == [
         "--config=configs/voc.py",
-        "--workdir=gs://bkt/runs/pan_voc",
+        "--workdir=gs://bkt/runs/voc",
         "--config.data.data_dir=gs://bkt/tensorflow_datasets",
+        "--config.data.num_workers=8",  # decoding in processes, as on GPUs
         "--config.batch_size=32",
     ]
     assert option(logs, "--worker") == "0" and "tail" in option(logs, "--command")
@@ -374,12 +375,16 @@ def test_single_host_script_layouts(tmp_path):
     assert printed_commands(activated.stdout)[0][0] == "python3"
 
 
-def test_each_ablation_row_gets_its_own_default_workdir():
+def test_each_ablation_row_gets_its_own_default_workdir(tmp_path):
+    # The SLURM and TPU scripts gave every config one workdir (runs/pan_jax, runs/pan_voc): a
+    # sweep of the rows as jobs wrote into each other's checkpoints.
     from pan_jax import checkpointing
 
     assert checkpointing.default_workdir("configs/voc.py") == "runs/voc"
     row = "configs/voc_ablation.py:fpa_c333_ave"
     assert checkpointing.default_workdir(row) == "runs/voc_ablation_fpa_c333_ave"
+    slurm = {**stub_path(tmp_path, "srun", "scontrol", "gcloud", "git")}
+    slurm.update(SLURM_SUBMIT_DIR=str(tmp_path), STUB_OUTPUT="training finished at step 9")
     for config, workdir in (
         ("configs/cityscapes.py", "runs/cityscapes"),
         (row, "runs/voc_ablation_fpa_c333_ave"),
@@ -388,6 +393,12 @@ def test_each_ablation_row_gets_its_own_default_workdir():
             bash("gpu_single_host.sh", "--dry-run", env={"CONFIG": config}).stdout
         )
         assert f"--config={config}" in command and f"--workdir={workdir}" in command
+        tpu = bash("tpu_pod.sh", "--dry-run", "train", env={**TPU_ENV, **slurm, "CONFIG": config})
+        assert f"--workdir=gs://bkt/{workdir} " in tpu.stdout, tpu.stdout
+        (tmp_path / "calls").unlink(missing_ok=True)
+        bash("gpu_slurm.sbatch", env={**slurm, "CONFIG": config})
+        (srun,) = recorded_calls(tmp_path)  # and no requeue: the run finished
+        assert option(srun, "--workdir") == f"{tmp_path}/{workdir}"
 
 
 def test_single_host_script_turns_a_signal_into_sigterm_for_every_process(tmp_path):
