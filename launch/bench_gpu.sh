@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite of docs/benchmarks.md: PAN-R101 at 512², bf16, against SMP in PyTorch.
 # Usage: [BENCH_PARTS="smp pan"] bash launch/bench_gpu.sh OUTDIR
-# The parts (BENCH_PARTS, default all, in order of importance: smp pan bn_moments pointwise
-# compile) run one after another, each time-boxed, all within BENCH_BUDGET_S seconds (default
-# 560: one 10-minute device call, of the 15 minutes a session's device time allows, the start
-# included); a part that would not get 90 s is skipped. Each part is one process; on an H200
-# each step compile took about a minute. The smp and pan parts train at batch 16 and then at
-# the largest batch that XLA's memory plan of the batch-16 step says fits (`--batch=16,max`),
-# in the same process; the pan part then times a training run's init (on the host's CPU, as
-# training does, then on the GPU for comparison). The torch.compile peer was measured in the
-# ninth session. A second call, on the still warm machine, takes what the first skipped, e.g.
-# `BENCH_PARTS="bn_moments pointwise"`. The A/B parts compare with the smp part's train row of
+# The parts (BENCH_PARTS, default all, in order of importance: smp pan forward bn_moments
+# pointwise compile) run one after another, each time-boxed, all within BENCH_BUDGET_S seconds
+# (default 560: one 10-minute device call, of the 15 minutes a session's device time allows, the
+# start included); a part that would not get 90 s is skipped. Each part is one process; on an
+# H200 each step compile took about a minute. The smp and pan parts train at batch 16 and then
+# at the largest batch that XLA's memory plan of the batch-16 step says fits (`--batch=16,max`),
+# in the same process, unless the batch-16 row predicts that it would not end within the part's
+# time (a skipped row, with the reason); the pan part then times a training run's init (on the
+# host's CPU, as training does, then on the GPU for comparison). The forward part times the
+# forward pass against SMP's. The torch.compile peer was measured in the ninth session. A second
+# call, on the still warm machine, takes what the first skipped, e.g.
+# `BENCH_PARTS="forward bn_moments"`.
+# The torch peer needs segmentation_models_pytorch, which the GPU image lacks: carry its wheel
+# (`pip download segmentation_models_pytorch==0.6.0 --no-deps`; its dependencies are there) and
+# install it first. The smp, forward and compile parts refuse to start without it, or without
+# a GPU that torch sees, rather than spend the call on rows without their peer. The A/B parts compare with the smp part's train row of
 # the same call, or else run our default step first. BENCH_BASELINE=previous skips that step
 # where the device tool says the machine was still warm: the previous call's smp part is then
 # the baseline (`python -m pan_jax.bench_report CALL1/bench.json CALL2/bench.json` pairs them).
-# The smp part also traces the training step and the forward pass and prints where their time
-# goes.
+# The smp and forward parts also trace the training step and the forward pass and print where
+# their time goes.
 # OUTDIR gets few files, whatever the number of parts (a device call brings back at most 8),
 # rewritten after every part so that a cut run still leaves every finished figure:
 #   bench.json  every part's JSON under its name;  bench.log  the GPU and every part's output;
@@ -24,10 +30,16 @@
 #   for `python -m pan_jax.op_profile TRACE --hlo=HLO` (TensorBoard/Perfetto read the trace).
 # BENCH_EXTRA_ARGS (e.g. "--backbone=resnet18 --crop=128") is appended to every bench command.
 set -uo pipefail
-all_parts="smp pan bn_moments pointwise compile"
+all_parts="smp pan forward bn_moments pointwise compile"
 for part in ${BENCH_PARTS:-$all_parts}; do  # a misspelt part must not cost the others' time
   [[ " $all_parts " == *" $part "* ]] || { echo "unknown part $part (expected $all_parts)" >&2; exit 2; }
 done
+if [[ " ${BENCH_PARTS:-$all_parts} " =~ \ (smp|forward|compile)\  ]]; then  # the torch peer's
+  python3 -c '
+import jax, torch, segmentation_models_pytorch
+assert jax.default_backend() == "cpu" or torch.cuda.is_available(), "torch sees no GPU"
+' || { echo "the SMP peer cannot run here (see the top of $0)" >&2; exit 2; }
+fi
 out=${1:-bench_out}
 mkdir -p "$out"
 parts=$(mktemp -d)  # each part's own JSON and log
@@ -101,10 +113,13 @@ run() {  # run NAME SECONDS ARGS...
     return
   fi
   local limit=$((seconds < left ? seconds : left))
-  # The bench starts no row after --budget_s, so that it still prints its table and ratios.
-  local budget=$((limit - 75))
+  # The bench starts no row after --budget_s, so that it still prints its table and ratios,
+  # and no largest-batch row that would not end before it is killed (its clock starts after
+  # Python and jax load).
+  local budget=$((limit - 75)) deadline_s=$((limit - 15))
   timeout "$limit" python3 -m pan_jax.bench --backbone=resnet101 --budget_s="$budget" \
-    --crop=512 --dtype=bfloat16 --json="$parts/$name.json" "$@" "${extra[@]}" 2>&1 |
+    --deadline_s="$deadline_s" --crop=512 --dtype=bfloat16 --json="$parts/$name.json" "$@" \
+    "${extra[@]}" 2>&1 |
     grep -v -i -e warn -e "delay kernel" -e libtpu | tee "$parts/$name.log"  # autotuner noise
   local status=${PIPESTATUS[0]}
   if ((status == 124)); then
@@ -126,14 +141,17 @@ baseline() {  # the A/Bs' other side: the smp part's train row when this call ra
 
 for part in ${BENCH_PARTS:-$all_parts}; do
   case $part in
-  smp)  # pan_smp vs SMP eager at batch 16, train and forward, and where our step's time goes;
-    # then our train step at the largest batch that fits
-    run smp 280 --model=pan_smp --batch=16,max --what=train,forward --peer=eager \
+  smp)  # pan_smp vs SMP eager training at batch 16, and where our step's time goes; then our
+    # train step at the largest batch that fits
+    run smp 280 --model=pan_smp --batch=16,max --what=train --peer=eager \
       --profile_dir="$parts/profile" ;;
   pan)  # the paper's model (deep stem, 128-wide decoder) at batch 16 and the largest batch,
         # and a training run's init time (train_init_s, on the host; train_init_on_devices_s,
         # on the GPU)
     run pan 260 --model=pan --batch=16,max --what=train --peer=none --time_init ;;
+  forward)  # pan_smp vs SMP eager inference at batch 16, and where our forward's time goes
+    run forward 120 --model=pan_smp --batch=16 --what=forward --peer=eager \
+      --profile_dir="$parts/profile" ;;
   compile)  # the torch.compile peer (its compile is slow, so it runs alone)
     run compile 150 --model=pan_smp --batch=16 --what=train --peer=compile --nojax \
       --peak_tflops=1 ;;

@@ -191,6 +191,15 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         lower_bound=0.0,
         flag_values=flag_values,
     )
+    flags.DEFINE_float(
+        "deadline_s",
+        0.0,
+        "When this run will be killed, in seconds from its start (a time-boxed device call; 0: "
+        "never): the largest-batch row, whose time its batch row predicts, is skipped where it "
+        "would not end before, rather than killed with nothing recorded.",
+        lower_bound=0.0,
+        flag_values=flag_values,
+    )
     flags.DEFINE_enum(
         "pointwise_conv",
         "matmul",
@@ -346,6 +355,11 @@ def measure_matmul_tflops(dtype: str, size: int) -> float:
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
     matmul = jax.jit(lambda x, y: x @ y)
     results = []  # timed as the steps are: the rate is the MFU's denominator
+    # A second of products first: an idle GPU clocks low (345 of 1980 MHz on an H200), and a
+    # low denominator would inflate every MFU.
+    warm_until = time.perf_counter() + 1.0
+    while time.perf_counter() < warm_until:
+        jax.block_until_ready(matmul(a, a))
 
     def wait():
         jax.block_until_ready(results)
@@ -663,9 +677,11 @@ def main(argv) -> int:
     ours_flops: dict[tuple[str, int], float] = {}  # the peer computes the same FLOPs as pan_smp
 
     def save():
-        if FLAGS.json:
-            with open(FLAGS.json, "w") as f:
+        if FLAGS.json:  # whole or not at all: a time limit may kill the process mid-write
+            partial = f"{FLAGS.json}.partial"
+            with open(partial, "w") as f:
                 json.dump(report, f, indent=2)
+            os.replace(partial, FLAGS.json)
 
     def skip(name: str, what: str, batch: int | str, why: str) -> None:
         print(f"skipped {name} {what} batch {batch}: {why}", flush=True)
@@ -791,6 +807,14 @@ def record_largest_batch(
         why = f"batch {estimated_at} is already the largest that fits (estimate: {estimate})"
     else:
         why = ""
+    if not why and FLAGS.deadline_s:
+        needed = largest_batch_seconds(rows[0], estimated_at, estimate)
+        left = FLAGS.deadline_s - (time.perf_counter() - _STARTED)
+        if needed > left:
+            why = (
+                f"batch {estimate} would take about {needed:.0f} s (from the row at batch "
+                f"{estimated_at}), {max(left, 0):.0f} s are left before --deadline_s"
+            )
     if why:
         skip(name, "train", LARGEST, why)
         return
@@ -802,6 +826,14 @@ def record_largest_batch(
         return {**measured, "largest_batch_from": estimated_at}
 
     record(name, "train", estimate, measure)
+
+
+def largest_batch_seconds(row: dict, batch: int, largest: int) -> float:
+    """About how long the largest-batch row takes, from the row at `batch`: a compile (a little
+    longer at a larger batch), the warm-up and timed steps (time proportional to the batch), and
+    10 s for the FLOP count and memory plan."""
+    steps = FLAGS.warmup + FLAGS.steps * steps_per_sample(largest)
+    return 1.25 * row["compile_s"] + steps * row["step_s"] * largest / batch + 10.0
 
 
 if __name__ == "__main__":

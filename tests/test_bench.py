@@ -165,19 +165,20 @@ def bench_gpu_commands():
         if line.strip().startswith("run "):
             args = shlex.split(line.strip().removesuffix(";;"))[3:]  # after run NAME SECONDS
             commands.append([*shlex.split(common), *args])
-    values = {"$out": "out", "$budget": "100"}
+    values = {"$out": "out", "$budget": "100", "$deadline_s": "160"}
     return [[functools.reduce(lambda a, v: a.replace(*v), values.items(), arg) for arg in c]
             for c in commands]  # fmt: skip
 
 
 def test_bench_gpu_script_flags_still_parse():
     commands = bench_gpu_commands()
-    # In file order: baseline smp pan compile bn_moments pointwise
-    assert len(commands) == 6, commands
+    # In file order: baseline smp pan forward compile bn_moments pointwise
+    assert len(commands) == 7, commands
     for command in commands:
         parse_bench_flags(*command)
-    baseline, smp, pan = (parse_bench_flags(*command) for command in commands[:3])
-    assert smp.what == ["train", "forward"] and smp.peer == ["eager"]
+    baseline, smp, pan, forward = (parse_bench_flags(*command) for command in commands[:4])
+    assert smp.what == ["train"] and smp.peer == ["eager"]
+    assert (forward.what, forward.peer, forward.model) == (["forward"], ["eager"], "pan_smp")
     assert smp.model == "pan_smp" and pan.model == "pan"
     # Issue 7's rows: batch 16, then the largest batch that fits, for both models.
     assert smp.batch == pan.batch == ["16", "max"]
@@ -275,6 +276,47 @@ def test_rows_over_the_budget_are_recorded_as_skipped(tmp_path):
         ("train", "max", "the train row at batch 1, to estimate it from, was skipped"),
     ]
     assert "skipped: over --budget_s" in result.stdout
+
+
+def test_a_largest_batch_row_that_would_outlast_the_deadline_is_skipped(tmp_path):
+    # A time-boxed part was killed in its largest-batch row (about 100 s on an H200), which
+    # left no trace of it, and none of its compile time.
+    result = run_bench(
+        *TINY, "--batch=2,max", "--what=train", "--crop=128", "--device_memory_gb=2",
+        "--deadline_s=1",
+        f"--json={tmp_path / 'b'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    at_2, largest = json.loads((tmp_path / "b").read_text())["results"]
+    assert at_2["batch"] == 2 and at_2["images_per_s"] > 0 and at_2["largest_batch_estimate"] > 2
+    assert largest["batch"] == "max", largest
+    assert re.fullmatch(
+        rf"batch {at_2['largest_batch_estimate']} would take about \d+ s \(from the row at batch "
+        r"2\), \d+ s are left before --deadline_s",
+        largest["skipped"],
+    ), largest
+
+
+def test_bench_gpu_script_refuses_to_start_without_the_torch_peer(tmp_path):
+    # The GPU image lacks segmentation_models_pytorch: the call ran our rows, each peer row an
+    # error, and the goals against SMP went unmeasured after the whole device call.
+    shadow = tmp_path / "shadow" / "segmentation_models_pytorch"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not on this image')\n")
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": f"{shadow.parent}{os.pathsep}{ROOT}",
+        "BENCH_PARTS": "pan forward",
+    }
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "bench_gpu.sh"), str(tmp_path / "out")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "the SMP peer cannot run here" in result.stderr
+    assert "not on this image" in result.stderr and not (tmp_path / "out").exists()
 
 
 def h200_parts():
