@@ -8,6 +8,8 @@ are computed over the global batch (SyncBN) with no extra code.
 from __future__ import annotations
 
 import os
+import socket
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -91,14 +93,23 @@ def global_batch(
 
 
 def process_zero_first(work: Callable[[], Any], done: str) -> None:
-    """Runs `work` in process 0, then in the others: a result on shared storage (a gs://
-    data_dir, a shared weights cache) is made once and found by the rest; storage local to
-    each host gets its own copy."""
-    if jax.process_index() == 0:
+    """Runs `work` in process 0, then in the first process of every other host, then in the
+    rest: a result on shared storage (a gs:// data_dir, a shared weights cache) is made once and
+    found by the others; storage local to each host gets one copy, made by one process (several
+    processes of one host, one per GPU, would build into the same folder at once)."""
+    if jax.process_count() == 1:
         work()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+        return
+    from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"pan_jax: {done}")
-        if jax.process_index() != 0:
+    host = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF  # an int32: jax's default
+    hosts = [int(h) for h in multihost_utils.process_allgather(np.int32(host))]
+    rounds = (  # who works in each round: process 0; the other hosts' first; the rest
+        jax.process_index() == 0,
+        jax.process_index() != 0 and hosts.index(host) == jax.process_index(),
+        hosts.index(host) != jax.process_index(),
+    )
+    for turn, mine in enumerate(rounds):
+        if mine:
             work()
+        multihost_utils.sync_global_devices(f"pan_jax: {done} ({turn + 1}/3)")

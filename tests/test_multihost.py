@@ -332,3 +332,51 @@ def test_evaluation_across_two_processes_sums_the_confusion_matrices(tmp_path, s
     # Each process scored only its half, yet both report the global result.
     for log in logs:
         assert "eval done: 6/6 images" in log and "| 12 images" in log, log[-3000:]
+
+
+PREPARE_ON_HOSTS = """
+import os, socket, sys
+root, index = sys.argv[1], os.environ["JAX_PROCESS_ID"]
+host = "host-a" if index == "0" else "host-b"  # processes 1 and 2: two GPUs of one node
+socket.gethostname = lambda: host
+from pan_jax import sharding
+from pan_jax.data import pipeline
+
+sharding.initialize_distributed()
+config = pipeline.default_data_config("pan_synthetic")
+config.name, config.data_dir = "pan_synthetic/tiny", os.path.join(root, host)  # host-local
+
+
+def work():
+    with open(os.path.join(root, "order"), "a") as f:
+        f.write(f"start {index}\\n")
+    pipeline.prepare(config)
+    with open(os.path.join(root, "order"), "a") as f:
+        f.write(f"end {index}\\n")
+
+
+sharding.process_zero_first(work, "dataset prepared")
+"""
+
+
+def test_a_host_local_dataset_is_built_by_one_process_of_each_host(tmp_path):
+    # The processes of one host (one per GPU, as gpu_slurm.sbatch starts them) built into the
+    # same folder at once after process 0: all but one failed on tfds's final rename.
+    base = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_PREFIXES)}
+    base.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}")
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PREPARE_ON_HOSTS, str(tmp_path)],
+            cwd=REPO,
+            env={**base, "JAX_NUM_PROCESSES": "3", "JAX_PROCESS_ID": str(index)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(3)
+    ]
+    outputs = [process.communicate(timeout=TIMEOUT)[0] for process in runs]
+    for process, output in zip(runs, outputs, strict=True):
+        assert process.returncode == 0, output[-3000:]
+    order = (tmp_path / "order").read_text().split("\n")
+    assert order == ["start 0", "end 0", "start 1", "end 1", "start 2", "end 2", ""], order
