@@ -262,8 +262,8 @@ def prepare_workdir(
     """Checks that this run may use the workdir: its latest checkpoint, if any, is of the same
     model and optimizer layout (see `save`), and it is no model directory. Creates it.
 
-    The run's record (`write_run_record`) is written once the state is restored: a refused run
-    leaves the record of the run that owns the workdir as it was.
+    The run's record (`write_run_record`) is written once its first step has run: a refused or
+    failed run leaves the record of the run that owns the workdir as it was.
 
     Raises CheckpointMismatchError if the latest checkpoint was written for another model,
     CheckpointDamagedError if its meta cannot be read.

@@ -99,23 +99,28 @@ def main(argv):
         "process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
     logging.info("workdir: %s, compilation cache: %s", workdir, cache_dir or "off")
+    from pan_jax import evaluate, train
+    from pan_jax.convert.core import ConversionError
     from pan_jax.convert.download import DownloadError
+    from pan_jax.data.pipeline import CorruptRecordError
+    from pan_jax.data.voc_aug import VocAugError
 
-    try:  # a bad config value, weights out of reach, a refused workdir or an unreadable
-        # checkpoint: one line, which names what and where
+    try:  # a bad config value, weights out of reach or that do not fit, a refused workdir, an
+        # unreadable checkpoint, archive or record, a diverged run: one line, which names what
+        # and where
         if FLAGS.mode == "train":
-            from pan_jax import train
-
             train.train_and_evaluate(FLAGS.config, workdir)
         else:
-            from pan_jax import evaluate
-
             evaluate.evaluate(FLAGS.config, workdir, step=FLAGS.step)
     except (
         config_errors.ConfigError,
         DownloadError,
+        ConversionError,
         checkpointing.CheckpointMismatchError,
         checkpointing.CheckpointDamagedError,
+        CorruptRecordError,
+        VocAugError,
+        train.NonFiniteLossError,
     ) as error:  # orbax's abandoned reads of a failed restore are quieted by checkpointing
         sys.exit(f"error: {error}")
     if cache_dir:

@@ -586,13 +586,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         fetch = functools.partial(
             convert.fetch_pretrained, config.model.pretrained, config.model.pretrained_kind, model
         )
-        sharding.process_zero_first(fetch, "pretrained weights fetched")
-    manager = checkpointing.create_manager(workdir, config)
-    # The data first: a run refused for its data leaves the workdir's record (config.json) of
-    # the run that owns it as it was.
+        try:
+            sharding.process_zero_first(fetch, "pretrained weights fetched")
+        except (FileNotFoundError, ValueError) as error:  # no such file, an unknown kind
+            raise ConfigError(
+                f"config.model.pretrained={config.model.pretrained!r} "
+                f"(pretrained_kind={config.model.pretrained_kind!r}): {error}"
+            ) from None
+    # The data first: a run refused for its data creates no workdir (the manager makes
+    # checkpoints/ in it).
     sharding.process_zero_first(
         functools.partial(pipeline.prepare, config.data), "dataset prepared"
     )
+    manager = checkpointing.create_manager(workdir, config)
     layout = optimizer_layout(config)
     workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager, layout)
 
@@ -626,7 +632,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             else:
                 logging.info("training from scratch: config.model.pretrained is empty")
         start_step = int(state.step)
-        checkpointing.write_run_record(workdir_path, config, spec)
+        if start_step >= config.num_train_steps:  # no step to run: the record is this run's
+            checkpointing.write_run_record(workdir_path, config, spec)
         train_iter = iter(
             pipeline.train_dataset(
                 config.data,
@@ -773,6 +780,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 trace.after_step(step, step_fn, state, batch, step_rng)
                 if step == start_step + 1:  # compilation: not part of any rate
                     jax.block_until_ready(state)
+                    # Only now: a run that failed before its first step (its data, its
+                    # compile, its memory) leaves the record of the run that owns the workdir.
+                    checkpointing.write_run_record(workdir_path, config, spec)
                     logging.info(
                         "first step done %.1f s after train_and_evaluate started",
                         time.perf_counter() - started,

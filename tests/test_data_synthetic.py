@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from pan_jax import data
+from pan_jax.config_errors import ConfigError
 from pan_jax.data import synthetic
 
 DEFAULT = synthetic.PanSynthetic.BUILDER_CONFIGS[0]
@@ -132,6 +133,20 @@ def test_a_dataset_folder_without_its_info_is_refused_and_kept(tmp_path):
     folder = tmp_path / "pan_synthetic" / "tiny" / "1.0.0"
     folder.mkdir(parents=True)
     (folder / "pan_synthetic-train.array_record-00000-of-00001").write_bytes(b"partial")
-    with pytest.raises(FileNotFoundError, match="holds no prepared dataset"):
+    with pytest.raises(ConfigError, match="holds no prepared dataset"):  # main: one line
         data.prepare(cfg)
     assert (folder / "pan_synthetic-train.array_record-00000-of-00001").exists()
+
+
+def test_a_data_dir_or_class_count_that_cannot_be_is_refused_before_building(tmp_path):
+    # A file as data_dir was a NotADirectoryError traceback; a wrong class count a ValueError
+    # traceback once the dataset was built and the workdir written.
+    cfg = data.default_data_config("pan_synthetic")
+    cfg.name, cfg.data_dir = "pan_synthetic/tiny", str(tmp_path / "file")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"data\.data_dir=.*file is a file: expected a dir"):
+        data.prepare(cfg)
+    cfg.data_dir, cfg.num_classes = str(tmp_path / "tfds"), 5
+    with pytest.raises(ConfigError, match=r"data\.num_classes=5, but pan_synthetic/tiny has 13"):
+        data.prepare(cfg)
+    assert not (tmp_path / "tfds").exists()

@@ -232,6 +232,12 @@ def test_the_configs_parent_is_on_sys_path_only_while_it_loads(tmp_path):
             "--config.model.pretrained=http://127.0.0.1:9/resnet18.safetensors",
             "error: cannot download http://127.0.0.1:9/resnet18.safetensors from",
         ),
+        (  # these two were tracebacks
+            "--config.model.pretrained=/nowhere/resnet18.safetensors",
+            "error: config.model.pretrained='/nowhere/resnet18.safetensors' (pretrained_kind="
+            "'timm'): pretrained weights /nowhere/resnet18.safetensors not found (timm)",
+        ),
+        ("--config.data.num_classes=5", "error: data.num_classes=5, but pan_synthetic has 13"),
     ],
 )
 def test_a_config_value_a_run_cannot_use_is_one_line(tmp_path, override, expected):

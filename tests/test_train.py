@@ -1235,3 +1235,19 @@ def test_resuming_with_another_config_says_what_changed(tmp_path, caplog):
         checkpointing.write_run_record(workdir, config, spec)  # was a ValueError
     assert "config.json: not valid JSON" in caplog.text and "replacing it" in caplog.text
     assert json.loads((workdir / "config.json").read_text())["batch_size"] == 4
+
+
+def test_a_resume_that_fails_before_its_first_step_leaves_the_record(tmp_path, data_dir):
+    # config.json was rewritten before the input pipeline opened: a resume refused for its
+    # split (or its first batch, or its compile) left a record of a run that never ran.
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), str(workdir))
+    record = {name: (workdir / name).read_bytes() for name in ("config.json", "model.json")}
+    resumed = tiny_config(data_dir, num_train_steps=4, batch_size=4)
+    resumed.data.train_split = "bogus"
+    with pytest.raises(ValueError, match="bogus"):
+        train.train_and_evaluate(resumed, str(workdir))
+    assert {name: (workdir / name).read_bytes() for name in record} == record
+    resumed.data.train_split = tiny_config(data_dir).data.train_split
+    train.train_and_evaluate(resumed, str(workdir))  # its first step ran: its record now
+    assert json.loads((workdir / "config.json").read_text())["batch_size"] == 4

@@ -135,9 +135,23 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     return config
 
 
-def _builder(data_config: Any) -> tuple[DatasetSpec, tfds.core.DatasetBuilder]:
+def _checked_spec(data_config: Any) -> DatasetSpec:
+    """The dataset's spec, refusing a class count that is not the dataset's."""
     spec = dataset_spec(data_config.name)
-    return spec, tfds.builder(spec.tfds_name, data_dir=getattr(data_config, "data_dir", None))
+    if data_config.num_classes != spec.num_classes:
+        raise ConfigError(
+            f"data.num_classes={data_config.num_classes}, but {data_config.name} has "
+            f"{spec.num_classes} classes"
+        )
+    return spec
+
+
+def _builder(data_config: Any) -> tuple[DatasetSpec, tfds.core.DatasetBuilder]:
+    spec = _checked_spec(data_config)
+    data_dir = getattr(data_config, "data_dir", None)
+    if data_dir and epath.Path(data_dir).exists() and not epath.Path(data_dir).is_dir():
+        raise ConfigError(f"data.data_dir={data_dir} is a file: expected a directory")
+    return spec, tfds.builder(spec.tfds_name, data_dir=data_dir)
 
 
 def prepare(data_config: Any) -> None:
@@ -152,7 +166,7 @@ def prepare(data_config: Any) -> None:
         _check_random_access(builder)
         return
     if epath.Path(builder.data_path).exists():  # tfds would reuse it, and nothing could read it
-        raise FileNotFoundError(
+        raise ConfigError(
             f"{builder.data_path} exists but holds no prepared dataset (dataset_info.json): a "
             "copy cut short? Move it away (it is not deleted for you) and run again to rebuild."
         )
@@ -334,12 +348,7 @@ def load_source(
     Labels are class indices (Cityscapes: trainIds) with 255 = ignore. on_corrupt defaults to
     'skip' with data.skip_corrupt, else 'raise'.
     """
-    spec = dataset_spec(data_config.name)
-    if data_config.num_classes != spec.num_classes:
-        raise ValueError(
-            f"data.num_classes={data_config.num_classes}, but {data_config.name} has "
-            f"{spec.num_classes} classes"
-        )
+    spec = _checked_spec(data_config)
     if on_corrupt is None:
         on_corrupt = "skip" if getattr(data_config, "skip_corrupt", False) else "raise"
     return SegmentationSource(spec, split, getattr(data_config, "data_dir", None), on_corrupt)
