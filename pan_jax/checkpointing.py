@@ -173,8 +173,7 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict, ModelSpec]:
             f"{spec_file} not found: {directory} is not a pan_jax model directory "
             "(expected variables/ and model.json, as written by `python -m pan_jax.convert`)"
         )
-    spec = json.loads(spec_file.read_text())
-    model = model_from_spec(spec)
+    spec, model = _read_model_json(spec_file)
     size = model.min_input_size
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
     where = f"{path / 'variables'} does not fit the model of {spec_file}"
@@ -193,6 +192,25 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict, ModelSpec]:
                 f"model has {expected.shape}"
             )
     return variables, spec
+
+
+def _read_model_json(spec_file: epath.Path) -> tuple[ModelSpec, models.SegmentationModel]:
+    """A model directory's spec and the model it describes; CheckpointDamagedError naming the
+    file where it is not JSON, lacks a field or names a model that cannot be."""
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointDamagedError(f"{spec_file}: not valid JSON ({error})") from None
+    fields = ("name", "backbone", "num_classes")
+    if not isinstance(spec, dict) or any(field not in spec for field in fields):
+        raise CheckpointDamagedError(
+            f"{spec_file}: expected an object with {', '.join(fields)} (and overrides), as "
+            "`python -m pan_jax.convert` writes it"
+        )
+    try:
+        return spec, model_from_spec(spec)
+    except (ValueError, TypeError) as error:  # an unknown model, backbone or option
+        raise CheckpointDamagedError(f"{spec_file}: {error}") from None
 
 
 def load_any(

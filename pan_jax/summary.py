@@ -77,17 +77,20 @@ class MetricWriter:
 
 def read_records(metrics_file: epath.Path) -> tuple[list[dict[str, Any]], int]:
     """The records of a metrics.jsonl (none if it is absent), and the number of its lines
-    that hold none: the last line of a killed run is cut short."""
+    that hold none (the last line of a killed run is cut short; a damaged file may hold
+    anything): a record is an object with an integer "step"."""
     if not metrics_file.exists():
         return [], 0
     records, unreadable = [], 0
-    for line in metrics_file.read_text().splitlines():
+    for line in metrics_file.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append(record)
+        else:
             unreadable += 1
-            continue
-        records.append(record)
     return records, unreadable
 
 
@@ -100,9 +103,10 @@ def _drop_records_after(metrics_file: epath.Path, step: int) -> None:
         return
     logging.info(
         "metrics.jsonl: dropped %d records after step %d, logged by a run that stopped before "
-        "its next checkpoint",
+        "its next checkpoint, and %d lines that held no record",
         len(records) - len(kept),
         step,
+        unreadable,
     )
     temporary = metrics_file.with_name(metrics_file.name + ".tmp")
     temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))

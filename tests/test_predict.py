@@ -297,6 +297,31 @@ def test_a_model_json_that_does_not_fit_its_variables_is_named(saved_model, tmp_
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'm'}")
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"name": "pan_smp", "backb', r"model\.json: not valid JSON"),  # cut short
+        ('{"name": "pan_smp", "backbone": "resnet18"}', r"model\.json: expected an object with"),
+        ('{"name": "pan_smp", "backbone": "resnet19", "num_classes": 3}', r"unknown backbone"),
+    ],
+)
+def test_a_damaged_model_json_is_named(saved_model, tmp_path, text, expected):
+    # It was "error: Unterminated string starting at: line 3 column 11" (no file named), or a
+    # KeyError traceback, in predict, and a JSONDecodeError traceback in --mode=eval.
+    _, _, model_dir = saved_model
+    shutil.copytree(model_dir, tmp_path / "m")
+    (tmp_path / "m" / "model.json").write_text(text)
+    with pytest.raises(checkpointing.CheckpointDamagedError, match=expected):
+        checkpointing.load_variables(tmp_path / "m")
+    Image.fromarray(smooth_rgb(40, 40)).save(tmp_path / "a.png")
+    result = run_predict(
+        f"--model_dir={tmp_path / 'm'}", f"--input={tmp_path / 'a.png'}", f"--output={tmp_path}/o"
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'm' / 'model.json'}: "), last
+
+
 def test_predict_refuses_to_overwrite_its_inputs(saved_model, tmp_path):
     # The reviewer's data loss: --output=--input wrote photos/rgb.png's mask over photos/rgb.png.
     _, _, model_dir = saved_model

@@ -1251,3 +1251,18 @@ def test_a_resume_that_fails_before_its_first_step_leaves_the_record(tmp_path, d
     resumed.data.train_split = tiny_config(data_dir).data.train_split
     train.train_and_evaluate(resumed, str(workdir))  # its first step ran: its record now
     assert json.loads((workdir / "config.json").read_text())["batch_size"] == 4
+
+
+def test_a_damaged_metrics_file_does_not_stop_a_resume(tmp_path):
+    # Bytes that are no UTF-8, a line without a step, one that is no object: a resume failed
+    # on them (UnicodeDecodeError, KeyError, TypeError) before its first step.
+    from pan_jax import summary
+
+    metrics = tmp_path / "metrics.jsonl"
+    good = [{"step": 1, "train/loss": 2.0}, {"step": 2, "eval/miou": 0.5}]
+    lines = [json.dumps(good[0]).encode(), b"\xff\xfe{", b"{}", b"[1, 2]", b'{"step": "2"}']
+    metrics.write_bytes(b"\n".join([*lines, json.dumps(good[1]).encode(), b'{"step": 3, "tr']))
+    assert summary.read_records(epath.Path(metrics)) == (good, 5)
+    assert train._evaluated_steps(epath.Path(metrics)) == {2}
+    summary.MetricWriter(tmp_path, start_step=2).close()  # keeps the records up to step 2
+    assert [json.loads(line) for line in metrics.read_text().splitlines()] == good
