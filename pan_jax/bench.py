@@ -214,6 +214,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "print where the time goes (kinds of XLA op, Flax modules, the longest ops).",
         flag_values=flag_values,
     )
+    flags.register_validator(
+        "json",
+        lambda path: path is None or os.path.isdir(os.path.dirname(os.path.abspath(path))),
+        message="--json: no such directory to write the file into",
+        flag_values=flag_values,
+    )
     flags.register_validator("what", _comma_list_of(WHATS), flag_values=flag_values)
     flags.register_validator("peer", _comma_list_of(PEERS), flag_values=flag_values)
     flags.register_validator("batch", _check_batches, flag_values=flag_values)
@@ -708,8 +714,8 @@ def main(argv) -> int:
             result["mfu"] = flops * result["images_per_s"] / (peak * 1e12 * devices)
         entry = {"impl": name, "what": what, "batch": batch, **result}
         report["results"].append(entry)
+        print(json.dumps(entry), flush=True)  # first: the figure stands whatever save meets
         save()
-        print(json.dumps(entry), flush=True)
 
     steps, warmup, crop = FLAGS.steps, FLAGS.warmup, FLAGS.crop
     batches = [int(b) for b in FLAGS.batch if b != LARGEST]

@@ -276,7 +276,13 @@ def check_options(
     """Validated inference options; `where` prefixes field names in errors (e.g. 'config.eval.')."""
     if mode not in MODES:
         raise ValueError(f"{where}mode={mode!r}: expected one of {MODES}")
-    scales = tuple(float(s) for s in scales)
+    try:
+        scales = tuple(float(s) for s in scales)
+    except (TypeError, ValueError):  # e.g. --config.eval.scales=1.0,abc: one string
+        raise ValueError(
+            f"{where}scales={scales!r}: expected a tuple of positive scale factors, e.g. "
+            "'(0.75,1.0,1.25)'"
+        ) from None
     if not scales or any(not s > 0 for s in scales):
         raise ValueError(f"{where}scales={scales!r}: expected one or more positive scale factors")
     if int(pad_multiple) < 1:

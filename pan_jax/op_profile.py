@@ -21,6 +21,7 @@ import collections
 import gzip
 import os
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -288,10 +289,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps in the trace (default 3)")
     parser.add_argument("--top", type=int, default=40, help="longest ops to list (default 40)")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps={args.steps}: expected the number of steps traced, at least 1")
     hlo = epath.Path(args.hlo or os.path.join(args.trace, HLO_FILE))
     if not hlo.exists():
         parser.error(f"{hlo} not found: pass the compiled module's text with --hlo")
-    report = summarize(args.trace, _read(hlo).decode(), args.steps)
+    try:
+        report = summarize(args.trace, _read(hlo).decode(), args.steps)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    except RuntimeError as error:  # XLA's "Failed to parse XSpace"
+        parser.error(f"{args.trace}: not a jax.profiler trace ({error})")
+    unmapped = sum(op["share"] for op in report["ops"] if op["scope"] == "(unmapped kernel)")
+    if report["ops"] and unmapped > 0.5:
+        print(
+            f"warning: {unmapped:.0%} of the op time is in kernels {hlo} does not name: is it "
+            "the HLO of the program traced?",
+            file=sys.stderr,
+        )
     print(format_report(report, top=args.top))
     return 0
 

@@ -515,6 +515,17 @@ def _check_config(config: ml_collections.ConfigDict) -> int:
             f"config.num_train_steps={config.num_train_steps} and config.eval_every_steps="
             f"{config.eval_every_steps}: expected at least 0 (eval_every_steps=0: no evaluation)"
         )
+    optimizer_ranges = (  # where SGD with the poly schedule is what the run means
+        ("learning_rate", lambda v: v >= 0, ">= 0"),
+        ("warmup_steps", lambda v: v >= 0, ">= 0"),
+        ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("weight_decay", lambda v: v >= 0, ">= 0"),
+        ("poly_power", lambda v: v >= 0, ">= 0"),
+        ("decoder_lr_multiplier", lambda v: v >= 0, ">= 0"),
+    )
+    for field, fits, expected in optimizer_ranges:
+        if field in config and not fits(config[field]):
+            raise ConfigError(f"config.{field}={config[field]}: expected {expected}")
     # float16 is not offered: without loss scaling, the gradients of the head's weights (sums
     # over every pixel of the batch) overflow its 65,504 at the paper's 512² crops.
     if config.model.dtype not in ("float32", "bfloat16"):
@@ -564,16 +575,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f"{model.min_input_size // model.backbone.output_stride} px its decoder needs at the "
             "top of the backbone)"
         )
-    if config.eval_every_steps:
-        from pan_jax import evaluate
+    from pan_jax import evaluate
 
-        # As mmseg: config.eval's whole/slide inference, single scale without flip; multi-scale
-        # + flip is for --mode=eval.
-        eval_options = {
-            **evaluate.eval_options(config.get("eval")),
-            "scales": (1.0,),
-            "flip": False,
-        }
+    # As mmseg: config.eval's whole/slide inference, single scale without flip; multi-scale +
+    # flip is for --mode=eval, which reads the same section (checked even with no evaluations).
+    eval_options = {**evaluate.eval_options(config.get("eval")), "scales": (1.0,), "flip": False}
     optimizer = create_optimizer(config)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     # Traced now: a bad option value fails before the dataset is built and the workdir written.

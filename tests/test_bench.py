@@ -136,6 +136,8 @@ def parse_bench_flags(*args):
         (["--budget_s=-5"], r"--budget_s=-5"),
         (["--steps=0"], r"--steps=0"),
         (["--nojax", "--peer=none"], r"--nojax with --peer=none measures nothing"),
+        # A traceback once the first row was measured, and the row lost.
+        (["--json=/nowhere/b.json"], r"--json: no such directory to write the file into"),
     ],
 )
 def test_bench_flags_refuse_values_it_cannot_measure(args, message):
@@ -512,8 +514,22 @@ def test_the_profile_table_can_be_made_again_from_the_saved_trace(bench_report, 
     for kind, share in row["profile"]["categories"].items():  # the same table as in the run
         assert f"{kind} {share:.0%}" in table
     assert op_profile.main([directory]) == 0  # a bench profile directory holds its HLO
+    assert "warning" not in capsys.readouterr().err
     with pytest.raises(SystemExit):
         op_profile.main([str(tmp_path / "t.xplane.pb.gz")])  # no HLO beside a single file
+    # These were tracebacks (and --steps=-1 negative times); another program's HLO is said.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other_hlo.txt").write_text("HloModule other\n")
+    for bad, message in [
+        (["--steps=0"], "--steps=0: expected the number of steps traced"),
+        ([str(tmp_path / "empty"), "--hlo", str(tmp_path / "hlo.txt.gz")], "no *.xplane.pb"),
+        ([str(tmp_path / "hlo.txt.gz"), "--hlo", str(tmp_path / "hlo.txt.gz")], "not a jax"),
+    ]:
+        with pytest.raises(SystemExit):
+            op_profile.main([*args[:2], *bad] if bad[0].startswith("--") else bad)
+        assert message in capsys.readouterr().err
+    assert op_profile.main([args[0], f"--hlo={tmp_path / 'other_hlo.txt'}"]) == 0
+    assert "op time is in kernels" in capsys.readouterr().err
 
 
 class _ConvNet(nn.Module):

@@ -524,6 +524,15 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     assert cli.main([*argv, "--model=fcn", "--override", "decoder_channels=64"]) == 1
     assert "--override decoder_channels: model 'fcn' does not take it" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # A training workdir was overwritten (its model.json) with weights it never reads; a file
+    # as output was a traceback once the conversion was done.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "model.json").write_text("{}")
+    assert cli.main(["--from=timm", f"--input={path}", f"--output={tmp_path / 'run'}"]) == 1
+    assert "is a training workdir (it holds checkpoints/)" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model.json").read_text() == "{}"
+    assert cli.main(["--from=timm", f"--input={path}", f"--output={truncated}"]) == 1
+    assert f"--output={truncated} is a file: expected a directory" in capsys.readouterr().err
 
 
 def test_cli_as_module(checkpoint, tmp_path):

@@ -238,6 +238,12 @@ def test_the_configs_parent_is_on_sys_path_only_while_it_loads(tmp_path):
             "'timm'): pretrained weights /nowhere/resnet18.safetensors not found (timm)",
         ),
         ("--config.data.num_classes=5", "error: data.num_classes=5, but pan_synthetic has 13"),
+        ("--config.warmup_steps=-5", "error: config.warmup_steps=-5: expected >= 0"),  # was taken
+        ("--config.momentum=1.5", "error: config.momentum=1.5: expected in [0, 1)"),
+        (  # named no field
+            "--config.eval.scales=1.0,abc",
+            "error: config.eval.scales=('1.0,abc',): expected a tuple of positive scale factors",
+        ),
     ],
 )
 def test_a_config_value_a_run_cannot_use_is_one_line(tmp_path, override, expected):

@@ -465,8 +465,12 @@ def test_predict_checks_its_arguments_before_loading_the_model(tmp_path):
     result = run_predict(f"--model_dir={model_dir}", f"--input={tmp_path}",
                          f"--output={tmp_path / 'out.png'}")  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "is a file: expected a directory" in result.stderr.strip().splitlines()[-1]
+    assert f"{tmp_path / 'out.png'} is a file, not a directory" in result.stderr.splitlines()[-1]
     assert (tmp_path / "out.png").read_bytes() == b"keep me"
+    result = run_predict(f"--model_dir={model_dir}", f"--input={tmp_path}",
+                         f"--output={tmp_path / 'out.png' / 'masks'}")  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"{tmp_path / 'out.png'} is a file, not a directory" in result.stderr.splitlines()[-1]
 
 
 def test_padding_defaults_to_the_runs_evaluation_else_sixteen():

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import traverse_util
 
 from pan_jax import checkpointing, models
@@ -144,10 +145,25 @@ def initialise_missing(
     return dict(fill(traverse_util.unflatten_dict(present)))
 
 
+def _check_output(output: str) -> None:
+    """Refuses an --output that is a file, or a training workdir: its model.json would be
+    replaced, and the weights written beside its checkpoints never read (a workdir loads
+    those)."""
+    path = epath.Path(output)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output={output} is a file: expected a directory")
+    if (path / "checkpoints").exists():
+        raise ValueError(
+            f"--output={output} is a training workdir (it holds checkpoints/): write the model "
+            "into another directory"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the conversion; returns the exit status (errors are printed, not raised)."""
     args = build_parser().parse_args(argv)
     try:
+        _check_output(args.output)  # before the conversion, which may download
         state_dict = read_state_dict(args.input)
         smp = None
         if args.source == "smp":
