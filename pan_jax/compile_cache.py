@@ -74,20 +74,32 @@ def enable(workdir: str | os.PathLike, enabled: bool = True) -> str | None:
     return directory
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # RFC 8878; a zlib stream starts with 0x78 instead
+
+
 def _remove_unreadable_entries(directory: str) -> list[str]:
-    """Deletes the entries that do not decompress; returns their names."""
+    """Deletes the entries of this jax's format (or empty) that do not decompress; returns
+    their names."""
     try:  # jax's own reader of an entry's bytes (zstd or zlib, whichever wrote it)
         from jax._src.compilation_cache import compress_executable, decompress_executable
 
-        usable = decompress_executable(compress_executable(b"probe")) == b"probe"
+        probe = compress_executable(b"probe")
+        usable = decompress_executable(probe) == b"probe"
     except Exception:  # ImportError, or a changed signature
         usable = False
     if not usable:  # a jax that moved or changed them: leave the cache as it is
         return []
+    # jax compresses with zstd where Python has it, else zlib: another environment sharing
+    # the workdir (an evaluation, a notebook) may have written whole entries this one cannot
+    # read. Only an entry in this jax's own format can be judged cut short.
+    magic = probe[:4] if probe.startswith(_ZSTD_MAGIC) else probe[:1]
     removed = []
     for path in sorted(pathlib.Path(directory).glob("*-cache")):
         try:
-            decompress_executable(path.read_bytes())
+            data = path.read_bytes()
+            if data and not data.startswith(magic):
+                continue
+            decompress_executable(data)
         except FileNotFoundError:  # evicted meanwhile
             continue
         except OSError as error:  # unreadable to this process: not ours to judge

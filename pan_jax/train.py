@@ -434,11 +434,12 @@ def _flops_per_image(
 class _StepTrace:
     """A `jax.profiler` trace of steps `first`..`last` of the real run, input pipeline included.
 
-    It goes where TensorBoard's profile tab finds it (`WORKDIR/tensorboard/plugins/profile`),
-    and process 0 logs it reduced as the benchmark does (`op_profile`): time by kind of XLA op
-    and by Flax module, and the summed op time against the wall time of the traced steps, whose
-    gap is the device waiting for the host or the input (on CPUs thunks overlap, so the sum can
-    exceed the wall time). A profiler that fails costs a warning, never the run.
+    Process 0 takes it, where TensorBoard's profile tab finds it
+    (`WORKDIR/tensorboard/plugins/profile`), and logs it reduced as the benchmark does
+    (`op_profile`): time by kind of XLA op and by Flax module, and the summed op time against
+    the wall time of the traced steps, whose gap is the device waiting for the host or the
+    input (on CPUs thunks overlap, so the sum can exceed the wall time). A profiler that fails
+    costs a warning, never the run.
     """
 
     def __init__(self, directory: epath.Path, first: int, last: int) -> None:
@@ -446,7 +447,9 @@ class _StepTrace:
         self.started: float | None = None
 
     def before_step(self, step: int) -> None:
-        if step != self.first or self.last < self.first:
+        # Process 0 only: the one that summarizes it, and the processes of one host would
+        # write the same file (jax names it by host and second).
+        if step != self.first or self.last < self.first or jax.process_index() != 0:
             return
         try:
             jax.profiler.start_trace(self.directory)

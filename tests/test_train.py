@@ -648,13 +648,18 @@ def test_a_cut_short_cache_entry_is_compiled_and_written_again(tmp_path):
 def test_a_jax_whose_cache_format_changed_keeps_its_entries(tmp_path, monkeypatch):
     from jax._src import compilation_cache as jax_cache
 
-    (tmp_path / "cut-cache").write_bytes(b"\x00cut short")
+    own = jax_cache.compress_executable(b"probe")
+    (tmp_path / "cut-cache").write_bytes(own[:4] + b"cut short")
     monkeypatch.setattr(jax_cache, "compress_executable", lambda data, level: data)  # new args
     assert compile_cache._remove_unreadable_entries(str(tmp_path)) == []
     assert (tmp_path / "cut-cache").exists()
     monkeypatch.undo()
+    # An entry in the other format (zstd where this jax writes zlib, or the reverse) may be
+    # whole, from another environment sharing the workdir: it was deleted.
+    zstd = own.startswith(compile_cache._ZSTD_MAGIC)
+    (tmp_path / "other-cache").write_bytes((b"\x78\x9c" if zstd else b"\x28\xb5\x2f\xfd") + b"..")
     assert compile_cache._remove_unreadable_entries(str(tmp_path)) == ["cut-cache"]
-    assert not (tmp_path / "cut-cache").exists()
+    assert not (tmp_path / "cut-cache").exists() and (tmp_path / "other-cache").exists()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -685,6 +690,15 @@ def test_sigterm_or_ctrl_c_saves_at_the_current_step_and_exits_cleanly(tmp_path,
     # The steps since the last log line are logged too (not lost with the stop).
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows if "train/loss" in r][-1]["step"] == steps[0]
+
+
+def test_only_process_zero_traces(tmp_path, monkeypatch):
+    # Every process traced into one file per host and second: the processes of one host
+    # (one per GPU) overwrote each other's, and process 0 might summarize another's.
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    trace = train._StepTrace(epath.Path(tmp_path), first=2, last=3)
+    trace.before_step(2)
+    assert trace.started is None and not any(tmp_path.iterdir())
 
 
 def test_profile_steps_trace_the_real_run_and_log_where_the_time_goes(tmp_path, data_dir, caplog):
