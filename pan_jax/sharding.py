@@ -41,10 +41,11 @@ def initialize_distributed() -> None:
     or a one-task step, is left alone), Open MPI and GKE's TPUs are detected by JAX itself. On
     a single machine set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, and
     with one process per GPU JAX_LOCAL_DEVICE_IDS (its GPU; without it every process takes
-    every GPU), as launch/gpu_single_host.sh does; they win over SLURM's variables. A Cloud TPU VM slice
-    describes itself in the GCE metadata server, not in the environment (TPU_WORKER_HOSTNAMES
-    is GKE's), so launch/tpu_pod.sh sets PAN_JAX_DISTRIBUTED=1: without the distributed
-    client, orbax's multi-host checkpointing and JAX's preemption sync point do not work.
+    every GPU), as launch/gpu_single_host.sh does; they win over SLURM's variables. A Cloud
+    TPU VM slice describes itself in the GCE metadata server, not in the environment
+    (TPU_WORKER_HOSTNAMES is GKE's), so launch/tpu_pod.sh sets PAN_JAX_DISTRIBUTED=1: without
+    the distributed client, orbax's multi-host checkpointing and JAX's preemption sync point
+    do not work.
     """
     if os.environ.get("PAN_JAX_NO_DISTRIBUTED"):
         return

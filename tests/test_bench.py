@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -168,6 +169,7 @@ def bench_gpu_commands():
             args = shlex.split(line.strip().removesuffix(";;"))[3:]  # after run NAME SECONDS
             commands.append([*shlex.split(common), *args])
     values = {"$out": "out", "$budget": "100", "$deadline_s": "160"}
+    values["$parts"] = tempfile.gettempdir()  # --json's folder must exist
     return [[functools.reduce(lambda a, v: a.replace(*v), values.items(), arg) for arg in c]
             for c in commands]  # fmt: skip
 

@@ -29,6 +29,7 @@ from etils import epath
 from configs import demo
 from pan_jax import checkpointing, compile_ahead, compile_cache, convert, models, sharding, train
 from pan_jax import flops as flops_lib
+from pan_jax.config_errors import ConfigError
 from pan_jax.data import pipeline, synthetic
 from pan_jax.normalization import normalize
 from tests.helpers import HUB_RESNET18, resnet18_safetensors
@@ -727,7 +728,7 @@ def test_a_run_fine_tunes_from_another_runs_latest_checkpoint(tmp_path, data_dir
     assert_trees_equal(started.params, trained.params)  # learning rate 0: the loaded weights
 
     fine_tune.model.pretrained = str(tmp_path / "nothing_here")
-    with pytest.raises(FileNotFoundError, match=r"nothing_here not found \(pan_jax\)"):
+    with pytest.raises(ConfigError, match=r"nothing_here not found \(pan_jax\)"):
         train.train_and_evaluate(fine_tune, str(tmp_path / "third"))
     assert not (tmp_path / "third").exists()  # refused before anything was written
 
@@ -1127,7 +1128,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_dir
     del other.model.overrides["unknown_switch"]
     other.data.data_dir = str(tmp_path / "a_file")  # data that cannot be prepared
     (tmp_path / "a_file").write_text("not a folder")
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match=r"data\.data_dir=.*a_file is a file"):
         train.train_and_evaluate(other, workdir)
     # No refused run replaced the record of the run that owns the workdir.
     assert record == {name: (Path(workdir) / name).read_text() for name in record}
