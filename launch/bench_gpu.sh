@@ -15,8 +15,8 @@
 # `BENCH_PARTS="forward bn_moments"`.
 # The torch peer needs segmentation_models_pytorch, which the GPU image lacks: carry its wheel
 # (`pip download segmentation_models_pytorch==0.6.0 --no-deps`; its dependencies are there) and
-# install it first. The smp, forward and compile parts refuse to start without it, or without
-# a GPU that torch sees, rather than spend the call on rows without their peer. The A/B parts compare with the smp part's train row of
+# install it first. A call whose parts include smp, forward or compile refuses to start without
+# it, or without a GPU that torch sees, rather than spend itself on rows without their peer. The A/B parts compare with the smp part's train row of
 # the same call, or else run our default step first. BENCH_BASELINE=previous skips that step
 # where the device tool says the machine was still warm: the previous call's smp part is then
 # the baseline (`python -m pan_jax.bench_report CALL1/bench.json CALL2/bench.json` pairs them).

@@ -352,19 +352,22 @@ def has_checkpoints(workdir: str | os.PathLike) -> bool:
     return bool(finished_steps(workdir))
 
 
-def create_manager(workdir: str | os.PathLike, config: Any) -> ocp.CheckpointManager:
-    """The run's manager: async saves, the last `config.keep_checkpoints` kept.
-
-    Raises CheckpointMismatchError for a model directory, before orbax makes its checkpoints/
-    there (which would turn it into a workdir without a checkpoint, and the run would then
-    overwrite its model.json).
-    """
+def refuse_model_directory(workdir: str | os.PathLike) -> None:
+    """Raises CheckpointMismatchError where `workdir` is a model directory: orbax would make
+    its checkpoints/ there (a workdir without a checkpoint, whose run would then overwrite the
+    model.json)."""
     if _is_model_directory(epath.Path(workdir)):
         raise CheckpointMismatchError(
             f"{workdir} is a model directory (model.json and variables/, e.g. from pan_jax."
             "convert), not a training workdir: train in another workdir and start from it "
             f"with --config.model.pretrained={workdir} --config.model.pretrained_kind=pan_jax"
         )
+
+
+def create_manager(workdir: str | os.PathLike, config: Any) -> ocp.CheckpointManager:
+    """The run's manager: async saves, the last `config.keep_checkpoints` kept. Refuses a
+    model directory (`refuse_model_directory`) before it makes checkpoints/."""
+    refuse_model_directory(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(config.keep_checkpoints),
         save_interval_steps=int(config.checkpoint_every_steps),

@@ -97,7 +97,7 @@ def _remove_unreadable_entries(directory: str) -> list[str]:
     for path in sorted(pathlib.Path(directory).glob("*-cache")):
         try:
             data = path.read_bytes()
-            if data and not data.startswith(magic):
+            if data and not (data.startswith(magic) or magic.startswith(data)):  # or cut in it
                 continue
             decompress_executable(data)
         except FileNotFoundError:  # evicted meanwhile

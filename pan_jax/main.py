@@ -121,6 +121,7 @@ def main(argv):
         CorruptRecordError,
         VocAugError,
         train.NonFiniteLossError,
+        sharding.OtherProcessError,
     ) as error:  # orbax's abandoned reads of a failed restore are quieted by checkpointing
         sys.exit(f"error: {error}")
     if cache_dir:

@@ -335,7 +335,7 @@ def check_outputs_spare_inputs(
     inputs: Sequence[tuple[str, str]], output_dir: str | os.PathLike, *, write_overlay: bool
 ) -> None:
     """Raises ValueError when a mask or overlay would be written over one of the input files,
-    or over another input's output (the overlay of a.jpg and the mask of a_overlay.jpg)."""
+    or over another input's output (two outputs that resolve to one file, through a link)."""
     by_resolved = {os.path.realpath(path): path for path, _ in inputs}
     written: dict[str, str] = {}  # resolved output path -> what writes it
     for path, name in inputs:

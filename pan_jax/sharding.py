@@ -94,24 +94,41 @@ def global_batch(
     }
 
 
+class OtherProcessError(RuntimeError):
+    """Work that all processes do in turn failed in another one (whose log says why)."""
+
+
 def process_zero_first(work: Callable[[], Any], done: str) -> None:
     """Runs `work` in process 0, then in the first process of every other host, then in the
     rest: a result on shared storage (a gs:// data_dir, a shared weights cache) is made once and
     found by the others; storage local to each host gets one copy, made by one process (several
-    processes of one host, one per GPU, would build into the same folder at once)."""
+    processes of one host, one per GPU, would build into the same folder at once).
+
+    An error in one process is raised in every process (`OtherProcessError` in the others),
+    after the round it came in: the others would wait for it at the next round for ever.
+    """
     if jax.process_count() == 1:
         work()
         return
     from jax.experimental import multihost_utils
 
     host = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF  # an int32: jax's default
-    hosts = [int(h) for h in multihost_utils.process_allgather(np.int32(host))]
-    rounds = (  # who works in each round: process 0; the other hosts' first; the rest
-        jax.process_index() == 0,
-        jax.process_index() != 0 and hosts.index(host) == jax.process_index(),
-        hosts.index(host) != jax.process_index(),
-    )
-    for turn, mine in enumerate(rounds):
+    me = jax.process_index()
+    pairs = multihost_utils.process_allgather(np.array([host, me], np.int32))
+    first_of_host = min(int(p) for h, p in pairs if h == host) == me
+    rounds = (me == 0, me != 0 and first_of_host, not first_of_host)
+    for mine in rounds:  # who works in each round: process 0; the other hosts' first; the rest
+        error = None
         if mine:
-            work()
-        multihost_utils.sync_global_devices(f"pan_jax: {done} ({turn + 1}/3)")
+            try:
+                work()
+            except Exception as caught:  # re-raised below, once the others know
+                error = caught
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+        if error is not None:
+            raise error
+        if np.any(failed):
+            raise OtherProcessError(
+                f"{done}: failed in process {', '.join(map(str, np.flatnonzero(failed)))} "
+                "(its log says why)"
+            )

@@ -602,7 +602,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 f"config.model.pretrained={config.model.pretrained!r} "
                 f"(pretrained_kind={config.model.pretrained_kind!r}): {error}"
             ) from None
-    # The data first: a run refused for its data creates no workdir (the manager makes
+    checkpointing.refuse_model_directory(workdir)  # in seconds, not after a dataset build
+    # The data next: a run refused for its data creates no workdir (the manager makes
     # checkpoints/ in it).
     sharding.process_zero_first(
         functools.partial(pipeline.prepare, config.data), "dataset prepared"

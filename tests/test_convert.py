@@ -221,6 +221,8 @@ def test_anti_aliased_resnets_are_refused_by_name(source):
     }
     _, arch, _ = convert_resnet(state_dict, "resnet50d.safetensors")  # its keys alone: resnet50d
     assert arch == convert.resnet_variant("resnet50d")
+    # The user's own folders above the weights' are not their name.
+    convert_resnet(state_dict, "/data/resnetblur50_trials/runs/resnet50d.safetensors")
     with pytest.raises(convert.ConversionError, match=r"anti-aliased ResNet.*resnet101s"):
         convert_resnet(state_dict, source)
 

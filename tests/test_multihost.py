@@ -345,6 +345,7 @@ from pan_jax.data import pipeline
 sharding.initialize_distributed()
 config = pipeline.default_data_config("pan_synthetic")
 config.name, config.data_dir = "pan_synthetic/tiny", os.path.join(root, host)  # host-local
+config.num_classes = int(sys.argv[2])
 
 
 def work():
@@ -359,14 +360,13 @@ sharding.process_zero_first(work, "dataset prepared")
 """
 
 
-def test_a_host_local_dataset_is_built_by_one_process_of_each_host(tmp_path):
-    # The processes of one host (one per GPU, as gpu_slurm.sbatch starts them) built into the
-    # same folder at once after process 0: all but one failed on tfds's final rename.
+def prepare_on_hosts(root: Path, num_classes: int) -> list[tuple[int, str]]:
+    """(exit status, output) of the three processes of PREPARE_ON_HOSTS."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_PREFIXES)}
     base.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}")
     runs = [
         subprocess.Popen(
-            [sys.executable, "-c", PREPARE_ON_HOSTS, str(tmp_path)],
+            [sys.executable, "-c", PREPARE_ON_HOSTS, str(root), str(num_classes)],
             cwd=REPO,
             env={**base, "JAX_NUM_PROCESSES": "3", "JAX_PROCESS_ID": str(index)},
             stdout=subprocess.PIPE,
@@ -375,8 +375,28 @@ def test_a_host_local_dataset_is_built_by_one_process_of_each_host(tmp_path):
         )
         for index in range(3)
     ]
-    outputs = [process.communicate(timeout=TIMEOUT)[0] for process in runs]
-    for process, output in zip(runs, outputs, strict=True):
-        assert process.returncode == 0, output[-3000:]
+    try:
+        outputs = [process.communicate(timeout=120)[0] for process in runs]
+    finally:
+        for process in runs:
+            process.kill()
+    return [(process.returncode, output) for process, output in zip(runs, outputs, strict=True)]
+
+
+def test_a_host_local_dataset_is_built_by_one_process_of_each_host(tmp_path):
+    # The processes of one host (one per GPU, as gpu_slurm.sbatch starts them) built into the
+    # same folder at once after process 0: all but one failed on tfds's final rename.
+    for code, output in prepare_on_hosts(
+        tmp_path, pipeline.dataset_spec("pan_synthetic").num_classes
+    ):
+        assert code == 0, output[-3000:]
     order = (tmp_path / "order").read_text().split("\n")
     assert order == ["start 0", "end 0", "start 1", "end 1", "start 2", "end 2", ""], order
+    # An error in process 0's turn: the others waited for it at the next turn for ever (and it
+    # for them, at exit). Now each process raises it, or says where it came from.
+    (tmp_path / "bad").mkdir()
+    (first, zero), *others = prepare_on_hosts(tmp_path / "bad", 5)
+    assert first != 0 and "ConfigError: data.num_classes=5" in zero, zero[-3000:]
+    for code, output in others:
+        assert code != 0 and "dataset prepared: failed in process 0" in output, output[-3000:]
+    assert (tmp_path / "bad" / "order").read_text() == "start 0\n"

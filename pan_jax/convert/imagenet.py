@@ -158,7 +158,10 @@ def convert_resnet(
     state_dict: Mapping[str, Any], source: str, variant: str | None = None
 ) -> tuple[dict, Arch, list[str]]:
     """As `from_imagenet` on a read state dict; also returns the checkpoint keys left unused."""
-    if anti_aliased := _ANTI_ALIASED.search(source):
+    # The names of the file, its folder or hub repository; not the folders above, which are
+    # the user's.
+    named = "/".join(source.split(" (cached as ")[0].replace("\\", "/").split("/")[-2:])
+    if anti_aliased := _ANTI_ALIASED.search(named):
         raise ConversionError(
             f"{source}: timm's {anti_aliased.group(0)} is an anti-aliased ResNet: its blur "
             "pooling has no weights, so its keys and shapes are a plain ResNet's, but pan_jax's "
