@@ -128,7 +128,8 @@ def process_zero_first(work: Callable[[], Any], done: str) -> None:
         if error is not None:
             raise error
         if np.any(failed):
+            processes = ", ".join(map(str, np.flatnonzero(failed)))
             raise OtherProcessError(
-                f"{done}: failed in process {', '.join(map(str, np.flatnonzero(failed)))} "
+                f"stopped: process {processes} failed where every process waits for '{done}' "
                 "(its log says why)"
             )
