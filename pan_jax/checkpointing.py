@@ -143,6 +143,22 @@ def absolute_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
+def check_writable_directory(path: str | os.PathLike, flag: str) -> None:
+    """A local directory to write into, or the folder it would be made in, must be writable:
+    a run learns it now, not after its work. Raises ValueError naming `flag` (e.g. --workdir)
+    and the file in the way, if any."""
+    text = os.fspath(path)
+    if "://" in text:  # a bucket: its permissions show at the first write
+        return
+    existing = os.path.abspath(text)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag}={text}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}={text}: {existing} is not writable by this user")
+
+
 def read_run_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The resolved run config (`config.json`) of a workdir as a dict; {} when it has none."""
     path = epath.Path(directory) / "config.json"

@@ -51,20 +51,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
-def _check_writable(workdir: str) -> None:
-    """A local workdir, or the folder it would be made in, must be writable: a run learns it
-    now, not after building its dataset."""
-    if "://" in workdir:  # a bucket: its permissions show at the first write
-        return
-    existing = os.path.abspath(workdir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--workdir={workdir}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--workdir={workdir}: {existing} is not writable by this user")
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -91,7 +77,7 @@ def main(argv):
         if FLAGS.mode == "eval":
             checkpointing.directory_kind(workdir, FLAGS.step)
         else:  # eval may read a run it cannot write into (it logs its figures before the report)
-            _check_writable(workdir)
+            checkpointing.check_writable_directory(workdir, "--workdir")
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     cache_dir = compile_cache.enable(workdir, FLAGS.config.get("compilation_cache", True))

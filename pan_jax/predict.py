@@ -545,11 +545,7 @@ def main(argv: Sequence[str]) -> int:
             flip=FLAGS.flip,
             config_path=os.fspath(epath.Path(directory) / "config.json"),
         )
-        existing = epath.Path(FLAGS.output)
-        while not existing.exists() and existing.parent != existing:  # e.g. a_file/masks
-            existing = existing.parent
-        if not existing.is_dir():
-            raise ValueError(f"--output={FLAGS.output}: {existing} is a file, not a directory")
+        checkpointing.check_writable_directory(FLAGS.output, "--output")
         inputs = list_inputs(FLAGS.input, exclude_dir=FLAGS.output)
         check_outputs_spare_inputs(inputs, FLAGS.output, write_overlay=FLAGS.overlay)
     except (ValueError, FileNotFoundError) as error:

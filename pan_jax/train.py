@@ -775,7 +775,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if preemption.requested:  # came after the last step's check, or during an eval
                     flush_metrics(step, force=True, final=True)  # and checked: never save a NaN
                     save_and_exit(step, preemption.requested)
-                    stopped = True
                     break
                 host_batch = next(train_iter)
                 if config.get("log_batch_digests"):

@@ -205,7 +205,7 @@ def test_every_named_variant_fits(library, name):
 @pytest.mark.parametrize(
     "source",
     [
-        "hf-hub:timm/resnetaa50d.sw_in12k_ft_in1k (cached as /cache/model.safetensors)",
+        "hf-hub:timm/resnetaa50d.sw_in12k_ft_in1k",
         "weights/resnetblur50.bt_in1k/model.safetensors",
         "ResNetAA101d.pth",
     ],

@@ -160,7 +160,7 @@ def convert_resnet(
     """As `from_imagenet` on a read state dict; also returns the checkpoint keys left unused."""
     # The names of the file, its folder or hub repository; not the folders above, which are
     # the user's.
-    named = "/".join(source.split(" (cached as ")[0].replace("\\", "/").split("/")[-2:])
+    named = "/".join(source.replace("\\", "/").split("/")[-2:])
     if anti_aliased := _ANTI_ALIASED.search(named):
         raise ConversionError(
             f"{source}: timm's {anti_aliased.group(0)} is an anti-aliased ResNet: its blur "
