@@ -321,8 +321,12 @@ def load(path: str) -> list[dict]:
 
 
 def main(argv: Sequence[str]) -> int:
+    usage = f"usage: python -m pan_jax.bench_report BENCH_JSON...\n\n{__doc__}"
+    if any(argument in ("-h", "--help") for argument in argv[1:]):
+        print(usage)
+        return 0
     if len(argv) < 2:
-        print(f"usage: python -m pan_jax.bench_report BENCH_JSON...\n\n{__doc__}", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     reports = []
     for path in argv[1:]:

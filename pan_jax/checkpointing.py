@@ -14,11 +14,13 @@ A model spec is the JSON-able dict `{"name", "backbone", "num_classes", "overrid
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging as std_logging
 import os
+import socket
 import sys
-from typing import Any
+from typing import IO, Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,10 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointDamagedError(ValueError):
     """A checkpoint folder cannot be read: cut short (a copy or a disk that filled) or damaged."""
+
+
+class WorkdirInUseError(RuntimeError):
+    """Another training run holds the workdir's lock (`WorkdirLock`)."""
 
 
 def _damaged(manager: ocp.CheckpointManager, step: int, error: Exception) -> CheckpointDamagedError:
@@ -319,6 +325,62 @@ def prepare_workdir(
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class WorkdirLock:
+    """An advisory lock on `<workdir>/run.lock`, held by process 0 while a training run lives:
+    a second run in the same workdir (a command started twice, a job queued twice) is refused
+    instead of writing its checkpoints among the first's.
+
+    The kernel drops the lock when its process ends, however it ends: the resume of a killed
+    or preempted run finds it free. `flock` works on local file systems and NFS; an object
+    store (gs://) has no locks, nor has a file system mounted without them (a warning says so).
+    The file stays after the run, naming its last holder.
+    """
+
+    def __init__(self, workdir: str | os.PathLike) -> None:
+        self.path = epath.Path(workdir) / "run.lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Takes the lock (process 0; the others return). Raises WorkdirInUseError, naming the
+        holder, if another run has it."""
+        if jax.process_index() != 0 or "://" in str(self.path):
+            return
+        lock_file = open(self.path, "a+")  # noqa: SIM115 (held open for the run's life)
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            lock_file.close()
+            raise WorkdirInUseError(
+                f"{self.path.parent} is in use by another training run ({holder}, per "
+                f"{self.path}): wait for it to end, or train in another --workdir"
+            ) from None
+        except OSError as error:  # e.g. Lustre mounted without flock
+            lock_file.close()
+            logging.warning(
+                "%s cannot be locked (%s): nothing stops a second run in this workdir",
+                self.path,
+                error,
+            )
+            return
+        lock_file.truncate(0)
+        lock_file.write(f"process {os.getpid()} on host {socket.gethostname()}\n")
+        lock_file.flush()
+        self._file = lock_file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the lock
+            self._file = None
+
+    def __enter__(self) -> WorkdirLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def write_run_record(workdir: epath.Path, config: Any, spec: ModelSpec) -> None:

@@ -70,7 +70,8 @@ def main(argv):
     from pan_jax import checkpointing, compile_cache
 
     config_argument = config_flags.get_config_filename(FLAGS["config"])
-    workdir = FLAGS.workdir or checkpointing.default_workdir(config_argument)
+    # `~` expanded here: the shell leaves it in --workdir=~/runs/voc (a word, not an assignment)
+    workdir = os.path.expanduser(FLAGS.workdir or checkpointing.default_workdir(config_argument))
     try:  # before anything is written into the workdir
         if os.path.isfile(workdir):
             raise ValueError(f"--workdir={workdir} is a file: expected a directory")
@@ -104,6 +105,7 @@ def main(argv):
         ConversionError,
         checkpointing.CheckpointMismatchError,
         checkpointing.CheckpointDamagedError,
+        checkpointing.WorkdirInUseError,
         CorruptRecordError,
         VocAugError,
         train.NonFiniteLossError,

@@ -526,6 +526,9 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError("give exactly one of --workdir and --model_dir")
     if not FLAGS.input or not FLAGS.output:
         raise app.UsageError("--input and --output are required")
+    for name in ("workdir", "model_dir", "input", "output"):  # the shell leaves --output=~/x
+        if FLAGS[name].value:
+            FLAGS[name].value = os.path.expanduser(FLAGS[name].value)
     logs.quiet_libraries()
     directory = FLAGS.workdir or FLAGS.model_dir
     crop_size = _int_pair(FLAGS.crop_size, "crop_size")

@@ -67,7 +67,7 @@ def model_spec(config: ml_collections.ConfigDict) -> checkpointing.ModelSpec:
     overrides = config.model.overrides.to_dict() if config.model.get("overrides") else {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
-        applicable = models.valid_overrides(config.model.name)
+        applicable = models.valid_overrides(config.model.name, overrides)
     except ValueError as error:  # an unknown model name
         raise ConfigError(f"config.model: {error}") from None
     ignored = sorted(k for k in overrides if k in models.OVERRIDE_TYPES and k not in applicable)
@@ -563,7 +563,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (resuming from the workdir's latest checkpoint) and evaluates periodically."""
+    """Trains (resuming from the workdir's latest checkpoint) and evaluates periodically. The
+    run holds the workdir's lock (`checkpointing.WorkdirLock`) from its creation to the end."""
+    with checkpointing.WorkdirLock(workdir) as lock:
+        return _train_and_evaluate(config, workdir, lock)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, lock: checkpointing.WorkdirLock
+) -> TrainState:
     from pan_jax.data import pipeline
 
     started = time.perf_counter()
@@ -611,6 +619,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager = checkpointing.create_manager(workdir, config)
     layout = optimizer_layout(config)
     workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager, layout)
+    sharding.process_zero_first(lock.acquire, "workdir locked")  # before the restore reads it
 
     mesh = sharding.create_mesh()
     state_sharding = sharding.replicated(mesh)

@@ -387,6 +387,7 @@ def test_goals_are_stated_next_to_the_figures_of_a_gpu_call(tmp_path):
     assert result.returncode == 0, result.stderr
     md = result.stdout
     assert "| pan_jax `pan_smp` R101 | train | 16 | 401.6 | 39.8 | 57.6 s (compile) | 17.5% |" in md
+    assert tables.main(["bench_report", "--help"]) == 0  # was read as a file named --help
     assert "| pan_jax `pan_smp` R101 | train | 240 (largest) | 450.0 |" in md
     assert "| **ratio pan_jax / torch eager** | train | 16 | **1.19×** |" in md
     assert "| SMP PAN R101, torch.compile | train | 16 | 318.8 | 50.2 | 104.6 s |" in md

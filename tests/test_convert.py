@@ -367,11 +367,13 @@ def _flat(tree):
     return traverse_util.flatten_dict(tree, sep="/")
 
 
-def test_load_pretrained_backbone_leaves_decoder(checkpoint, tmp_path):
+def test_load_pretrained_backbone_leaves_decoder(checkpoint, tmp_path, monkeypatch):
     path, _ = checkpoint("resnet18d")
     model = models.create("pan", num_classes=3, backbone="resnet18", stem="deep32", avg_down=True)
     initial = jax.tree.map(jax.numpy.asarray, _random_variables(model))  # placed arrays
-    variables, report = convert.load_pretrained(initial, path, "timm", model=model)
+    monkeypatch.setenv("HOME", str(path.parent))  # --config.model.pretrained=~/x, as a shell
+    convert.fetch_pretrained(f"~/{path.name}", "timm", model)
+    variables, report = convert.load_pretrained(initial, f"~/{path.name}", "timm", model=model)
     kernel = variables["params"]["backbone"]["stem_conv0"]["kernel"]
     assert (
         isinstance(kernel, jax.Array)
@@ -499,10 +501,13 @@ def test_cli_timm_backbone_into_paper_pan(checkpoint, tmp_path, capsys, caplog):
     assert f"{out}: its decoder and head were never trained" in caplog.text
 
 
-def test_cli_smp_round_trip_through_files(tmp_path):
+def test_cli_smp_round_trip_through_files(tmp_path, monkeypatch):
     torch_pan = randomized_smp_pan("resnet18", classes=5, seed=4)
-    path = save(torch_pan.state_dict(), tmp_path / "smp_pan.pth")
-    assert cli.main(["--from=smp", f"--input={path}", f"--output={tmp_path / 'out'}"]) == 0
+    save(torch_pan.state_dict(), tmp_path / "smp_pan.pth")
+    monkeypatch.setenv("HOME", str(tmp_path))  # a shell leaves `~` in --input=~/x
+    monkeypatch.chdir(tmp_path.parent)
+    assert cli.main(["--from=smp", "--input=~/smp_pan.pth", "--output=~/out"]) == 0
+    assert not (tmp_path.parent / "~").exists()
     variables, spec = checkpointing.load_variables(tmp_path / "out")
     assert spec["name"] == "pan_smp" and spec["num_classes"] == 5
     fresh = smp.PAN(encoder_name="resnet18", encoder_weights=None, classes=5)

@@ -191,6 +191,28 @@ def test_the_extra_configs_missing_zips_are_the_ones_named(tmp_path):
     assert "gtFine" not in message
 
 
+def test_a_tilde_in_data_dir_and_manual_dir_is_the_home_folder(built, tmp_path, monkeypatch):
+    # The shell leaves `~` in --config.data.data_dir=~/tfds (a word, not an assignment): tfds
+    # made a folder named ~ in the working directory, and every zip of ~/manual was MISSING.
+    cfg, _ = built
+    working = tmp_path / "working"
+    working.mkdir()
+    monkeypatch.chdir(working)
+    monkeypatch.setenv("HOME", str(pathlib.Path(cfg.data_dir).parent))
+    tilde = data.default_data_config("cityscapes")
+    tilde.data_dir = "~/tfds"
+    data.prepare(tilde)  # found prepared
+    assert len(data.load_source(tilde, "validation")) == len(data.load_source(cfg, "validation"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_zips(tmp_path / "manual")  # the fine config's: the extra one needs more
+    extra = data.default_data_config("cityscapes/semantic_segmentation_extra")
+    extra.data_dir, extra.manual_dir = "~/extra", "~/manual"
+    with pytest.raises(FileNotFoundError) as error:
+        data.prepare(extra)
+    assert f"{tmp_path / 'manual' / 'leftImg8bit_trainvaltest.zip'} found" in str(error.value)
+    assert not list(working.iterdir())
+
+
 def test_label_ids_past_33_are_refused_not_ignored():
     # A trainIds PNG (255 for void) or another file where *_labelIds.png belongs would otherwise
     # train on shifted classes, its unknown values silently ignored.

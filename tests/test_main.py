@@ -165,6 +165,9 @@ def test_a_workdir_that_is_a_file_or_holds_no_checkpoint_is_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"error: {empty} is neither a pan_jax model directory" in result.stderr
     assert not list(empty.iterdir())  # no compilation cache or log left in it
+    # A shell leaves `~` in --workdir=~/run: it is the home folder's, not ./~/run.
+    result = run_main(config, "--workdir=~/run", "--mode=eval", cwd=tmp_path, HOME=str(tmp_path))
+    assert f"error: {empty} is neither a pan_jax model directory" in result.stderr
 
 
 def test_config_given_in_a_flagfile_is_named(tmp_path):

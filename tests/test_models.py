@@ -152,14 +152,38 @@ def test_option_values_are_checked_naming_the_option(options, message):
         ("gau", "dropout_rate"),
         ("fcn", "decoder_channels"),
         ("fcn", "dropout_rate"),
+        ("fpa", "gau_low_kernel"),
+        ("gau", "fpa_kernels"),
+        ("gau", "pyramid_features"),
     ],
 )
 def test_an_option_the_model_does_not_use_is_refused_not_ignored(name, option):
-    # Both were accepted and changed nothing: PAN's decoder has no dropout, fcn no decoder.
-    value = {"dropout_rate": 0.3, "decoder_channels": 8}[option]
+    # All were accepted and changed nothing: PAN's decoder has no dropout, fcn no decoder, the
+    # FPA-only ablation no GAU, the GAU-only one no pyramid.
+    value = {
+        "dropout_rate": 0.3,
+        "decoder_channels": 8,
+        "gau_low_kernel": 1,
+        "fpa_kernels": (3, 3, 3),
+        "pyramid_features": 1,
+    }[option]
     with pytest.raises(ValueError, match=rf"unknown option\(s\) \['{option}'\] for model '{name}'"):
         models.create(name, num_classes=3, backbone="resnet18", **{option: value})
     assert option not in models.valid_overrides(name)
+
+
+def test_the_attention_options_follow_the_modules_a_model_has():
+    # With GAU switched back on, the FPA-only preset takes GAU's options, and is PAN.
+    fpa_with_gau = models.create(
+        "fpa", num_classes=3, backbone="resnet18", use_gau=True, gau_gate="sigmoid"
+    )
+    assert fpa_with_gau.decoder.use_gau and fpa_with_gau.decoder.gau_gate == "sigmoid"
+    assert "gau_gate" in models.valid_overrides("fpa", {"use_gau": True})
+    assert "fpa_pooling" not in models.valid_overrides("pan", {"use_fpa": False})
+    # A stored spec with an option its model never took loads as the model it described.
+    assert models.explicit_overrides("gau", {"fpa_pooling": "max", "gau_low_kernel": 1}) == {
+        "gau_low_kernel": 1
+    }
 
 
 def test_a_new_decoder_width_widens_the_papers_pyramid_with_it():

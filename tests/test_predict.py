@@ -218,14 +218,14 @@ def saved_model(tmp_path_factory):
     return model, variables, model_dir
 
 
-def run_predict(*args):
+def run_predict(*args, **env):
     """`python -m pan_jax.predict ARGS` on the CPU: the finished process."""
     return subprocess.run(
         [sys.executable, "-m", "pan_jax.predict", *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
     )
 
 
@@ -233,8 +233,14 @@ def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, saved_model, tm
     root, expected = inputs
     model, variables, model_dir = saved_model
     out = tmp_path / "out"
+    home = tmp_path.parent  # which holds the fixtures' folders too: a shell leaves `~` in --x=~/y
     result = run_predict(
-        f"--model_dir={model_dir}", f"--input={root}", f"--output={out}", "--overlay", "--flip"
+        f"--model_dir=~/{model_dir.relative_to(home)}",
+        f"--input=~/{root.relative_to(home)}",
+        f"--output=~/{out.relative_to(home)}",
+        "--overlay",
+        "--flip",
+        HOME=str(home),
     )
     assert result.returncode == 1, result.stderr[-3000:]  # one file failed
     assert "notes.jpg" in result.stdout and "notes.jpg" in result.stderr

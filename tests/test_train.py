@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -1286,3 +1287,45 @@ def test_a_damaged_metrics_file_does_not_stop_a_resume(tmp_path):
     assert train._evaluated_steps(epath.Path(metrics)) == {2}
     summary.MetricWriter(tmp_path, start_step=2).close()  # keeps the records up to step 2
     assert [json.loads(line) for line in metrics.read_text().splitlines()] == good
+
+
+def test_a_second_run_in_a_live_runs_workdir_is_refused_and_changes_nothing(tmp_path, data_dir):
+    # Two runs in one workdir (a command started twice, a job queued twice) wrote their
+    # checkpoints among each other's.
+    workdir = tmp_path / "run"
+    config = tiny_config(data_dir, num_train_steps=2, **{"model.overrides.pyramid_features": 1})
+    train.train_and_evaluate(config, str(workdir))
+    files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != "run.lock"}
+    holder = subprocess.Popen(  # a live run holds the lock from its start to its end
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pan_jax import checkpointing\n"
+            "lock = checkpointing.WorkdirLock(sys.argv[1])\nlock.acquire()\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)",
+            str(workdir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code, output = run_main(workdir, data_dir, num_train_steps=4, checkpoint_every_steps=2)
+        assert code == 1, output[-3000:]
+        assert output.strip().splitlines()[-1] == (
+            f"error: {workdir} is in use by another training run (process {holder.pid} on host "
+            f"{socket.gethostname()}, per {workdir / 'run.lock'}): wait for it to end, or train "
+            "in another --workdir"
+        )
+        after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+        assert {p: after[p] for p in files} == files, "the refused run wrote into the workdir"
+    finally:
+        holder.kill()  # however a run ends, the kernel drops its lock
+        holder.wait()
+    config.num_train_steps = 4
+    train.train_and_evaluate(config, str(workdir))
+    assert checkpointing.finished_steps(workdir) == [2, 4]
+    assert (workdir / "run.lock").read_text() == (
+        f"process {os.getpid()} on host {socket.gethostname()}\n"
+    )

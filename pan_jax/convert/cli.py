@@ -60,12 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--from", dest="source", required=True, choices=("torchvision", "timm", "smp")
     )
-    parser.add_argument(
+    parser.add_argument(  # `~` expanded: the shell leaves it in --input=~/x
         "--input",
+        type=os.path.expanduser,
         required=True,
         help=".safetensors, .pth, .pt or .bin file, hf-hub:OWNER/REPO or a URL (downloaded once)",
     )
-    parser.add_argument("--output", required=True, help="directory to write (local or gs://)")
+    parser.add_argument(
+        "--output",
+        type=os.path.expanduser,
+        required=True,
+        help="directory to write (local or gs://)",
+    )
     parser.add_argument(
         "--model", help=f"one of {', '.join(models.MODEL_NAMES)}; default pan (pan_smp for smp)"
     )
@@ -99,7 +105,7 @@ def _spec(args: argparse.Namespace, arch: dict, smp: dict | None) -> dict[str, A
                 )
             overrides[key] = arch[key]
     # Refused here, since a stored spec's options that the model does not take are skipped.
-    valid = models.valid_overrides(spec["name"])
+    valid = models.valid_overrides(spec["name"], dict(args.override))
     inapplicable = sorted(set(dict(args.override)) - valid)
     if inapplicable:
         raise ConversionError(

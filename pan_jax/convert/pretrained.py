@@ -202,8 +202,8 @@ def resolve_source(path: str | os.PathLike, kind: str, model: Any = None) -> str
     """`path`, with "imagenet" replaced by the source of the model's backbone variant."""
     if kind not in PRETRAINED_KINDS:
         raise ValueError(f"unknown pretrained kind {kind!r}; expected one of {PRETRAINED_KINDS}")
-    if os.fspath(path) != download.IMAGENET:
-        return path
+    if os.fspath(path) != download.IMAGENET:  # `~` as a shell would (none in a config value)
+        return os.path.expanduser(path) if isinstance(path, str) else path
     if model is None or kind not in ("torchvision", "timm"):
         raise ValueError(
             f"pretrained {download.IMAGENET!r} picks the ImageNet weights that fit the model's "

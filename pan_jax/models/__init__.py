@@ -137,11 +137,24 @@ def _valid_overrides(decoder: str) -> set[str]:
     return valid  # fcn: a classifier on the backbone, no decoder
 
 
-def valid_overrides(name: str) -> set[str]:
-    """The keyword overrides `create(name, ...)` accepts."""
+_FPA_ONLY = ("fpa_kernels", "fpa_pooling", "fpa_global_branch", "fpa_attention", "pyramid_features")
+_GAU_ONLY = ("gau_low_kernel", "gau_global_attention", "gau_gate")
+
+
+def valid_overrides(name: str, overrides: dict[str, Any] | None = None) -> set[str]:
+    """The keyword overrides `create(name, **overrides)` accepts: FPA's options only where the
+    model has FPA (`use_fpa`, as the preset and `overrides` set it), GAU's where it has GAU."""
     if name not in _PRESETS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
-    return _valid_overrides(_PRESETS[name]["decoder"])
+    preset = _PRESETS[name]
+    valid = _valid_overrides(preset["decoder"])
+    if preset["decoder"] == "pan":
+        switches = {**preset, **(overrides or {})}
+        if not switches.get("use_fpa", True):
+            valid -= set(_FPA_ONLY)
+        if not switches.get("use_gau", True):
+            valid -= set(_GAU_ONLY)
+    return valid
 
 
 # Every override of some model but dtype (configs have config.model.dtype), with its type:
@@ -229,11 +242,12 @@ def create(
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     decoder_kind = _PRESETS[name]["decoder"]
-    unknown = set(overrides) - _valid_overrides(decoder_kind)
+    valid = valid_overrides(name, overrides)
+    unknown = set(overrides) - valid
     if unknown:
         raise ValueError(
             f"unknown option(s) {sorted(unknown)} for model {name!r}; valid options: "
-            f"{sorted(_valid_overrides(decoder_kind))}"
+            f"{sorted(valid)}"
         )
     settings = _settings(name, overrides)
     _check_values(settings)
@@ -306,7 +320,7 @@ def explicit_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if name not in _PRESETS:
         return dict(overrides)
     explicit = {}
-    valid = valid_overrides(name)
+    valid = valid_overrides(name, overrides)
     for key, value in overrides.items():
         if key in OVERRIDE_TYPES and key not in valid:
             continue
