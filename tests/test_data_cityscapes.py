@@ -47,6 +47,12 @@ def test_label_id_lut_inverts_train_ids_for_the_test_server():
     np.testing.assert_array_equal(
         data.cityscapes_train_id_lut()[cityscapes.train_ids_to_label_ids(predicted)], predicted
     )
+    # Past trainId 18 (255: ignore) is 'unlabeled'; a negative value, no trainId at all, was
+    # wrapped around to the table's last entry and written as 'unlabeled' too.
+    np.testing.assert_array_equal(cityscapes.train_ids_to_label_ids([[19, 255]]), [[0, 0]])
+    for values in ([[-1, 3]], [[3, 256]]):
+        with pytest.raises(ValueError, match=r"expected trainIds 0\.\.18 \(or up to 255"):
+            cityscapes.train_ids_to_label_ids(np.array(values, np.int32))
     assert [cs_labels.trainId2label[t].name for t in range(19)] == list(cityscapes.CLASS_NAMES)
 
 

@@ -1,6 +1,7 @@
 """The grain pipeline on a tiny pan_synthetic build: determinism, sharding, resume, augmentation."""
 
 import hashlib
+import io
 import logging
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
+from PIL import Image
 
 from pan_jax import data
 from pan_jax.data import pipeline, synthetic
@@ -109,6 +111,23 @@ def test_padding_is_zero_image_and_ignore_label(cfg):
     assert (images[:, 24:] == 0).all() and (images[:, :, 24:] == 0).all()
     expected = data.normalize(batch["image"][:, :24, :24])
     np.testing.assert_allclose(images[:, :24, :24], expected, rtol=0, atol=2.5e-7)
+    # A crop shorter than wide: image_size is (height, width), and the device keeps rows by the
+    # height and columns by the width (square crops could not show either swapped).
+    record, _ = _pattern_record(height=24, width=16)
+    out = pipeline.train_transform(
+        record,
+        np.random.default_rng(0),
+        crop_size=32,
+        min_scale=1.0,
+        max_scale=1.0,
+        flip=False,
+        num_classes=13,
+    )
+    np.testing.assert_array_equal(out["image_size"], [24, 16])
+    image = np.asarray(jax.jit(normalize_crops)(out["image"][None], out["image_size"][None]))[0]
+    assert (image[24:] == 0).all() and (image[:, 16:] == 0).all()
+    expected = data.normalize(record["image"])
+    np.testing.assert_allclose(image[:24, :16], expected, rtol=0, atol=2.5e-7)
 
 
 def _identity_cfg(cfg):
@@ -160,14 +179,12 @@ def test_worker_processes_give_the_same_batches(cfg):
 def test_a_resumed_run_continues_at_its_step_with_any_workers_or_processes(cfg, num_workers):
     # The trainer resumes the pipeline at batch `step` (one batch per step), not from grain's
     # iterator state, whose format depends on the number of workers: a run saved with 2 workers
-    # failed to resume with 0 or 3 (KeyError / IndexError).
-    plain = _identity_cfg(cfg)
-    ds = data.train_dataset(
-        plain, per_process_batch_size=4, seed=1, process_index=0, process_count=1
-    )
+    # failed to resume with 0 or 3 (KeyError / IndexError). With augmentation on: each record's
+    # scale, crop and flip come from its global position, not from its place in a host's shard.
+    ds = data.train_dataset(cfg, per_process_batch_size=4, seed=1, process_index=0, process_count=1)
     expected, _ = _take(ds, 7)
     resumed = data.train_dataset(
-        _copy(plain, num_workers=num_workers),
+        _copy(cfg, num_workers=num_workers),
         per_process_batch_size=4,
         seed=1,
         process_index=0,
@@ -180,11 +197,12 @@ def test_a_resumed_run_continues_at_its_step_with_any_workers_or_processes(cfg, 
     finally:
         if num_workers:
             it.close()
-    # Two processes with half the batch each: the same global batches, split between them.
+    # Two processes with half the batch each: the same global batches, split between them (the
+    # augmentation, drawn after sharding, gave two hosts other crops than one host).
     halves = [
         _take(
             data.train_dataset(
-                plain, per_process_batch_size=2, seed=1, process_index=p, process_count=2,
+                cfg, per_process_batch_size=2, seed=1, process_index=p, process_count=2,
                 start_batch=3,
             ),
             4,
@@ -329,12 +347,16 @@ def test_crop_matrix_equals_resize_then_crop_then_flip():
         np.testing.assert_array_equal(warped_label, ref_label)
 
 
-def test_label_outside_classes_names_the_file_and_field():
+# 13 = num_classes, the first value that is no class, was accepted as one. Evaluation checks too:
+# its confusion matrix dropped such pixels without a word.
+@pytest.mark.parametrize("value", [30, 13])
+def test_label_outside_classes_names_the_file_and_field(value):
     record, _ = _pattern_record()
     record["label"] = record["label"].copy()
-    record["label"][:] = 30
+    record["label"][:] = value
     record["file_name"] = "2007_000042"
-    with pytest.raises(ValueError, match=r"2007_000042.*\[30\].*data.num_classes=13"):
+    expected = rf"2007_000042.*\[{value}\].*data.num_classes=13"
+    with pytest.raises(ValueError, match=expected):
         pipeline.train_transform(
             record,
             np.random.default_rng(0),
@@ -344,6 +366,24 @@ def test_label_outside_classes_names_the_file_and_field():
             flip=False,
             num_classes=13,
         )
+    with pytest.raises(ValueError, match=expected):
+        pipeline.eval_transform(record, num_classes=13)
+
+
+def test_exif_orientation_is_ignored_as_by_pil():
+    # Masks are drawn on the stored pixels: a JPEG with an EXIF rotation was decoded rotated, and
+    # refused for its mask's shape (or, square, silently misaligned with it).
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    jpeg = io.BytesIO()
+    Image.fromarray(rgb).save(jpeg, format="JPEG", quality=95, exif=exif)
+    ok, label = cv2.imencode(".png", np.zeros((20, 30), np.uint8))
+    assert ok
+    record = pipeline.decode_record(jpeg.getvalue(), label.tobytes(), "rotated")
+    reference = np.asarray(Image.open(jpeg))  # PIL leaves EXIF rotations to the caller
+    assert record["image"].shape == reference.shape == (20, 30, 3)
+    assert np.abs(record["image"].astype(int) - reference).max() <= 2  # libjpeg differences only
 
 
 def _corrupt(cfg, tmp_path, split, index):
@@ -375,6 +415,11 @@ def test_corrupt_record_error_names_the_file(cfg, tmp_path):
     source = data.load_source(broken, "train")
     with pytest.raises(data.CorruptRecordError, match=rf"{file_name}.*{path}"):
         source[5]
+    # In a union of splits, the first record of the second part is named by its own file (it was
+    # named by the first part's).
+    union = data.load_source(broken, "val[:5]+train[5:]")
+    with pytest.raises(data.CorruptRecordError, match=rf"{file_name}.*record 5 \({path}\)"):
+        union[5]
     ds = data.train_dataset(
         broken, per_process_batch_size=4, seed=0, process_index=0, process_count=1
     )

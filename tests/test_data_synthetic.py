@@ -104,6 +104,46 @@ def test_deterministic_from_seed():
     assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], d[0])
 
 
+def _generate_recording_objects(monkeypatch, config, index):
+    """generate_example's (label, [(class, mask) of every object drawn, in drawing order])."""
+    drawn = []
+    shape_mask = synthetic._shape_mask
+
+    def recording(cls, rng, size):
+        drawn.append((cls, shape_mask(cls, rng, size)))
+        return drawn[-1][1]
+
+    monkeypatch.setattr(synthetic, "_shape_mask", recording)
+    _, label = synthetic.generate_example(config, "train", index)
+    return label, drawn
+
+
+def test_smaller_objects_are_painted_over_larger_ones(monkeypatch):
+    # Painted small-first, large objects hid the small ones they overlapped.
+    no_void = dataclasses.replace(DEFAULT, void_width=0)
+    hidden = 0
+    for index in range(8):
+        label, drawn = _generate_recording_objects(monkeypatch, no_void, index)
+        # Each pixel shows the smallest object over it (of equal ones, the later drawn).
+        order = sorted(range(len(drawn)), key=lambda i: (drawn[i][1].sum(), -i))
+        expected = np.zeros_like(label)
+        covered = np.zeros(label.shape, bool)
+        for i in order:
+            cls, mask = drawn[i]
+            expected[mask & ~covered] = cls
+            covered |= mask
+        np.testing.assert_array_equal(label, expected, err_msg=str(index))
+        hidden += sum(mask.sum() > (label == cls)[mask].sum() for cls, mask in drawn)
+    assert hidden > 0  # the objects do overlap
+
+
+def test_object_counts_include_max_objects(monkeypatch):
+    # max_objects was exclusive: 2..5 objects drew 2 to 4, and min_objects = max_objects raised.
+    config = dataclasses.replace(DEFAULT, min_objects=1, max_objects=2)
+    counts = {len(_generate_recording_objects(monkeypatch, config, i)[1]) for i in range(12)}
+    assert counts == {1, 2}
+
+
 def test_tfds_build_matches_generator(tmp_path):
     config = synthetic.SyntheticConfig(name="test_small", image_size=40, num_train=6, num_val=3)
     builder = tfds.builder("pan_synthetic", config=config, data_dir=tmp_path)

@@ -10,6 +10,7 @@ import tarfile
 import types
 import urllib.parse
 
+import cv2
 import numpy as np
 import pytest
 import scipy.io
@@ -338,12 +339,14 @@ def test_an_unresolvable_host_is_reported_before_tfds_starts_retrying(
             assert any(archive.file_name in m and host in m for m in warnings)
 
 
-def _as_official(monkeypatch, archive_dir):
-    """Makes the tiny archives count as the official ones (md5) with their own split sizes."""
+def _as_official(monkeypatch, archive_dir, keys=("voc", "sbd")):
+    """Makes the tiny archives (those of `keys`) count as the official ones (md5)."""
     official = {
         key: dataclasses.replace(
             archive, md5=hashlib.md5((archive_dir / archive.file_name).read_bytes()).hexdigest()
         )
+        if key in keys
+        else archive
         for key, archive in voc_aug.ARCHIVES.items()
     }
     monkeypatch.setattr(voc_aug, "ARCHIVES", official)
@@ -387,14 +390,24 @@ def test_downloaded_sbd_with_another_md5_is_rejected(tmp_path, monkeypatch):
 def test_official_split_sizes_checked_only_on_official_archives(tmp_path, monkeypatch):
     make_archives(tmp_path / "manual")
     cfg = _config(tmp_path)
+    # The official SBD with a VOC tar of another md5 (repacked, say): the sizes are not checked
+    # and the build passes (it was refused for the official sizes once either archive was official).
+    _as_official(monkeypatch, tmp_path / "manual", keys=("sbd",))
+    sbd_only = cfg.copy_and_resolve_references()
+    sbd_only.data_dir = str(tmp_path / "tfds_sbd_only")
+    data.prepare(sbd_only)
+    assert len(data.load_source(sbd_only, "train_aug")) == 7
     # Pretend the tiny archives are the official ones: the 10,582-style size check fires.
     _as_official(monkeypatch, tmp_path / "manual")
     with pytest.raises(voc_aug.VocAugError, match=r"'train_aug': 7.*'train_aug': 10582"):
         data.prepare(cfg)
-    # With the sizes these "official" archives really have, the same build passes.
+    # The right split sizes are not enough: the SBD lists' sizes are checked too (they were not).
     monkeypatch.setattr(
         voc_aug, "OFFICIAL_SPLIT_SIZES", {"train_aug": 7, "val": 2, "train": 3, "trainval": 5}
     )
+    with pytest.raises(voc_aug.VocAugError, match=r"\{'train': 4, 'val': 3\}, expected .*8498"):
+        data.prepare(cfg)
+    # With the sizes these "official" archives really have, the same build passes.
     monkeypatch.setattr(voc_aug, "OFFICIAL_SBD_SIZES", {"train": 4, "val": 3})
     data.prepare(cfg)
     assert len(data.load_source(cfg, "train_aug")) == 7
@@ -456,13 +469,17 @@ def test_an_unreadable_sbd_mat_names_the_file(tmp_path):
         voc_aug._read_sbd_mask(epath.Path(path))
 
 
-def test_an_empty_id_list_is_refused_naming_it(tmp_path):
+def test_an_empty_id_list_or_one_with_an_id_twice_is_refused_naming_it(tmp_path):
     # tfds said only "No examples were yielded" for the split, naming no file
     path = tmp_path / "val.txt"
     path.write_text("\n \n")
     with pytest.raises(voc_aug.VocAugError, match=rf"{path} lists no image ids"):
         voc_aug.read_id_list(epath.Path(path))
     assert voc_aug.read_id_list(epath.Path(path), allow_empty=True) == []  # SBD's lists
+    # An id listed twice (two lists run together, say) was merged away without a word.
+    path.write_text(f"{A}\n{B}\n{A}\n")
+    with pytest.raises(voc_aug.VocAugError, match=rf"{path} lists some image ids twice"):
+        voc_aug.read_id_list(epath.Path(path), allow_empty=True)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -477,6 +494,30 @@ def test_float_sbd_masks_must_hold_whole_classes(tmp_path, dtype):
     path.write_bytes(_mat(mask))
     with pytest.raises(voc_aug.VocAugError, match=rf"cls/{S1}\.mat holds .*\[2\.5\], expected"):
         voc_aug._check_mask(voc_aug._read_sbd_mask(epath.Path(path)), path)
+
+
+@pytest.mark.parametrize("dtype, value", [(np.uint8, 21), (np.int16, -1)])
+def test_mask_values_just_outside_the_classes_are_refused(tmp_path, dtype, value):
+    # 21, one past tvmonitor, was taken for a class; a negative SBD label became 255 (ignore) in
+    # the cast to uint8.
+    path = tmp_path / "cls" / f"{S1}.mat"
+    path.parent.mkdir()
+    mask = _sbd_mask(S1).astype(dtype)
+    mask[1, 2] = value
+    path.write_bytes(_mat(mask))
+    expected = rf"cls/{S1}\.mat has label values \[{value}\], expected 0\.\.20 or 255"
+    with pytest.raises(voc_aug.VocAugError, match=expected):
+        voc_aug._check_mask(voc_aug._read_sbd_mask(epath.Path(path)), path)
+
+
+def test_a_palette_mask_that_reaches_the_reader_is_refused_not_read_as_colors():
+    # The builder stores VOC's palette masks as indices; one stored as it comes (a hand-made
+    # dataset, say) was decoded to the gray levels of its colors, e.g. class 1 (dark red) as 38.
+    image = cv2.imencode(".png", np.zeros((*_size(E), 3), np.uint8))[1].tobytes()
+    with pytest.raises(
+        ValueError, match=r"single-channel 8-bit label PNG, got shape \(\d+, \d+, 3\)"
+    ):
+        data.pipeline.decode_record(image, _png_p(_voc_mask(E)), E)
 
 
 def test_moved_archives_are_extracted_from_where_they_are_now(tmp_path):

@@ -97,14 +97,33 @@ def test_options_errors_name_the_field():
         evaluate.eval_options({"mode": "slide", "crop_size": 64, "stride": 65})
     with pytest.raises(ValueError, match=r"config\.eval\.scales"):
         evaluate.eval_options({"scales": ()})
+    with pytest.raises(ValueError, match=r"config\.eval\.pad_multiple=0: expected an integer >= 1"):
+        evaluate.eval_options({"pad_multiple": 0})
     options = evaluate.eval_options(ml_collections.ConfigDict({"mode": "slide", "crop_size": 769}))
     assert options["stride"] == (513, 513) and options["crop_size"] == (769, 769)
+    # A stride equal to the crop leaves no gap between windows: accepted.
+    options = evaluate.eval_options({"mode": "slide", "crop_size": 64, "stride": 64})
+    assert options["stride"] == (64, 64)
+    assert evaluate.eval_options({"flip": True})["flip"] is True
+    assert evaluate.eval_options(None)["flip"] is False
+
+
+def test_a_num_classes_other_than_the_models_is_refused(model_and_variables):
+    # Scored with 4 classes, the model's fifth class was dropped as out of range, silently.
+    model, variables = model_and_variables
+    element = {"image": random_image(16, 16), "label": np.zeros((16, 16), np.int32)}
+    with pytest.raises(ValueError, match=r"num_classes=4, but the model predicts 5 classes"):
+        evaluate.evaluate_dataset(model, variables, [element], num_classes=NUM_CLASSES - 1)
 
 
 def test_class_names():
     assert evaluate.class_names_for("voc_aug", 21)[15] == "person"
     assert evaluate.class_names_for(None, 19)[0] == "road"
     assert evaluate.class_names_for("pan_synthetic", 13)[1] == "disk"
+    # A dataset's names that do not fit the class count are not used (VOC's 21 names were
+    # given to 19 classes, the synthetic set's 13 to 4).
+    assert evaluate.class_names_for("voc_aug", 19)[0] == "road"
+    assert evaluate.class_names_for("pan_synthetic", 4) == tuple(f"class_{i}" for i in range(4))
     assert evaluate.class_names_for("something_else", 4) == (
         "class_0",
         "class_1",

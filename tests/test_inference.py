@@ -237,6 +237,17 @@ def test_view_sizes_are_mmsegmentations():
             )
 
 
+def test_tiny_inputs_are_padded_up_to_the_model_minimum_and_views_keep_a_pixel():
+    # Unpadded (pad_multiple=1) an image below the model's minimum went in as it was, and a
+    # one-pixel image at scale 0.25 became a 0×0 view that cv2.resize refused.
+    assert inference.padded_size(5, 1, 16) == 16
+    assert inference.padded_size(40, 16, 128) == 128
+    assert inference.padded_size(129, 128, 16) == 256
+    assert inference.view_shapes((5, 7), (1.0,), 1, 16) == ((16, 16),)
+    assert inference.scaled_size(1, 1, 0.25) == (1, 1)
+    assert inference.scaled_size(2, 9, 0.25) == (1, 2)
+
+
 @pytest.mark.parametrize(
     "options",
     [{}, {"mode": "slide", "crop_size": 96, "stride": 64}],

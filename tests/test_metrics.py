@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchmetrics
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from pan_jax import metrics
 from tests.helpers import allow_mmseg_import
@@ -104,6 +105,29 @@ def test_confusion_matrix_by_hand():
     assert result["mean_accuracy"] == pytest.approx((1 + 2 / 3 + 1 / 2) / 3)
     empty = metrics.compute_metrics(np.zeros((3, 3), np.int64))
     assert np.isnan(empty["miou"]) and np.isnan(empty["pixel_accuracy"])
+    # A negative label or prediction is outside [0, C) too: bincount clipped its index into a
+    # real bin ((0, 0) for label -1 and prediction 2, (0, 2) for label 1 and prediction -1).
+    np.testing.assert_array_equal(
+        np.asarray(metrics.confusion_matrix(np.array([[-1, 1]]), np.array([[2, 1]]), 3)),
+        [[0, 0, 0], [0, 1, 0], [0, 0, 0]],
+    )
+    np.testing.assert_array_equal(
+        np.asarray(metrics.confusion_matrix(np.array([[1, 2]]), np.array([[-1, 2]]), 3)),
+        [[0, 0, 0], [0, 0, 0], [0, 0, 1]],
+    )
+
+
+def test_another_ignore_label_is_skipped_as_torchmetrics_does():
+    # Only 255 was tested: an ignore_label of 0 was counted like any class.
+    rng = np.random.default_rng(4)
+    label = rng.integers(0, 4, (9, 11))
+    pred = rng.integers(0, 4, (9, 11))
+    ours = np.asarray(metrics.confusion_matrix(label, pred, 4, ignore_label=0))
+    reference = multiclass_confusion_matrix(
+        torch.from_numpy(pred), torch.from_numpy(label), 4, ignore_index=0
+    )
+    np.testing.assert_array_equal(ours, reference.numpy())
+    assert ours[0].sum() == 0 and ours.sum() == (label != 0).sum()
 
 
 def test_accumulation_is_int64_beyond_int32():
@@ -132,7 +156,8 @@ WORKER = textwrap.dedent(
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
     from pan_jax import metrics
     pid = jax.process_index()
-    local = np.array([[3 * 2**31 + pid, 5], [2**40 * (pid + 1), 0]], np.int64)
+    # 2**30 + 7: a low digit with its top bit set (a 30-bit mask dropped it).
+    local = np.array([[3 * 2**31 + pid, 2**31 + 2**30 + 7], [2**40 * (pid + 1), 0]], np.int64)
     print("SUM", metrics.allreduce(local).tolist(), flush=True)
     """
 )
@@ -156,7 +181,7 @@ def test_allreduce_sums_int64_across_two_processes(tmp_path):
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
-    expected = [[2 * 3 * 2**31 + 1, 10], [3 * 2**40, 0]]
+    expected = [[2 * 3 * 2**31 + 1, 2 * (2**31 + 2**30 + 7)], [3 * 2**40, 0]]
     for p, (out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
         assert f"SUM {expected}" in out, (out, err[-2000:])

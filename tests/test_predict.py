@@ -14,7 +14,7 @@ import pytest
 from cityscapesscripts.helpers import labels as cs_labels
 from PIL import Image, ImageOps
 
-from pan_jax import checkpointing, evaluate, models, predict
+from pan_jax import checkpointing, evaluate, inference, models, predict
 from pan_jax.models import random_variables
 
 NUM_CLASSES = 21  # VOC-like: the masks are palette PNGs
@@ -150,6 +150,15 @@ def test_a_directory_lists_only_formats_pil_can_open(tmp_path):
     assert [name for _, name in predict.list_inputs(str(tmp_path))] == ["a"]
 
 
+def test_inputs_sharing_a_stem_keep_their_outputs_apart(tmp_path):
+    # a.jpg and a.png: both masks went to a.png, the second over the first.
+    for name in ("a.jpg", "a.png", "b.png"):
+        Image.fromarray(smooth_rgb(8, 8)).save(tmp_path / name)
+    inputs = predict.list_inputs(str(tmp_path))
+    assert [name for _, name in inputs] == ["a", "a.png", "b"]
+    predict.check_outputs_spare_inputs(inputs, tmp_path / "out", write_overlay=True)
+
+
 def test_a_relative_glob_keeps_the_subdirectories(tmp_path, monkeypatch):
     for folder in ("x", "y", "z"):
         (tmp_path / folder).mkdir()
@@ -195,6 +204,11 @@ def test_palettes_and_label_ids():
     assert ids.tolist() == [[by_train_id[t].id for t in range(19)]]
     voc = predict.mask_image(np.array([[0, 15, 20]]), "voc", 21)
     assert voc.mode == "P" and np.asarray(voc).tolist() == [[0, 15, 20]]
+    # Indices: 8-bit up to 256 classes (255 the last), 16-bit above, the values unchanged.
+    gray = predict.mask_image(np.array([[0, 255]]), "indices", 256)
+    assert gray.mode == "L" and np.asarray(gray).tolist() == [[0, 255]]
+    wide = predict.mask_image(np.array([[0, 260]]), "indices", 301)
+    assert wide.mode == "I;16" and np.asarray(wide).tolist() == [[0, 260]]
     assert predict.output_format_for("voc_aug", 21) == "voc"
     assert predict.output_format_for("cityscapes", 19) == "cityscapes"
     assert predict.output_format_for("pan_synthetic/tiny", 13) == "indices"
@@ -205,6 +219,17 @@ def test_palettes_and_label_ids():
     # A one-class (binary) model's masks hold 0 and 1: two colors, two names.
     assert len(predict.palette_for("indices", 1)) == 2
     assert evaluate.class_names_for(None, 1) == ("class_0", "class_1")
+
+
+def test_overlay_blends_each_pixel_with_its_class_color():
+    # Checked only for its size: colors of the next class, or alpha applied to the image
+    # instead of the colors, went unnoticed.
+    palette = predict.voc_palette()[:21]
+    image = np.random.default_rng(0).integers(0, 256, (2, 3, 3), np.uint8)
+    classes = np.array([[0, 1, 15], [20, 7, 300]])  # 300: beyond the palette, black
+    colors = np.concatenate([palette, np.zeros((280, 3), np.uint8)])[classes]
+    expected = np.round(0.75 * image + 0.25 * colors.astype(np.float64)).astype(np.uint8)
+    np.testing.assert_array_equal(predict.overlay(image, classes, palette, alpha=0.25), expected)
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +285,14 @@ def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, saved_model, tm
     image = predict.load_image(root / "rgb.jpg")
     classes = predict.segment(model, variables, image, flip=True, pad_multiple=predict.PAD_MULTIPLE)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "rgb.png")), classes)
+
+
+def test_segment_refuses_a_float_image(saved_model):
+    # A float image (e.g. decoded to 0..1) was taken as already normalized: a mask, no error.
+    model, variables, _ = saved_model
+    image = smooth_rgb(16, 16).astype(np.float32)
+    with pytest.raises(ValueError, match=r"expected a uint8 RGB image \(as load_image returns\)"):
+        predict.segment(model, variables, image)
 
 
 def test_predict_refuses_a_format_that_cannot_hold_the_models_classes(saved_model, tmp_path):
@@ -485,6 +518,14 @@ def test_padding_defaults_to_the_runs_evaluation_else_sixteen():
     assert predict.inference_options({"pad_multiple": 128})["pad_multiple"] == 128
     assert predict.inference_options({})["pad_multiple"] == predict.PAD_MULTIPLE == 16
     assert predict.inference_options({"pad_multiple": 128}, pad_multiple=1)["pad_multiple"] == 1
+
+
+def test_multiscale_and_flip_flags_reach_the_options():
+    # --multiscale was ignored: one scale, and no error.
+    assert predict.inference_options({})["scales"] == (1.0,)
+    assert predict.inference_options({}, multiscale=True)["scales"] == inference.MS_SCALES
+    assert predict.inference_options({})["flip"] is False
+    assert predict.inference_options({}, flip=True)["flip"] is True
 
 
 def test_a_crop_flag_without_stride_slides_by_two_thirds_of_that_crop():

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 import torch
 from etils import epath
@@ -147,9 +148,13 @@ def assert_trees_equal(a, b, atol=0.0):
 # ----------------------------------------------------------------------------- optimizer
 
 
-def test_optimizer_equals_torch_sgd_with_poly_schedule():
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_optimizer_equals_torch_sgd_with_poly_schedule(warmup):
+    # With warmup (the demo's 50 steps), the poly part was never compared: a poly over all the
+    # steps, or no ramp, went unseen.
     config = demo.get_config()
-    config.learning_rate, config.num_train_steps, config.warmup_steps = 0.1, 5, 0
+    steps = 10
+    config.learning_rate, config.num_train_steps, config.warmup_steps = 0.1, steps, warmup
     rng = np.random.default_rng(0)
     weights = {
         "w": rng.standard_normal((3, 4)).astype(np.float32),
@@ -157,12 +162,17 @@ def test_optimizer_equals_torch_sgd_with_poly_schedule():
     }
     gradients = [
         {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in weights.items()}
-        for _ in range(5)
+        for _ in range(steps)
     ]
+
+    def factor(step: int) -> float:  # a linear ramp from 0, then poly over the remaining steps
+        if step < warmup:
+            return step / warmup
+        return (1 - (step - warmup) / (steps - warmup)) ** 0.9
 
     torch_params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in weights.items()}
     sgd = torch.optim.SGD(torch_params.values(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    poly = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: (1 - step / 5) ** 0.9)
+    poly = torch.optim.lr_scheduler.LambdaLR(sgd, factor)
     for grads in gradients:
         for key, param in torch_params.items():
             param.grad = torch.from_numpy(grads[key])
@@ -179,6 +189,10 @@ def test_optimizer_equals_torch_sgd_with_poly_schedule():
         np.testing.assert_allclose(
             params[key], torch_params[key].detach().numpy(), rtol=1e-6, atol=1e-7
         )
+    schedule = train.learning_rate_schedule(config)
+    np.testing.assert_allclose([schedule(s) for s in range(steps + 1)], [
+        0.1 * factor(s) for s in range(steps + 1)
+    ], rtol=1e-6, atol=1e-9)  # fmt: skip
 
 
 def test_decay_mask_and_decoder_multiplier():
@@ -413,6 +427,69 @@ def _leaf(tree, path):
     return tree
 
 
+def _small_fcn(**fields):
+    config = tiny_config("unused", **{"model.name": "fcn", **fields})
+    config.model.overrides = ml_collections.ConfigDict({"stem": "torchvision"})
+    return config
+
+
+def test_accumulation_weighs_every_valid_pixel_alike_and_an_ignored_batch_is_no_nan():
+    # The accumulation test's micro-batches were identical: a loss averaged over micro-batches
+    # rather than over their valid pixels went unseen. A batch of only 255 divided 0 by 0.
+    config = _small_fcn()
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    state = train.init_state(model, optimizer, jax.random.key(0), 64)
+    rng = np.random.default_rng(4)
+    images = rng.standard_normal((2, 2, 64, 64, 3)).astype(np.float32)
+    labels = rng.integers(0, 13, (2, 2, 64, 64)).astype(np.int32)
+    labels[0, :, :, :48] = 255  # the first micro-batch keeps a quarter of its pixels
+
+    def whole_batch_loss(params):  # BatchNorm sees each micro-batch on its own, as the step's
+        total = count = 0.0
+        for micro_images, micro_labels in zip(images, labels, strict=True):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            logits, _ = model.apply(variables, micro_images, train=True, mutable=["batch_stats"])
+            micro_total, micro_count = train.cross_entropy_sum(logits, micro_labels)
+            total, count = total + micro_total, count + micro_count
+        return total / count
+
+    loss, grads = jax.jit(jax.value_and_grad(whole_batch_loss))(state.params)
+    step = jax.jit(
+        lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, optimizer=optimizer)
+    )
+    _, metrics = step(state, {"image": images, "label": labels})
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-4)
+
+    after, metrics = step(state, {"image": images, "label": np.full_like(labels, 255)})
+    assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
+    no_gradient = jax.tree.map(jnp.zeros_like, grads)
+    updates, _ = optimizer.update(no_gradient, state.opt_state, state.params)
+    decayed = optax.apply_updates(state.params, updates)  # weight decay alone moves them
+    assert_trees_equal(after.params, decayed, atol=1e-7)
+
+
+def test_dropout_draws_a_new_mask_at_every_step():
+    # Nothing ran a model with dropout: the same mask at every step (the step's rng not folded
+    # with the step) went unseen.
+    config = tiny_config("unused", **{"model.name": "psp"})
+    config.model.overrides = ml_collections.ConfigDict(
+        {"stem": "torchvision", "decoder_channels": 16, "dropout_rate": 0.5}
+    )
+    model, optimizer = train.create_model(config), train.create_optimizer(config)
+    state = train.init_state(model, optimizer, jax.random.key(0), 64)
+    rng = np.random.default_rng(5)
+    batch = {
+        "image": rng.standard_normal((1, 2, 64, 64, 3)).astype(np.float32),
+        "label": rng.integers(0, 13, (1, 2, 64, 64)).astype(np.int32),
+    }
+    step = jax.jit(
+        lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, optimizer=optimizer)
+    )
+    losses = [float(step(state.replace(step=jnp.asarray(n)), batch)[1]["loss"]) for n in (0, 1, 0)]
+    assert losses[0] == losses[2] and losses[0] != losses[1]
+
+
 def test_the_step_normalizes_the_pipelines_uint8_crops_on_the_device():
     # FCN: PAN's globally pooled BatchNorms would amplify the 1-ulp input differences.
     config = tiny_config("unused", **{"model.name": "fcn"})
@@ -491,14 +568,21 @@ def test_a_tiny_model_overfits_a_handful_of_images():
 
 
 def test_main_writes_a_run_and_resumes_exactly_after_a_hard_kill(tmp_path, data_dir):
+    # With gradient accumulation: a resume must start at the step's batch, not its first
+    # micro-batch's count.
     straight = tmp_path / "straight"
-    code, output = run_main(straight, data_dir, num_train_steps=6, checkpoint_every_steps=3)
+    code, output = run_main(
+        straight,
+        data_dir,
+        num_train_steps=6,
+        checkpoint_every_steps=3,
+        keep_checkpoints=1,
+        grad_accum_steps=2,
+    )
     assert code == 0, output[-3000:]
     assert (straight / "config.json").exists() and (straight / "model.json").exists()
     assert list((straight / "tensorboard").iterdir()), "no TensorBoard events"
-    assert sorted(
-        int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit()
-    ) == [3, 6]
+    assert checkpointing.finished_steps(straight) == [6]  # the last keep_checkpoints kept
     assert "img/s" in output and "ETA" in output
     assert "training finished at step 6" in output  # what launch/tpu_pod.sh waits for
     # Honest throughput: XLA's FLOP count of the step, and the rate it gives per device.
@@ -512,7 +596,14 @@ def test_main_writes_a_run_and_resumes_exactly_after_a_hard_kill(tmp_path, data_
         assert r["train/tflops_per_device"] == pytest.approx(expected, rel=0.05)
 
     killed = tmp_path / "killed"
-    process = run_main(killed, data_dir, wait=False, num_train_steps=6, checkpoint_every_steps=3)
+    process = run_main(
+        killed,
+        data_dir,
+        wait=False,
+        num_train_steps=6,
+        checkpoint_every_steps=3,
+        grad_accum_steps=2,
+    )
     checkpoints = killed / "checkpoints"
     deadline = time.time() + 300
     while not (checkpoints / "3").is_dir() and time.time() < deadline:  # finalized, not *.tmp
@@ -536,6 +627,7 @@ def test_main_writes_a_run_and_resumes_exactly_after_a_hard_kill(tmp_path, data_
         num_train_steps=6,
         checkpoint_every_steps=3,
         log_every_steps=3,
+        grad_accum_steps=2,
         **{"data.num_workers": 1},
     )
     assert code == 0, output[-3000:]
@@ -804,6 +896,14 @@ def test_periodic_eval_is_logged_and_kept_out_of_the_training_rate(tmp_path, dat
         assert math.isfinite(rows[step]["train/images_per_second"]), rows[step]
 
 
+def test_the_last_step_is_evaluated_off_the_period():
+    # 1,000 steps evaluated every 300 never scored the model they ended with.
+    config = tiny_config("unused", num_train_steps=5, eval_every_steps=2)
+    assert [step for step in range(1, 6) if train._is_eval_step(step, config)] == [2, 4, 5]
+    config.eval_every_steps = 0
+    assert not any(train._is_eval_step(step, config) for step in range(1, 6))
+
+
 def test_eta_counts_hours_past_a_day():
     assert train.format_duration(3 * 86400 + 61.4) == "72:01:01"
     assert train.format_duration(59.6) == "0:01:00"
@@ -866,6 +966,10 @@ def test_a_damaged_checkpoint_is_named_with_the_step_to_resume_from(tmp_path, da
         checkpointing.restore_for_inference(workdir)
     assert (workdir / "config.json").read_bytes() == record
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2", "4"]
+    # With more kept, the newest before the damaged one (the oldest was named unseen).
+    manager = types.SimpleNamespace(directory=epath.Path("/w"), all_steps=lambda: [2, 4, 6])
+    error = checkpointing._damaged(manager, 6, OSError("cut"))
+    assert "OSError: cut" in str(error) and str(error).endswith("to resume from step 4.")
 
 
 def test_only_the_abandoned_reads_of_orbax_are_quieted(monkeypatch, caplog):
@@ -1104,6 +1208,10 @@ def test_a_saved_option_the_model_never_took_loads_and_resumes():
     now = {**old, "overrides": {"stem": "torchvision"}}
     checkpointing.check_spec(old, now, "test")
     checkpointing.check_spec(now, old, "test")
+    with pytest.raises(  # another dataset's classes: named, not a shape error deep in orbax
+        checkpointing.CheckpointMismatchError, match=r"num_classes: checkpoint 3, config 19"
+    ):
+        checkpointing.check_spec(old, {**now, "num_classes": 19}, "test")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['decoder_width'\]"):
         checkpointing.model_from_spec({**old, "overrides": {"decoder_width": 64}})
 

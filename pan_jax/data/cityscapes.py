@@ -106,11 +106,13 @@ def cityscapes_label_id_lut() -> np.ndarray:
 
 
 def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
-    """Maps a predicted trainId map (any integer dtype, values 0..18) to uint8 label ids."""
+    """Maps a predicted trainId map (any integer dtype) to uint8 label ids: trainIds 0..18 to
+    their label ids, 19..255 (255: ignore) to 0 ('unlabeled'); other values are refused."""
     train_ids = np.asarray(train_ids)
     if train_ids.size and (train_ids.min() < 0 or train_ids.max() > 255):
         raise ValueError(
-            f"train_ids_to_label_ids: expected trainIds in 0..{NUM_CLASSES - 1}, got values in "
+            f"train_ids_to_label_ids: expected trainIds 0..{NUM_CLASSES - 1} (or up to 255, "
+            f"written as label id {UNLABELED_ID}), got values in "
             f"[{train_ids.min()}, {train_ids.max()}]"
         )
     return cityscapes_label_id_lut()[train_ids.astype(np.intp)]
