@@ -147,3 +147,20 @@ def test_psp_equals_mmsegmentation_pspnet(overrides, stem_channels, output_strid
         return reference.encode_decode(x, [dict(img_shape=x.shape[2:])] * len(x))
 
     assert_same_logits(model, variables, logits, sizes)
+
+
+@pytest.mark.parametrize("name", ["psp", "aspp"])
+def test_dropout_acts_in_training_and_not_at_rate_0(name):
+    # Without their dropout layers (PSPNet's before the classifier, ASPP's after the projection)
+    # both baselines trained without dropout, and the logit comparisons above (eval mode) passed.
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    for overrides, dropout in (({}, True), ({"dropout_rate": 0.0}, False)):
+        model = models.create(name, num_classes=3, backbone="resnet18", **overrides)
+        variables = models.random_variables(model)
+        logits = [
+            model.apply(
+                variables, images, train=True, rngs={"dropout": jax.random.key(seed)}, mutable=True
+            )[0]
+            for seed in (0, 1)
+        ]
+        assert (float(np.max(np.abs(logits[0] - logits[1]))) > 1e-3) == dropout, overrides

@@ -274,6 +274,24 @@ def test_bfloat16_safetensors_read_without_torch(tmp_path):
     np.testing.assert_array_equal(read["b"], np.arange(4))
 
 
+def test_half_precision_torch_tensors_read_as_float32(checkpoint, tmp_path):
+    # numpy has no bfloat16: a bf16 state dict, in memory or saved with torch.save, was a
+    # TypeError from Tensor.numpy().
+    tensors = {"a": torch.randn(2, 3).to(torch.bfloat16), "b": torch.randn(2).half()}
+    torch.save(tensors, tmp_path / "half.pth")
+    for source in (tensors, tmp_path / "half.pth"):
+        read = convert.read_state_dict(source)
+        for key, tensor in tensors.items():
+            assert read[key].dtype == np.float32
+            np.testing.assert_array_equal(read[key], tensor.float().numpy())
+    _, state_dict = checkpoint("resnet18")
+    bf16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in state_dict.items()}
+    variables, arch = convert.from_imagenet(save(bf16, tmp_path / "resnet18_bf16.pth"))
+    assert arch == ARCHS["resnet18"]
+    expected, _ = convert.from_imagenet({k: v.float() for k, v in bf16.items()})
+    jax.tree.map(np.testing.assert_array_equal, variables, expected)
+
+
 def test_a_file_that_is_no_checkpoint_is_called_so(tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("these are not weights\n")
@@ -419,6 +437,14 @@ def test_load_pretrained_backbone_leaves_decoder(checkpoint, tmp_path, monkeypat
     _, report = convert.load_pretrained(template, tmp_path / "m", "pan_jax", model=narrow)
     (note,) = [n for n in report.notes if n.startswith("decoder not loaded")]
     assert note.count(": checkpoint (") == 3 and " in all)" in note and len(note) < 600, note
+    saved = _flat({c: {"decoder": variables[c]["decoder"]} for c in variables})
+    assert set(saved) <= set(report.unused)  # what did not fit is said to be unused
+    # Into fcn, which has no decoder: the saved decoder is unused (it was left out of the list).
+    fcn = models.create("fcn", num_classes=3, backbone="resnet18", stem="deep32", avg_down=True)
+    template = jax.eval_shape(lambda: fcn.init(jax.random.key(0), np.zeros((1, 128, 128, 3))))
+    _, report = convert.load_pretrained(template, tmp_path / "m", "pan_jax", model=fcn)
+    assert set(saved) <= set(report.unused)
+    assert {n.split("/")[1] for n in report.loaded} == {"backbone"}
     # Options that change what the weights compute but not their shapes load, and are said.
     gated = models.create(
         "pan", num_classes=3, backbone="resnet18", stem="deep32", avg_down=True, gau_gate="sigmoid"

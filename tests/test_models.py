@@ -135,12 +135,16 @@ def test_too_small_input_is_a_clear_error():
         ({"head_kernel": 2}, r"head_kernel=2: expected an odd kernel size"),
         ({"gau_low_kernel": 0}, "gau_low_kernel=0"),
         ({"dropout_rate": 1.5}, r"dropout_rate=1\.5: expected a rate in \[0, 1\)"),
+        ({"dropout_rate": 1.0}, r"dropout_rate=1\.0: expected a rate in \[0, 1\)"),
+        ({"bins": ()}, r"bins=\(\): expected a non-empty tuple of positive integers"),
+        ({"rates": (0,)}, r"rates=\(0,\): expected a non-empty tuple of positive integers"),
     ],
 )
 def test_option_values_are_checked_naming_the_option(options, message):
-    # They failed at init with "not enough values to unpack", "float division by zero", or not
-    # at all (an even head kernel, a dropout rate past 1).
-    name = "psp" if "dropout_rate" in options else "pan"
+    # They failed at init with "not enough values to unpack", "float division by zero", "All
+    # dilations must be positive", or not at all (an even head kernel, a dropout rate of 1 or
+    # past it, a pyramid pooling without bins).
+    name = {"dropout_rate": "psp", "bins": "psp", "rates": "aspp"}.get(next(iter(options)), "pan")
     with pytest.raises(ValueError, match=message):
         models.create(name, num_classes=3, backbone="resnet18", **options)
 
@@ -222,17 +226,21 @@ def test_unknown_names_and_options_are_clear_errors():
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(fpa_pooling="max", fpa_kernels=(3, 3, 3)),
+        dict(fpa_pooling="max"),
+        dict(fpa_kernels=(3, 3, 3)),
         dict(fpa_global_branch=False),
         dict(fpa_attention="se"),
         dict(gau_low_kernel=1),
         dict(gau_global_attention=False),
-        dict(gau_gate="sigmoid", align_corners=False),
+        dict(gau_gate="sigmoid"),
+        dict(align_corners=False),
         dict(pyramid_features=1, decoder_channels=48),
         dict(output_stride=8, stem="deep32", dilation_rule="smp"),
     ],
 )
 def test_every_ablation_switch_changes_the_model(overrides):
+    # One switch per case: paired with another, an ignored one (fpa_pooling, fpa_kernels,
+    # gau_gate) went unnoticed, the other still changing the outputs.
     images = jnp.asarray(np.random.default_rng(3).standard_normal((1, 128, 128, 3)), jnp.float32)
     base = models.create("pan", num_classes=3, backbone="resnet18")
     variant = models.create("pan", num_classes=3, backbone="resnet18", **overrides)
@@ -246,6 +254,18 @@ def test_every_ablation_switch_changes_the_model(overrides):
         out_base = base.apply(v_base, images)
         out_variant = variant.apply(v_base, images)
         assert float(jnp.max(jnp.abs(out_base - out_variant))) > 1e-6
+
+
+@pytest.mark.parametrize("kernels", [(7, 5, 3), (3, 3, 3), (1, 3, 5)])
+def test_fpa_kernels_set_each_pyramid_level(kernels):
+    # The paper's C357 and C333 (Table 1), and one that tells the levels apart.
+    model = models.create("pan", num_classes=3, backbone="resnet18", fpa_kernels=kernels)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3))))
+    fpa = shapes["params"]["decoder"]["fpa"]
+    levels = [("down1", "conv1"), ("down2", "conv2"), ("down3_1", "down3_2")]
+    for kernel, names in zip(kernels, levels, strict=True):
+        for name in names:
+            assert fpa[name]["conv"]["kernel"].shape[:2] == (kernel, kernel), name
 
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)

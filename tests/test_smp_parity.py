@@ -44,6 +44,37 @@ def test_logits_equal_smp(encoder, shapes):
         assert relative_max_error(ours, reference.numpy()) < 1e-4
 
 
+def test_the_papers_pooling_and_gate_equal_smp_with_those_layers_swapped():
+    # fpa_pooling="avg" and gau_gate="relu" (the `pan` preset's) were compared with nothing:
+    # pooling by max, or a sigmoid gate, in their place went unnoticed.
+    torch_model = randomized_smp_pan("resnet18", classes=3)
+    decoder = torch_model.decoder
+    for block in (decoder.fpa.down1, decoder.fpa.down2, decoder.fpa.down3):
+        assert isinstance(block[0], torch.nn.MaxPool2d)
+        block[0] = torch.nn.AvgPool2d(2)
+    for gau in (decoder.gau1, decoder.gau2, decoder.gau3):
+        assert isinstance(gau.conv1[2], torch.nn.Sigmoid)
+        gau.conv1[2] = torch.nn.ReLU()
+    variables = convert.from_smp(torch_model.state_dict())
+    model = models.create(
+        "pan_smp", num_classes=3, backbone="resnet18", fpa_pooling="avg", gau_gate="relu"
+    )
+    images = np.random.default_rng(0).standard_normal((1, 128, 160, 3)).astype(np.float32)
+    with torch.no_grad():
+        reference = torch_model(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    ours = np.asarray(model.apply(variables, images, train=False))
+    assert relative_max_error(ours, reference.numpy()) < 1e-4
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+def test_the_encoder_depth_is_read_from_an_smp_state_dict(encoder):
+    # Built on torch's meta device: key names and shapes only. resnet50 was read as resnet101
+    # and no test noticed (the parity tests use resnet18, resnet34 and resnet101).
+    with torch.device("meta"):
+        state_dict = smp.PAN(encoder_name=encoder, encoder_weights=None, classes=3).state_dict()
+    assert convert.smp_spec(state_dict)["backbone"] == encoder
+
+
 def test_options_the_weights_cannot_show_come_from_smps_config_json(tmp_path, capsys):
     # Output stride 32 has the same parameter shapes as 16: converted as 16 it gave other
     # logits, silently. save_pretrained's config.json says which.
@@ -72,13 +103,15 @@ def test_options_the_weights_cannot_show_come_from_smps_config_json(tmp_path, ca
         capsys.readouterr().err
     )
     # What pan_smp cannot be is refused, by name.
-    randomized_smp_pan("resnet18", classes=3, decoder_interpolation="nearest").save_pretrained(
-        tmp_path / "nearest"
-    )
-    weights = tmp_path / "nearest" / "model.safetensors"
-    assert cli.main(["--from=smp", f"--input={weights}", f"--output={tmp_path / 'n'}"]) == 1
-    assert "decoder_interpolation='nearest'" in capsys.readouterr().err
-    assert not (tmp_path / "n").exists()
+    for folder, option, named in [
+        ("nearest", {"decoder_interpolation": "nearest"}, "decoder_interpolation='nearest'"),
+        ("up8", {"upsampling": 8}, "upsampling=8"),  # logits at twice the input size
+    ]:
+        randomized_smp_pan("resnet18", classes=3, **option).save_pretrained(tmp_path / folder)
+        weights = tmp_path / folder / "model.safetensors"
+        assert cli.main(["--from=smp", f"--input={weights}", f"--output={tmp_path / 'n'}"]) == 1
+        assert named in capsys.readouterr().err
+        assert not (tmp_path / "n").exists()
 
 
 def test_hub_weights_take_the_config_json_of_their_repository(tmp_path, monkeypatch):
