@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 _LIBRARIES = (f"{os.sep}absl{os.sep}", f"{os.sep}ml_collections{os.sep}")
 _TRACEBACK_TEXT = "Error whilst parsing config file"  # ml_collections' re-raise of get_config's
-_loaded = {"path": None}  # the --config argument being (or last) loaded
+_loaded = {"path": None, "config": None}  # the --config argument being (or last) loaded
 
 
 def watch_config_flag(flag_values: flags.FlagValues) -> None:
@@ -51,6 +51,7 @@ def watch_config_flag(flag_values: flags.FlagValues) -> None:
         finally:
             if added:
                 sys.path.remove(root)
+        _loaded["config"] = config
         failed_to_load = hasattr(config, "_ReportError")  # ml_collections' stand-in
         if not (isinstance(config, ml_collections.ConfigDict) or failed_to_load):
             raise ValueError(
@@ -107,11 +108,25 @@ def describe(error: BaseException, arguments: list[str]) -> str | None:
             return f"{where}: {missing}{at}"
         overrides = [arg.split("=", 1)[0] for arg in arguments if arg.startswith("--config.")]
         named = [o for o in overrides if field and field.group(1) in o.split(".")[1:]]
-        return f"{named[-1] if named else '--config.*'}: {missing}"
+        # Of two overrides with that field (--config.model.crop_size, --config.data.crop_size),
+        # the one whose path the config lacks.
+        lacking = [o for o in named if not _resolves(_loaded["config"], o.split(".")[1:])]
+        return f"{(lacking or named or ['--config.*'])[-1]}: {missing}"
     loading = any(_TRACEBACK_TEXT in str(link) for link in chain)  # failed in get_config()
     if not (frames or loading):
         return None
     return f"{where}: {type(original).__name__}: {text}{at}"
+
+
+def _resolves(config: object, keys: list[str]) -> bool:
+    """Whether the loaded config has the field at `keys` (False where it failed to load)."""
+    node = config
+    for key in keys:
+        try:
+            node = node[key]  # type: ignore[index]
+        except Exception:  # a missing key; a value that is no ConfigDict; the stand-in's error
+            return False
+    return True
 
 
 def _causes(error: BaseException) -> list[BaseException]:

@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import types
 
 import flax.linen as nn
 import jax
@@ -108,6 +109,57 @@ def test_largest_batch_fits_the_state_plus_a_linear_share_per_image():
     assert bench.largest_batch(20 * gb, 4 * gb, 16, 80 * gb, 8) == 64
     assert bench.largest_batch(20 * gb, 4 * gb, 16, 80 * gb, 1) == 68
     assert bench.largest_batch(20 * gb, 4 * gb, 16, 4 * gb, 8) == 0
+
+
+class _MemoryPlan:
+    """A compiled step's `memory_analysis()`, in GiB."""
+
+    def __init__(self, **gib):
+        self.analysis = types.SimpleNamespace(**{k: v * 2**30 for k, v in gib.items()})
+
+    def memory_analysis(self):
+        return self.analysis
+
+
+def test_the_largest_batch_comes_from_the_step_buffers_on_every_device(monkeypatch):
+    monkeypatch.setattr(bench, "FLAGS", parse_bench_flags("--device_memory_gb=40"))
+    monkeypatch.setattr(bench.jax, "device_count", lambda: 2)
+    # XLA:CPU's peak leaves the temporaries out: the buffers (6 + 4 - 4 donated + 6) count them.
+    plan = _MemoryPlan(
+        argument_size_in_bytes=6, output_size_in_bytes=4, alias_size_in_bytes=4,
+        temp_size_in_bytes=6, peak_memory_in_bytes=10,
+    )  # fmt: skip
+    memory = bench._compiled_memory(plan, state_bytes=4 * 2**30, batch=16)
+    assert memory["compiled_peak_gb"] == 12 and memory["device_memory_gb"] == 40
+    # 8 images per device in 12 - 4 GiB of state: 1 GiB each; 90% of 40 GiB holds 32 more per
+    # device, so 64 on both. Without the donated buffers subtracted, the temporaries, the second
+    # device or GiB units (not GB) the estimate was 32, 80, 32 or 48.
+    assert memory["largest_batch_estimate"] == 64
+
+
+def test_the_largest_batch_row_is_skipped_where_it_is_no_larger(monkeypatch):
+    # An estimate equal to the batch measured the same step again as the "largest".
+    monkeypatch.setattr(bench, "FLAGS", parse_bench_flags())
+    recorded, skipped = [], []
+    row = {"impl": "pan_jax pan_smp", "what": "train", "batch": 16, "compile_s": 1.0,
+           "step_s": 0.1, "images_per_s": 160.0, "compiled_peak_gb": 12.0}  # fmt: skip
+    for estimate in (16, 24):
+        report = {"results": [{**row, "largest_batch_estimate": estimate}]}
+        bench.record_largest_batch(
+            report, 16, lambda *args: recorded.append(args[:3]), lambda *args: skipped.append(args)
+        )
+    assert skipped == [("pan_jax pan_smp", "train", "max",
+                        "batch 16 is already the largest that fits (estimate: 16)")]  # fmt: skip
+    assert recorded == [("pan_jax pan_smp", "train", 24)]
+
+
+def test_the_largest_batch_row_takes_longer_in_proportion_to_its_batch(monkeypatch):
+    # The deadline check priced the largest batch's steps at the smaller batch's step time.
+    flag_values = parse_bench_flags("--steps=10", "--warmup=2", "--steps_per_sample=4")
+    monkeypatch.setattr(bench, "FLAGS", flag_values)
+    row = {"compile_s": 40.0, "step_s": 0.5}
+    # 1.25 × 40 s of compile, (2 + 10 × 4) steps of 0.5 s × 64 / 16, 10 s more.
+    assert bench.largest_batch_seconds(row, 16, 64) == 50 + 42 * 2.0 + 10
 
 
 def parse_bench_flags(*args):
@@ -266,6 +318,30 @@ def test_mfu_counts_every_device_a_row_ran_on(tmp_path):
         assert row["mfu"] == pytest.approx(expected, rel=1e-6), row
 
 
+def test_the_peers_mfu_is_over_one_device_and_only_for_our_count_of_its_network(
+    monkeypatch, tmp_path
+):
+    # The peer runs on one device: its MFU over every device's peak was too small by their
+    # number; and `pan`'s FLOP count, another network, gave the SMP peer an MFU.
+    for name in ("POINTWISE_AS_MATMUL", "BATCHNORM_ONE_PASS"):  # main sets them from flags
+        monkeypatch.setattr(bench.layers, name, getattr(bench.layers, name))
+    monkeypatch.setattr(bench.jax.config, "update", lambda *args: None)
+    monkeypatch.setattr(bench.jax, "device_count", lambda: 2)
+    timing = {"compile_s": 1.0, "step_s": 1.0}
+    monkeypatch.setattr(bench, "jax_forward", lambda *args: {
+        **timing, "images_per_s": 2.0, "flops_per_image": 1e12})  # fmt: skip
+    monkeypatch.setattr(bench, "torch_peer", lambda *args: {**timing, "images_per_s": 4.0})
+    mfus = {}
+    for model in ("pan_smp", "pan"):
+        args = ["--what=forward", "--batch=2", "--peak_tflops=1", f"--json={tmp_path / 'b'}"]
+        monkeypatch.setattr(bench, "FLAGS", parse_bench_flags(f"--model={model}", *args))
+        assert bench.main(["bench"]) == 0
+        rows = json.loads((tmp_path / "b").read_text())["results"]
+        mfus[model] = {row["impl"].split()[0]: row.get("mfu") for row in rows}
+    # 1 TFLOP per image at 2 images/s on 2 devices of 1 TFLOP/s; the peer's 4 images/s on one.
+    assert mfus == {"pan_smp": {"pan_jax": 1.0, "smp": 4.0}, "pan": {"pan_jax": 1.0, "smp": None}}
+
+
 def test_rows_over_the_budget_are_recorded_as_skipped(tmp_path):
     # A budget spent before the first row: every row is skipped, in the JSON as in the table.
     result = run_bench(
@@ -400,6 +476,38 @@ def test_goals_are_stated_next_to_the_figures_of_a_gpu_call(tmp_path):
     assert (
         "| max | JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory Buffer \\| 1 GB | | | | |" in md
     )
+
+
+def cpu_forward_report(ours_per_s, peer_per_s, args=None, compile_s=1.0):
+    row = {"what": "forward", "batch": 2, "step_s": 1.0, "compile_s": compile_s}
+    return {
+        "machine": {"jax_device": "cpu:cpu", "device_count": 1},
+        "args": {"model": "pan_smp", "dtype": "float32", **(args or {})},
+        "results": [
+            {"impl": "pan_jax pan_smp", **row, "images_per_s": ours_per_s},
+            {"impl": "smp torch eager", **row, "images_per_s": peer_per_s, "dtype": "float32"},
+        ],
+    }
+
+
+def test_a_goal_met_exactly_is_met():
+    # "≥ 1.0×" and "≤ 60 s" include the bound: an equal speed or a 60 s compile is not a miss.
+    (eager, _) = tables.goals([cpu_forward_report(2.0, 2.0)])
+    assert eager.status == "met" and eager.figure.startswith("1.00×")
+    gpu = cpu_forward_report(2.0, 2.0, compile_s=60.0)
+    gpu["machine"]["jax_device"] = "gpu:NVIDIA H200"
+    gpu["results"][0].update(what="train", mfu=0.5)
+    status = {goal.goal: goal.status for goal in tables.goals([gpu])}
+    assert status["train step compile ≤ 60 s"] == "met"
+    assert status["MFU ≥ 50% of the measured float32 matmul rate"] == "met"
+
+
+def test_goals_leave_out_an_ab_part_whichever_order_the_parts_come_in():
+    # Passed before our default's part (bench_report CALL2 CALL1), the A/B's rows stood for ours.
+    default = cpu_forward_report(2.0, 2.0)
+    ab = cpu_forward_report(1.0, 2.0, args={"bn_moments": "two_pass"})
+    (eager, _) = tables.goals([ab, default])
+    assert (eager.status, eager.figure[:5]) == ("met", "1.00×")
 
 
 def test_bench_report_pairs_the_calls_of_one_machine(tmp_path):
@@ -645,6 +753,34 @@ def test_op_times_sums_gpu_kernels_per_hlo_op(tmp_path):
         op_profile.op_times(str(tmp_path / "empty"))
 
 
+def test_op_times_are_per_step_from_the_newest_trace(tmp_path):
+    # A second run into the same directory read the first run's trace; a trace of 2 steps was
+    # reported as the time of one.
+    for run, op in [("2026_01_02_00_00_00", "cudnn-conv.3"), ("2026_01_01_00_00_00", "copy.2")]:
+        trace = tmp_path / "plugins" / "profile" / run / "host.xplane.pb"
+        trace.parent.mkdir(parents=True)
+        proto = GPU_TRACE.replace('"cudnn-conv.3"', f'"{op}"')
+        trace.write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(proto))
+    report = op_profile.summarize(str(tmp_path), GPU_HLO, steps=2)
+    ops = {op["name"]: op["ms_per_step"] for op in report["ops"]}
+    assert ops == pytest.approx({"cudnn-conv.3": 1.5e-3, "MemcpyD2D": 0.25e-3})
+    assert report["op_ms_per_step"] == pytest.approx(1.75e-3)
+
+
+def test_collectives_are_named_as_such():
+    # Only all-reduce was: a multi-GPU step's all-gathers and reduce-scatters read as "other".
+    hlo = GPU_HLO.replace(
+        "  %copy.2 =",
+        "  %all-gather.1 = f32[32]{0} all-gather(%p0), dimensions={0}\n"
+        "  %reduce-scatter.2 = f32[8]{0} reduce-scatter(%p0), dimensions={0}, to_apply=%add\n"
+        "  %all-reduce-start.3 = f32[16]{0} all-reduce-start(%p0), to_apply=%add\n"
+        "  %copy.2 =",
+    )
+    info = op_profile.instruction_info(hlo)
+    names = ("all-gather.1", "reduce-scatter.2", "all-reduce-start.3")
+    assert [info[name][0] for name in names] == ["collective"] * 3
+
+
 DEDUPLICATED_HLO = """\
 HloModule jit_step
 
@@ -714,6 +850,28 @@ def test_median_time_dispatches_a_sample_before_it_waits():
     )  # fmt: skip
     assert calls == ["dispatch", "wait"] + (["dispatch"] * 4 + ["wait"]) * 3
     assert seconds >= 0
+
+
+def test_median_time_is_the_median_sample_per_step(monkeypatch):
+    # A sample's time was read as one step's (5× a GPU's step time), or the fastest sample's.
+    clock = [0.0]
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    step_seconds = iter([1.0] * 4 + [2.0] * 4 + [9.0] * 4)  # three samples of 4 steps
+
+    def dispatch():
+        clock[0] += next(step_seconds)
+
+    seconds = bench.median_time(dispatch, lambda: None, steps=3, warmup=0, steps_per_sample=4)
+    assert seconds == 2.0
+
+
+def test_the_matmul_rate_counts_two_flops_per_multiply_add(monkeypatch):
+    # Counting n³ FLOPs for an n×n product halved the peak and doubled every MFU.
+    monkeypatch.setattr(bench, "steps_per_sample", lambda batch=16: 1)
+    monkeypatch.setattr(bench, "median_time", lambda *args: 0.5)
+    clock = iter(range(100))  # the second of warm-up products passes at once
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert bench.measure_matmul_tflops("float32", 64) == pytest.approx(2 * 64**3 / 0.5 / 1e12)
 
 
 def test_a_failed_flop_count_keeps_the_measurement(monkeypatch):

@@ -19,6 +19,8 @@ CONVOLUTIONS = [  # (lhs NHWC, rhs HWIO, strides, padding, lhs dilation, rhs dil
     ((2, 8, 8, 8), (3, 3, 2, 8), (1, 1), "SAME", (1, 1), (1, 1), 4),  # grouped
     ((2, 8, 8, 16), (1, 1, 16, 32), (1, 1), "VALID", (1, 1), (1, 1), 1),  # pointwise
     ((1, 5, 6, 4), (4, 4, 4, 4), (1, 1), ((2, 2), (2, 2)), (2, 2), (1, 1), 1),  # transposed
+    # Each spatial dimension its own: a 3×5 kernel, strides, dilations and uneven padding.
+    ((2, 9, 12, 4), (3, 5, 4, 8), (2, 3), ((0, 1), (3, 1)), (1, 1), (1, 2), 1),
 ]
 
 
@@ -45,10 +47,15 @@ def test_convolutions_and_their_gradients_count_as_in_xla(shapes):
 
 
 def test_matrix_products_count_as_in_xla():
-    def products(a, b, c):
-        return jnp.einsum("nhwc,oh->nowc", a, b), a @ c, jnp.einsum("bij,bkj->bik", a[0], a[1])
+    def products(a, b, c, d):
+        return (
+            jnp.einsum("nhwc,oh->nowc", a, b),
+            a @ c,
+            jnp.einsum("bij,bkj->bik", a[0], a[1]),
+            jnp.einsum("nhwc,hco->nwo", a, d),  # two axes contracted at once
+        )
 
-    args = jnp.ones((3, 5, 5, 6)), jnp.ones((7, 5)), jnp.ones((6, 4))
+    args = jnp.ones((3, 5, 5, 6)), jnp.ones((7, 5)), jnp.ones((6, 4)), jnp.ones((5, 6, 2))
     assert flops.count(products, *args) == xla_flops(products, *args) > 0
 
 

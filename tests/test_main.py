@@ -47,6 +47,11 @@ def run_main(*args: str, cwd: Path = REPO, **env: str) -> subprocess.CompletedPr
             ["--config.seed=1", "--config.model.widht=3"],
             "--config.model.widht: the config has no field 'widht'",
         ),
+        (  # the field exists elsewhere: the last override naming it was blamed
+            "from configs import demo\n\ndef get_config():\n    return demo.get_config()\n",
+            ["--config.model.crop_size=3", "--config.data.crop_size=64"],
+            "--config.model.crop_size: the config has no field 'crop_size'",
+        ),
         (  # an AttributeError about get_config raised inside the file's own get_config
             "import types\n\ndef get_config():\n    return types.SimpleNamespace().get_config()\n",
             [],
@@ -110,6 +115,22 @@ def run_main(*args: str, cwd: Path = REPO, **env: str) -> subprocess.CompletedPr
             [],
             "--config={config}: the config has no field 'crop_sise'; did you mean 'crop_size'? "
             "(at {config}:7)",
+        ),
+        (  # raised in a helper of the file: named where it was raised, not where it was called
+            "def helper():\n    return 1 / 0\n\n\ndef get_config():\n    return helper()\n",
+            [],
+            "--config={config}: ZeroDivisionError: division by zero (at {config}:2)",
+        ),
+        (  # get_config missing from another module the file calls: the file defines its own
+            "import string\n\n\ndef get_config():\n    return string.get_config()\n",
+            [],
+            "--config={config}: AttributeError: module 'string' has no attribute 'get_config' "
+            "(at {config}:5)",
+        ),
+        (  # the misspelt field is not the override's last part
+            "from configs import demo\n\ndef get_config():\n    return demo.get_config()\n",
+            ["--config.modle.backbone=resnet50"],
+            "--config.modle.backbone: the config has no field 'modle'; did you mean 'model'?",
         ),
         (
             "def get_config():\n    raise ValueError('crop too small\\nexpected >= 512')\n",

@@ -305,6 +305,15 @@ def test_eight_devices_equal_one_device_and_batchnorm_is_global():
     assert bn_error < 1e-5, bn_error
 
 
+def test_the_batch_is_split_over_the_devices_along_its_batch_axis():
+    # One process computes the same result with any axis split (jit's semantics are global),
+    # so the 8-device test could not tell a batch split along its height; across processes
+    # each one's rows would be taken for a slice of every image.
+    mesh = sharding.create_mesh()
+    assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec("data")
+    assert sharding.batch_sharding(mesh, 2).spec == jax.sharding.PartitionSpec(None, "data")
+
+
 def test_create_state_is_init_state_compiled_onto_its_sharding():
     config = tiny_config("unused")
     model, optimizer = train.create_model(config), train.create_optimizer(config)
@@ -758,6 +767,42 @@ def test_a_jax_whose_cache_format_changed_keeps_its_entries(tmp_path, monkeypatc
     assert not (tmp_path / "cut-cache").exists() and (tmp_path / "other-cache").exists()
 
 
+def test_a_zstd_entry_cut_in_its_header_is_removed_and_other_files_are_left(tmp_path, monkeypatch):
+    # This environment's jax writes zlib, whose header is one byte: an entry cut inside
+    # zstd's four-byte header, and files beside the entries (jax's LRU access times, whose
+    # first byte may be anything), were never judged by a test.
+    import zlib
+
+    from jax._src import compilation_cache as jax_cache
+
+    magic = compile_cache._ZSTD_MAGIC
+
+    def decompress(data: bytes) -> bytes:
+        if not data.startswith(magic):
+            raise ValueError("not a zstd frame")
+        return zlib.decompress(data[len(magic) :])
+
+    monkeypatch.setattr(jax_cache, "compress_executable", lambda data: magic + zlib.compress(data))
+    monkeypatch.setattr(jax_cache, "decompress_executable", decompress)
+    whole = magic + zlib.compress(b"program")
+    files = {
+        "whole-cache": whole,
+        "cut-cache": whole[:7],
+        "cut-in-magic-cache": magic[:2],
+        "zlib-cache": zlib.compress(b"program"),  # another environment's: may be whole
+        "whole-atime": whole[:8],  # jax's LRU access time: 8 bytes that may begin like this
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    removed = compile_cache._remove_unreadable_entries(str(tmp_path))
+    assert removed == ["cut-cache", "cut-in-magic-cache"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "whole-atime",
+        "whole-cache",
+        "zlib-cache",
+    ]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_saves_at_the_current_step_and_exits_cleanly(tmp_path, data_dir, signum):
     workdir = tmp_path / "run"
@@ -970,6 +1015,46 @@ def test_a_damaged_checkpoint_is_named_with_the_step_to_resume_from(tmp_path, da
     manager = types.SimpleNamespace(directory=epath.Path("/w"), all_steps=lambda: [2, 4, 6])
     error = checkpointing._damaged(manager, 6, OSError("cut"))
     assert "OSError: cut" in str(error) and str(error).endswith("to resume from step 4.")
+
+
+def test_the_workdir_lock_is_dropped_on_leaving_and_taken_by_process_zero_only(
+    tmp_path, monkeypatch
+):
+    # Leaving the block did not close the lock file: only the garbage collector dropped the
+    # lock, so a run retried in the same process (a notebook keeping the failed run's
+    # traceback) was refused as "in use" by itself. And every process locking a shared
+    # workdir refused all but process 0 of a multi-process run.
+    with checkpointing.WorkdirLock(tmp_path) as lock:
+        lock.acquire()
+        with pytest.raises(checkpointing.WorkdirInUseError, match=f"process {os.getpid()} "):
+            checkpointing.WorkdirLock(tmp_path).acquire()
+    again = checkpointing.WorkdirLock(tmp_path)  # `lock` is still referenced
+    again.acquire()
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    other = checkpointing.WorkdirLock(tmp_path)
+    other.acquire()  # process 1 leaves the lock to process 0
+    assert other._file is None
+    again.release()
+
+
+@pytest.mark.parametrize(
+    "pathname, level, shown",
+    [
+        ("/site-packages/orbax/checkpoint/manager.py", std_logging.INFO, False),
+        ("/site-packages/grain/_src/loader.py", std_logging.INFO, False),
+        ("/site-packages/jax/_src/compiler.py", std_logging.INFO, False),
+        ("/site-packages/orbax/checkpoint/manager.py", std_logging.WARNING, True),
+        ("/site-packages/jax/_src/compiler.py", std_logging.ERROR, True),
+        ("/work/pan_jax/train.py", std_logging.INFO, True),
+    ],
+)
+def test_the_tools_log_drops_only_the_libraries_info_lines(pathname, level, shown):
+    # Nothing checked the filter: a library's warning (orbax: a checkpoint not saved) dropped
+    # with its INFO chatter went unseen.
+    from pan_jax import logs
+
+    record = std_logging.LogRecord("absl", level, pathname, 1, "message", None, None)
+    assert logs._QuietLibraries().filter(record) == shown
 
 
 def test_only_the_abandoned_reads_of_orbax_are_quieted(monkeypatch, caplog):
@@ -1266,18 +1351,21 @@ def test_the_train_step_compiles_once_ahead_while_the_run_starts(
     """The step compiles in a thread during init and the input pipeline's start; its first call
     must reuse that executable (the batch spec matches what the pipeline yields), not compile
     it a second time."""
-    started = []
+    started, compiled = [], []
 
     class Recorded(compile_ahead.CompileAhead):
         def _compile(self, step_fn, args):
             started.append(args)
-            return super()._compile(step_fn, args)
+            compiled.append(super()._compile(step_fn, args))
+            return compiled[-1]
 
     monkeypatch.setattr(compile_ahead, "CompileAhead", Recorded)
     workdir = str(tmp_path / "run")
     config = tiny_config(data_dir, num_train_steps=2, grad_accum_steps=2)
     compiles, messages = train_step_compiles(config, workdir, caplog)
     assert len(started) == 1
+    # The thread compiled it (a thread that skipped it left the loop's call to compile it once).
+    assert compiled == [True]
     assert len(compiles) == 1, compiles
     # Time to the first step, start-up included, as a user waits for it.
     pattern = r"first step done [\d.]+ s after train_and_evaluate started"
@@ -1395,6 +1483,28 @@ def test_a_damaged_metrics_file_does_not_stop_a_resume(tmp_path):
     assert train._evaluated_steps(epath.Path(metrics)) == {2}
     summary.MetricWriter(tmp_path, start_step=2).close()  # keeps the records up to step 2
     assert [json.loads(line) for line in metrics.read_text().splitlines()] == good
+
+
+def test_tensorboard_gets_the_scalars_and_a_resume_forgets_the_steps_after_its_checkpoint(
+    tmp_path,
+):
+    # Nothing read the event files back: scalars that never reached TensorBoard, or a restart
+    # marked at the resumed step itself (which drops that step's own values), went unseen.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from pan_jax import summary
+
+    writer = summary.MetricWriter(tmp_path)
+    for step in (1, 2, 3):
+        writer.write_scalars(step, {"train/loss": float(step)})
+    writer.close()
+    resumed = summary.MetricWriter(tmp_path, start_step=2)  # killed after logging step 3
+    resumed.write_scalars(3, {"train/loss": 30.0})
+    resumed.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert logged == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
 def test_a_second_run_in_a_live_runs_workdir_is_refused_and_changes_nothing(tmp_path, data_dir):
