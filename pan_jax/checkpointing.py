@@ -14,7 +14,6 @@ A model spec is the JSON-able dict `{"name", "backbone", "num_classes", "overrid
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging as std_logging
 import os
@@ -333,9 +332,10 @@ class WorkdirLock:
     instead of writing its checkpoints among the first's.
 
     The kernel drops the lock when its process ends, however it ends: the resume of a killed
-    or preempted run finds it free. `flock` works on local file systems and NFS; an object
-    store (gs://) has no locks, nor has a file system mounted without them (a warning says so).
-    The file stays after the run, naming its last holder.
+    or preempted run finds it free. On NFS, a host that died holds it until the server's lease
+    runs out (about 90 s on NFSv4), and a mount with `nolock` or `local_lock` locks for its own
+    host only. An object store (gs://) has no locks; nor has a file system mounted without
+    them (a warning says so). The file stays after the run, naming its last holder.
     """
 
     def __init__(self, workdir: str | os.PathLike) -> None:
@@ -345,8 +345,14 @@ class WorkdirLock:
     def acquire(self) -> None:
         """Takes the lock (process 0; the others return). Raises WorkdirInUseError, naming the
         holder, if another run has it."""
-        if jax.process_index() != 0 or "://" in str(self.path):
+        if jax.process_index() != 0:
             return
+        if "://" in str(self.path):
+            logging.info("%s: an object store has no locks, not taken", self.path)
+            return
+        import fcntl  # POSIX only: the rest of the module (inference) works without it
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_file = open(self.path, "a+")  # noqa: SIM115 (held open for the run's life)
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -366,9 +372,13 @@ class WorkdirLock:
                 error,
             )
             return
-        lock_file.truncate(0)
-        lock_file.write(f"process {os.getpid()} on host {socket.gethostname()}\n")
-        lock_file.flush()
+        try:
+            lock_file.truncate(0)
+            lock_file.write(f"process {os.getpid()} on host {socket.gethostname()}\n")
+            lock_file.flush()
+        except BaseException:  # a full disk: no lock left held by a file no one closes
+            lock_file.close()
+            raise
         self._file = lock_file
 
     def release(self) -> None:

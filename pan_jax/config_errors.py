@@ -40,7 +40,7 @@ def watch_config_flag(flag_values: flags.FlagValues) -> None:
     load = parser.parse
 
     def parse(argument: str):
-        _loaded["path"] = argument
+        _loaded["path"], _loaded["config"] = argument, None
         folder = os.path.dirname(os.path.abspath(argument.split(":", 1)[0]))
         root = os.path.dirname(folder)
         added = os.path.isfile(os.path.join(folder, "__init__.py")) and root not in sys.path

@@ -73,8 +73,9 @@ def model_spec(config: ml_collections.ConfigDict) -> checkpointing.ModelSpec:
     ignored = sorted(k for k in overrides if k in models.OVERRIDE_TYPES and k not in applicable)
     if ignored:
         logging.warning(
-            "model %r does not take these config.model.overrides, ignored: %s",
+            "model %r%s does not take these config.model.overrides, ignored: %s",
             config.model.name,
+            models.switched_off(config.model.name, overrides, set(ignored)),
             ", ".join(f"{k}={overrides.pop(k)!r}" for k in ignored),
         )
     return {
@@ -616,10 +617,11 @@ def _train_and_evaluate(
     sharding.process_zero_first(
         functools.partial(pipeline.prepare, config.data), "dataset prepared"
     )
-    manager = checkpointing.create_manager(workdir, config)
+    manager = checkpointing.create_manager(workdir, config)  # makes the workdir
+    # Before the checkpoints are read: those of a live run may change as they are.
+    sharding.process_zero_first(lock.acquire, "workdir locked")
     layout = optimizer_layout(config)
     workdir_path = checkpointing.prepare_workdir(workdir, config, spec, manager, layout)
-    sharding.process_zero_first(lock.acquire, "workdir locked")  # before the restore reads it
 
     mesh = sharding.create_mesh()
     state_sharding = sharding.replicated(mesh)

@@ -184,6 +184,8 @@ def test_the_attention_options_follow_the_modules_a_model_has():
     assert fpa_with_gau.decoder.use_gau and fpa_with_gau.decoder.gau_gate == "sigmoid"
     assert "gau_gate" in models.valid_overrides("fpa", {"use_gau": True})
     assert "fpa_pooling" not in models.valid_overrides("pan", {"use_fpa": False})
+    with pytest.raises(ValueError, match=r"\['fpa_pooling'\] for model 'pan' \(use_fpa=False\)"):
+        models.create("pan", num_classes=3, use_fpa=False, fpa_pooling="max")
     # A stored spec with an option its model never took loads as the model it described.
     assert models.explicit_overrides("gau", {"fpa_pooling": "max", "gau_low_kernel": 1}) == {
         "gau_low_kernel": 1

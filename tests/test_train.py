@@ -1538,6 +1538,10 @@ def test_a_second_run_in_a_live_runs_workdir_is_refused_and_changes_nothing(tmp_
         )
         after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
         assert {p: after[p] for p in files} == files, "the refused run wrote into the workdir"
+        # Refused before it reads the live run's checkpoints (which may change as it reads).
+        other_model = tiny_config(data_dir, **{"model.overrides.pyramid_features": 16})
+        with pytest.raises(checkpointing.WorkdirInUseError):
+            train.train_and_evaluate(other_model, str(workdir))
     finally:
         holder.kill()  # however a run ends, the kernel drops its lock
         holder.wait()

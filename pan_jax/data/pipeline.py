@@ -147,7 +147,7 @@ def _checked_spec(data_config: Any) -> DatasetSpec:
     return spec
 
 
-def _local_path(data_config: Any, field: str) -> str | None:
+def _config_path(data_config: Any, field: str) -> str | None:
     """config.data.<field> with `~` expanded, as a shell would: tfds takes a `~` literally (the
     shell leaves it in --config.data.data_dir=~/tfds, a word, not an assignment)."""
     value = getattr(data_config, field, None)
@@ -156,7 +156,7 @@ def _local_path(data_config: Any, field: str) -> str | None:
 
 def _builder(data_config: Any) -> tuple[DatasetSpec, tfds.core.DatasetBuilder]:
     spec = _checked_spec(data_config)
-    data_dir = _local_path(data_config, "data_dir")
+    data_dir = _config_path(data_config, "data_dir")
     if data_dir and epath.Path(data_dir).exists() and not epath.Path(data_dir).is_dir():
         raise ConfigError(f"data.data_dir={data_dir} is a file: expected a directory")
     return spec, tfds.builder(spec.tfds_name, data_dir=data_dir)
@@ -178,7 +178,7 @@ def prepare(data_config: Any) -> None:
             f"{builder.data_path} exists but holds no prepared dataset (dataset_info.json): a "
             "copy cut short? Move it away (it is not deleted for you) and run again to rebuild."
         )
-    manual_dir = _local_path(data_config, "manual_dir")
+    manual_dir = _config_path(data_config, "manual_dir")
     if spec.tfds_name.startswith("cityscapes"):
         default_manual_dir = epath.Path(builder.data_dir_root) / "downloads" / "manual"
         cityscapes.check_manual_zips(
@@ -359,7 +359,7 @@ def load_source(
     spec = _checked_spec(data_config)
     if on_corrupt is None:
         on_corrupt = "skip" if getattr(data_config, "skip_corrupt", False) else "raise"
-    return SegmentationSource(spec, split, _local_path(data_config, "data_dir"), on_corrupt)
+    return SegmentationSource(spec, split, _config_path(data_config, "data_dir"), on_corrupt)
 
 
 def _invalid_label_table(num_classes: int) -> np.ndarray:

@@ -48,6 +48,7 @@ __all__ = [
     "SegmentationModel",
     "create",
     "parameter_count",
+    "switched_off",
     "valid_overrides",
 ]
 
@@ -157,6 +158,18 @@ def valid_overrides(name: str, overrides: dict[str, Any] | None = None) -> set[s
     return valid
 
 
+def switched_off(name: str, overrides: dict[str, Any], options: set[str]) -> str:
+    """Why model `name` does not take `options`, where a module switched off is the reason:
+    " (use_fpa=False)" for FPA's options on a model without FPA; "" otherwise."""
+    switches = {**_PRESETS.get(name, {}), **overrides}
+    off = [
+        f"{switch}=False"
+        for switch, module_options in (("use_fpa", _FPA_ONLY), ("use_gau", _GAU_ONLY))
+        if options & set(module_options) and not switches.get(switch, True)
+    ]
+    return f" ({', '.join(off)})" if off else ""
+
+
 # Every override of some model but dtype (configs have config.model.dtype), with its type:
 # configs/default.py declares them all, so any can be set on the command line.
 OVERRIDE_TYPES: dict[str, type] = {
@@ -246,8 +259,8 @@ def create(
     unknown = set(overrides) - valid
     if unknown:
         raise ValueError(
-            f"unknown option(s) {sorted(unknown)} for model {name!r}; valid options: "
-            f"{sorted(valid)}"
+            f"unknown option(s) {sorted(unknown)} for model {name!r}"
+            f"{switched_off(name, overrides, unknown)}; valid options: {sorted(valid)}"
         )
     settings = _settings(name, overrides)
     _check_values(settings)
