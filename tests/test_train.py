@@ -1498,6 +1498,9 @@ def test_tensorboard_gets_the_scalars_and_a_resume_forgets_the_steps_after_its_c
     for step in (1, 2, 3):
         writer.write_scalars(step, {"train/loss": float(step)})
     writer.close()
+    # As a resumed run's, its file is named a later second (names hold the second, then a
+    # per-process counter that sorts 10 before 9).
+    time.sleep(1.1)
     resumed = summary.MetricWriter(tmp_path, start_step=2)  # killed after logging step 3
     resumed.write_scalars(3, {"train/loss": 30.0})
     resumed.close()
