@@ -133,7 +133,7 @@ def test_the_largest_batch_comes_from_the_step_buffers_on_every_device(monkeypat
     assert memory["compiled_peak_gb"] == 12 and memory["device_memory_gb"] == 40
     # 8 images per device in 12 - 4 GiB of state: 1 GiB each; 90% of 40 GiB holds 32 more per
     # device, so 64 on both. Without the donated buffers subtracted, the temporaries, the second
-    # device or GiB units (not GB) the estimate was 32, 80, 32 or 48.
+    # device or GiB units (not GB) the estimate would be 32, 80, 32 or 48.
     assert memory["largest_batch_estimate"] == 64
 
 
@@ -321,8 +321,8 @@ def test_mfu_counts_every_device_a_row_ran_on(tmp_path):
 def test_the_peers_mfu_is_over_one_device_and_only_for_our_count_of_its_network(
     monkeypatch, tmp_path
 ):
-    # The peer runs on one device: its MFU over every device's peak was too small by their
-    # number; and `pan`'s FLOP count, another network, gave the SMP peer an MFU.
+    # The peer runs on one device: its MFU over every device's peak would be too small by their
+    # number; and `pan`'s FLOP count, another network, must give the SMP peer no MFU.
     for name in ("POINTWISE_AS_MATMUL", "BATCHNORM_ONE_PASS"):  # main sets them from flags
         monkeypatch.setattr(bench.layers, name, getattr(bench.layers, name))
     monkeypatch.setattr(bench.jax.config, "update", lambda *args: None)
@@ -768,7 +768,7 @@ def test_op_times_are_per_step_from_the_newest_trace(tmp_path):
 
 
 def test_collectives_are_named_as_such():
-    # Only all-reduce was: a multi-GPU step's all-gathers and reduce-scatters read as "other".
+    # Not all-reduce alone: a multi-GPU step's all-gathers and reduce-scatters are ones too.
     hlo = GPU_HLO.replace(
         "  %copy.2 =",
         "  %all-gather.1 = f32[32]{0} all-gather(%p0), dimensions={0}\n"
@@ -853,7 +853,8 @@ def test_median_time_dispatches_a_sample_before_it_waits():
 
 
 def test_median_time_is_the_median_sample_per_step(monkeypatch):
-    # A sample's time was read as one step's (5× a GPU's step time), or the fastest sample's.
+    # A sample's time read as one step's (5× a GPU's step time), or the fastest sample's, went
+    # unseen.
     clock = [0.0]
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     step_seconds = iter([1.0] * 4 + [2.0] * 4 + [9.0] * 4)  # three samples of 4 steps

@@ -275,8 +275,8 @@ def test_bfloat16_safetensors_read_without_torch(tmp_path):
 
 
 def test_half_precision_torch_tensors_read_as_float32(checkpoint, tmp_path):
-    # numpy has no bfloat16: a bf16 state dict, in memory or saved with torch.save, was a
-    # TypeError from Tensor.numpy().
+    # numpy has no bfloat16: a bf16 state dict, in memory or saved with torch.save, would be a
+    # TypeError from Tensor.numpy() without the cast to float32.
     tensors = {"a": torch.randn(2, 3).to(torch.bfloat16), "b": torch.randn(2).half()}
     torch.save(tensors, tmp_path / "half.pth")
     for source in (tensors, tmp_path / "half.pth"):
@@ -439,7 +439,7 @@ def test_load_pretrained_backbone_leaves_decoder(checkpoint, tmp_path, monkeypat
     assert note.count(": checkpoint (") == 3 and " in all)" in note and len(note) < 600, note
     saved = _flat({c: {"decoder": variables[c]["decoder"]} for c in variables})
     assert set(saved) <= set(report.unused)  # what did not fit is said to be unused
-    # Into fcn, which has no decoder: the saved decoder is unused (it was left out of the list).
+    # Into fcn, which has no decoder: the saved decoder is unused (unchecked before).
     fcn = models.create("fcn", num_classes=3, backbone="resnet18", stem="deep32", avg_down=True)
     template = jax.eval_shape(lambda: fcn.init(jax.random.key(0), np.zeros((1, 128, 128, 3))))
     _, report = convert.load_pretrained(template, tmp_path / "m", "pan_jax", model=fcn)

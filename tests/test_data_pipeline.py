@@ -114,15 +114,7 @@ def test_padding_is_zero_image_and_ignore_label(cfg):
     # A crop shorter than wide: image_size is (height, width), and the device keeps rows by the
     # height and columns by the width (square crops could not show either swapped).
     record, _ = _pattern_record(height=24, width=16)
-    out = pipeline.train_transform(
-        record,
-        np.random.default_rng(0),
-        crop_size=32,
-        min_scale=1.0,
-        max_scale=1.0,
-        flip=False,
-        num_classes=13,
-    )
+    out = _unscaled_crop(record)
     np.testing.assert_array_equal(out["image_size"], [24, 16])
     image = np.asarray(jax.jit(normalize_crops)(out["image"][None], out["image_size"][None]))[0]
     assert (image[24:] == 0).all() and (image[:, 16:] == 0).all()
@@ -198,7 +190,7 @@ def test_a_resumed_run_continues_at_its_step_with_any_workers_or_processes(cfg, 
         if num_workers:
             it.close()
     # Two processes with half the batch each: the same global batches, split between them (the
-    # augmentation, drawn after sharding, gave two hosts other crops than one host).
+    # augmentation, drawn after sharding, would give two hosts other crops than one host).
     halves = [
         _take(
             data.train_dataset(
@@ -230,6 +222,19 @@ def test_eval_yields_every_image_once_at_original_resolution(cfg):
     assert sorted(names) == sorted(source)  # each once, none dropped (12 is not a multiple of 5)
     odd = list(data.eval_dataset(cfg, process_index=4, process_count=5))
     assert len(odd) == 2
+
+
+def _unscaled_crop(record: dict) -> dict:
+    """`train_transform` of `record` into a 32 px crop, at scale 1 and unflipped (13 classes)."""
+    return pipeline.train_transform(
+        record,
+        np.random.default_rng(0),
+        crop_size=32,
+        min_scale=1.0,
+        max_scale=1.0,
+        flip=False,
+        num_classes=13,
+    )
 
 
 def _pattern_record(height=70, width=90, block=10, seed=0):
@@ -347,8 +352,8 @@ def test_crop_matrix_equals_resize_then_crop_then_flip():
         np.testing.assert_array_equal(warped_label, ref_label)
 
 
-# 13 = num_classes, the first value that is no class, was accepted as one. Evaluation checks too:
-# its confusion matrix dropped such pixels without a word.
+# 13 = num_classes is the first value that is no class: refused as 30 is, by evaluation too,
+# whose confusion matrix would drop such pixels without a word.
 @pytest.mark.parametrize("value", [30, 13])
 def test_label_outside_classes_names_the_file_and_field(value):
     record, _ = _pattern_record()
@@ -357,21 +362,13 @@ def test_label_outside_classes_names_the_file_and_field(value):
     record["file_name"] = "2007_000042"
     expected = rf"2007_000042.*\[{value}\].*data.num_classes=13"
     with pytest.raises(ValueError, match=expected):
-        pipeline.train_transform(
-            record,
-            np.random.default_rng(0),
-            crop_size=32,
-            min_scale=1,
-            max_scale=1,
-            flip=False,
-            num_classes=13,
-        )
+        _unscaled_crop(record)
     with pytest.raises(ValueError, match=expected):
         pipeline.eval_transform(record, num_classes=13)
 
 
 def test_exif_orientation_is_ignored_as_by_pil():
-    # Masks are drawn on the stored pixels: a JPEG with an EXIF rotation was decoded rotated, and
+    # Masks are drawn on the stored pixels: a JPEG decoded with its EXIF rotation would be
     # refused for its mask's shape (or, square, silently misaligned with it).
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
     exif = Image.Exif()

@@ -119,7 +119,7 @@ def _generate_recording_objects(monkeypatch, config, index):
 
 
 def test_smaller_objects_are_painted_over_larger_ones(monkeypatch):
-    # Painted small-first, large objects hid the small ones they overlapped.
+    # Painted small-first, large objects would hide the small ones they overlap.
     no_void = dataclasses.replace(DEFAULT, void_width=0)
     hidden = 0
     for index in range(8):
@@ -138,7 +138,8 @@ def test_smaller_objects_are_painted_over_larger_ones(monkeypatch):
 
 
 def test_object_counts_include_max_objects(monkeypatch):
-    # max_objects was exclusive: 2..5 objects drew 2 to 4, and min_objects = max_objects raised.
+    # Were max_objects exclusive, 2..5 objects would draw 2 to 4, and min_objects = max_objects
+    # would raise.
     config = dataclasses.replace(DEFAULT, min_objects=1, max_objects=2)
     counts = {len(_generate_recording_objects(monkeypatch, config, i)[1]) for i in range(12)}
     assert counts == {1, 2}

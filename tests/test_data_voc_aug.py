@@ -391,7 +391,7 @@ def test_official_split_sizes_checked_only_on_official_archives(tmp_path, monkey
     make_archives(tmp_path / "manual")
     cfg = _config(tmp_path)
     # The official SBD with a VOC tar of another md5 (repacked, say): the sizes are not checked
-    # and the build passes (it was refused for the official sizes once either archive was official).
+    # and the build passes (a check once either archive is official would refuse it).
     _as_official(monkeypatch, tmp_path / "manual", keys=("sbd",))
     sbd_only = cfg.copy_and_resolve_references()
     sbd_only.data_dir = str(tmp_path / "tfds_sbd_only")
@@ -401,7 +401,7 @@ def test_official_split_sizes_checked_only_on_official_archives(tmp_path, monkey
     _as_official(monkeypatch, tmp_path / "manual")
     with pytest.raises(voc_aug.VocAugError, match=r"'train_aug': 7.*'train_aug': 10582"):
         data.prepare(cfg)
-    # The right split sizes are not enough: the SBD lists' sizes are checked too (they were not).
+    # The right split sizes are not enough: the SBD lists' sizes are checked too.
     monkeypatch.setattr(
         voc_aug, "OFFICIAL_SPLIT_SIZES", {"train_aug": 7, "val": 2, "train": 3, "trainval": 5}
     )
@@ -476,7 +476,7 @@ def test_an_empty_id_list_or_one_with_an_id_twice_is_refused_naming_it(tmp_path)
     with pytest.raises(voc_aug.VocAugError, match=rf"{path} lists no image ids"):
         voc_aug.read_id_list(epath.Path(path))
     assert voc_aug.read_id_list(epath.Path(path), allow_empty=True) == []  # SBD's lists
-    # An id listed twice (two lists run together, say) was merged away without a word.
+    # An id listed twice (two lists run together, say) must not be merged away without a word.
     path.write_text(f"{A}\n{B}\n{A}\n")
     with pytest.raises(voc_aug.VocAugError, match=rf"{path} lists some image ids twice"):
         voc_aug.read_id_list(epath.Path(path), allow_empty=True)
@@ -498,8 +498,8 @@ def test_float_sbd_masks_must_hold_whole_classes(tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype, value", [(np.uint8, 21), (np.int16, -1)])
 def test_mask_values_just_outside_the_classes_are_refused(tmp_path, dtype, value):
-    # 21, one past tvmonitor, was taken for a class; a negative SBD label became 255 (ignore) in
-    # the cast to uint8.
+    # 21, one past tvmonitor, must not be taken for a class, nor a negative SBD label become 255
+    # (ignore) in the cast to uint8.
     path = tmp_path / "cls" / f"{S1}.mat"
     path.parent.mkdir()
     mask = _sbd_mask(S1).astype(dtype)
@@ -512,7 +512,7 @@ def test_mask_values_just_outside_the_classes_are_refused(tmp_path, dtype, value
 
 def test_a_palette_mask_that_reaches_the_reader_is_refused_not_read_as_colors():
     # The builder stores VOC's palette masks as indices; one stored as it comes (a hand-made
-    # dataset, say) was decoded to the gray levels of its colors, e.g. class 1 (dark red) as 38.
+    # dataset, say) read as grayscale would give its colors' gray levels: class 1 (dark red) 38.
     image = cv2.imencode(".png", np.zeros((*_size(E), 3), np.uint8))[1].tobytes()
     with pytest.raises(
         ValueError, match=r"single-channel 8-bit label PNG, got shape \(\d+, \d+, 3\)"

@@ -90,7 +90,7 @@ def test_a_failed_or_damaged_download_is_refused_and_leaves_nothing(
     if damage == "sha256":
         hub.serve_like_the_hub(REPO_FILE, resnet18_bytes, sha256="0" * 64)
         # The Hub's redirect also sends an ETag, the git hash of the LFS pointer (no sha256):
-        # read first, it hid the announced hash and the damaged file was kept.
+        # read first, it would hide the announced hash, and the damaged file be kept.
         hub.routes[REPO_FILE][1]["ETag"] = '"' + hashlib.sha1(b"lfs pointer").hexdigest() + '"'
     elif damage == "size":
         hub.serve_like_the_hub(REPO_FILE, resnet18_bytes, size=len(resnet18_bytes) + 1)

@@ -109,7 +109,7 @@ def test_options_errors_name_the_field():
 
 
 def test_a_num_classes_other_than_the_models_is_refused(model_and_variables):
-    # Scored with 4 classes, the model's fifth class was dropped as out of range, silently.
+    # Scored with 4 classes, the model's fifth class would be dropped as out of range, silently.
     model, variables = model_and_variables
     element = {"image": random_image(16, 16), "label": np.zeros((16, 16), np.int32)}
     with pytest.raises(ValueError, match=r"num_classes=4, but the model predicts 5 classes"):

@@ -238,8 +238,8 @@ def test_view_sizes_are_mmsegmentations():
 
 
 def test_tiny_inputs_are_padded_up_to_the_model_minimum_and_views_keep_a_pixel():
-    # Unpadded (pad_multiple=1) an image below the model's minimum went in as it was, and a
-    # one-pixel image at scale 0.25 became a 0×0 view that cv2.resize refused.
+    # Unpadded (pad_multiple=1), an image below the model's minimum must still be padded up to
+    # it, and a one-pixel image at scale 0.25 keep a pixel (cv2.resize refuses a 0×0 view).
     assert inference.padded_size(5, 1, 16) == 16
     assert inference.padded_size(40, 16, 128) == 128
     assert inference.padded_size(129, 128, 16) == 256

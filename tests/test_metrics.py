@@ -118,7 +118,7 @@ def test_confusion_matrix_by_hand():
 
 
 def test_another_ignore_label_is_skipped_as_torchmetrics_does():
-    # Only 255 was tested: an ignore_label of 0 was counted like any class.
+    # Only 255 was tested: an ignore_label of 0 counted like any class would go unseen.
     rng = np.random.default_rng(4)
     label = rng.integers(0, 4, (9, 11))
     pred = rng.integers(0, 4, (9, 11))
@@ -156,7 +156,7 @@ WORKER = textwrap.dedent(
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
     from pan_jax import metrics
     pid = jax.process_index()
-    # 2**30 + 7: a low digit with its top bit set (a 30-bit mask dropped it).
+    # 2**30 + 7: a low digit with its top bit set (a 30-bit mask would drop it).
     local = np.array([[3 * 2**31 + pid, 2**31 + 2**30 + 7], [2**40 * (pid + 1), 0]], np.int64)
     print("SUM", metrics.allreduce(local).tolist(), flush=True)
     """

@@ -288,7 +288,7 @@ def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, saved_model, tm
 
 
 def test_segment_refuses_a_float_image(saved_model):
-    # A float image (e.g. decoded to 0..1) was taken as already normalized: a mask, no error.
+    # A float image (e.g. decoded to 0..1) must not be taken as already normalized.
     model, variables, _ = saved_model
     image = smooth_rgb(16, 16).astype(np.float32)
     with pytest.raises(ValueError, match=r"expected a uint8 RGB image \(as load_image returns\)"):
@@ -521,7 +521,7 @@ def test_padding_defaults_to_the_runs_evaluation_else_sixteen():
 
 
 def test_multiscale_and_flip_flags_reach_the_options():
-    # --multiscale was ignored: one scale, and no error.
+    # An ignored --multiscale (one scale, and no error) went unseen.
     assert predict.inference_options({})["scales"] == (1.0,)
     assert predict.inference_options({}, multiscale=True)["scales"] == inference.MS_SCALES
     assert predict.inference_options({})["flip"] is False

@@ -68,8 +68,8 @@ def test_the_papers_pooling_and_gate_equal_smp_with_those_layers_swapped():
 
 @pytest.mark.parametrize("encoder", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
 def test_the_encoder_depth_is_read_from_an_smp_state_dict(encoder):
-    # Built on torch's meta device: key names and shapes only. resnet50 was read as resnet101
-    # and no test noticed (the parity tests use resnet18, resnet34 and resnet101).
+    # Built on torch's meta device: key names and shapes only. resnet50 read as resnet101 went
+    # unseen (the parity tests use resnet18, resnet34 and resnet101).
     with torch.device("meta"):
         state_dict = smp.PAN(encoder_name=encoder, encoder_weights=None, classes=3).state_dict()
     assert convert.smp_spec(state_dict)["backbone"] == encoder

@@ -444,7 +444,7 @@ def _small_fcn(**fields):
 
 def test_accumulation_weighs_every_valid_pixel_alike_and_an_ignored_batch_is_no_nan():
     # The accumulation test's micro-batches were identical: a loss averaged over micro-batches
-    # rather than over their valid pixels went unseen. A batch of only 255 divided 0 by 0.
+    # rather than over their valid pixels went unseen. A batch of only 255 must not divide 0 by 0.
     config = _small_fcn()
     model, optimizer = train.create_model(config), train.create_optimizer(config)
     state = train.init_state(model, optimizer, jax.random.key(0), 64)
@@ -1011,7 +1011,7 @@ def test_a_damaged_checkpoint_is_named_with_the_step_to_resume_from(tmp_path, da
         checkpointing.restore_for_inference(workdir)
     assert (workdir / "config.json").read_bytes() == record
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2", "4"]
-    # With more kept, the newest before the damaged one (the oldest was named unseen).
+    # With more kept, the newest before the damaged one (naming the oldest went unseen).
     manager = types.SimpleNamespace(directory=epath.Path("/w"), all_steps=lambda: [2, 4, 6])
     error = checkpointing._damaged(manager, 6, OSError("cut"))
     assert "OSError: cut" in str(error) and str(error).endswith("to resume from step 4.")
@@ -1020,10 +1020,10 @@ def test_a_damaged_checkpoint_is_named_with_the_step_to_resume_from(tmp_path, da
 def test_the_workdir_lock_is_dropped_on_leaving_and_taken_by_process_zero_only(
     tmp_path, monkeypatch
 ):
-    # Leaving the block did not close the lock file: only the garbage collector dropped the
-    # lock, so a run retried in the same process (a notebook keeping the failed run's
-    # traceback) was refused as "in use" by itself. And every process locking a shared
-    # workdir refused all but process 0 of a multi-process run.
+    # Were the lock file not closed on leaving the block, only the garbage collector would drop
+    # the lock, and a run retried in the same process (a notebook keeping the failed run's
+    # traceback) would be refused as "in use" by itself. Were every process to lock a shared
+    # workdir, all but process 0 of a multi-process run would be refused.
     with checkpointing.WorkdirLock(tmp_path) as lock:
         lock.acquire()
         with pytest.raises(checkpointing.WorkdirInUseError, match=f"process {os.getpid()} "):

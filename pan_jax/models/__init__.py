@@ -138,8 +138,29 @@ def _valid_overrides(decoder: str) -> set[str]:
     return valid  # fcn: a classifier on the backbone, no decoder
 
 
-_FPA_ONLY = ("fpa_kernels", "fpa_pooling", "fpa_global_branch", "fpa_attention", "pyramid_features")
-_GAU_ONLY = ("gau_low_kernel", "gau_global_attention", "gau_gate")
+# The options of each module a PAN decoder can switch off.
+_MODULE_OPTIONS = {
+    "use_fpa": {
+        "fpa_kernels",
+        "fpa_pooling",
+        "fpa_global_branch",
+        "fpa_attention",
+        "pyramid_features",
+    },
+    "use_gau": {"gau_low_kernel", "gau_global_attention", "gau_gate"},
+}
+
+
+def _modules_off(name: str, overrides: dict[str, Any] | None) -> dict[str, set[str]]:
+    """The switches of model `name`'s PAN modules that its preset and `overrides` turn off,
+    with those modules' options."""
+    preset = _PRESETS[name]
+    switches = {**preset, **(overrides or {})}
+    return {
+        switch: options
+        for switch, options in _MODULE_OPTIONS.items()
+        if preset["decoder"] == "pan" and not switches.get(switch, True)
+    }
 
 
 def valid_overrides(name: str, overrides: dict[str, Any] | None = None) -> set[str]:
@@ -147,26 +168,16 @@ def valid_overrides(name: str, overrides: dict[str, Any] | None = None) -> set[s
     model has FPA (`use_fpa`, as the preset and `overrides` set it), GAU's where it has GAU."""
     if name not in _PRESETS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
-    preset = _PRESETS[name]
-    valid = _valid_overrides(preset["decoder"])
-    if preset["decoder"] == "pan":
-        switches = {**preset, **(overrides or {})}
-        if not switches.get("use_fpa", True):
-            valid -= set(_FPA_ONLY)
-        if not switches.get("use_gau", True):
-            valid -= set(_GAU_ONLY)
+    valid = _valid_overrides(_PRESETS[name]["decoder"])
+    for options in _modules_off(name, overrides).values():
+        valid -= options
     return valid
 
 
 def switched_off(name: str, overrides: dict[str, Any], options: set[str]) -> str:
     """Why model `name` does not take `options`, where a module switched off is the reason:
     " (use_fpa=False)" for FPA's options on a model without FPA; "" otherwise."""
-    switches = {**_PRESETS.get(name, {}), **overrides}
-    off = [
-        f"{switch}=False"
-        for switch, module_options in (("use_fpa", _FPA_ONLY), ("use_gau", _GAU_ONLY))
-        if options & set(module_options) and not switches.get(switch, True)
-    ]
+    off = [f"{s}=False" for s, module in _modules_off(name, overrides).items() if options & module]
     return f" ({', '.join(off)})" if off else ""
 
 
