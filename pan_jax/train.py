@@ -66,6 +66,11 @@ def model_spec(config: ml_collections.ConfigDict) -> checkpointing.ModelSpec:
     model takes stays, for `models.create` to refuse."""
     overrides = config.model.overrides.to_dict() if config.model.get("overrides") else {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "dtype" in overrides:  # a spec describes parameters; inference would take it as its dtype
+        raise ConfigError(
+            f"config.model.overrides.dtype={overrides['dtype']!r}: the compute dtype is "
+            "config.model.dtype (the overrides describe the model's parameters)"
+        )
     try:
         applicable = models.valid_overrides(config.model.name, overrides)
     except ValueError as error:  # an unknown model name

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from configs import voc_ablation
 from pan_jax import checkpointing, models, train
+from pan_jax.config_errors import ConfigError
 from pan_jax.convert import download
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +144,16 @@ def test_switching_the_model_drops_the_config_files_options_it_does_not_take(cap
         config.model.overrides.unknown_switch = 1
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['unknown_switch'\]"):
         train.create_model(config)
+
+
+def test_a_dtype_among_the_overrides_is_refused_for_config_model_dtype():
+    """The overrides are stored in every checkpoint's spec, and inference builds the spec's
+    model: a dtype there would be ignored by training and taken by prediction."""
+    config = load("configs/demo.py")
+    with config.unlocked():  # as a config file can write it
+        config.model.overrides.dtype = "bfloat16"
+    with pytest.raises(ConfigError, match=r"overrides\.dtype='bfloat16'.*config\.model\.dtype"):
+        train.model_spec(config)
 
 
 def test_an_ablation_row_is_chosen_after_the_colon_and_fields_still_override():

@@ -53,6 +53,29 @@ def test_resize_matches_torch_interpolate(align_corners, in_size, out_size):
     np.testing.assert_allclose(np.asarray(ours), from_torch(reference), atol=1e-5)
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_resize_in_bfloat16_rounds_once_as_torchs_bfloat16_interpolate(align_corners):
+    """Torch interpolates bf16 with float32 weights and sums, rounding the result once."""
+    x = np.random.default_rng(4).standard_normal((2, 32, 24, 8)) + 3
+    x = jnp.asarray(x, jnp.bfloat16)
+    ours = resize_bilinear(x, (64, 47), align_corners)
+    assert ours.dtype == jnp.bfloat16
+    ours = np.asarray(ours, np.float32)
+    source = to_torch(np.asarray(x, np.float32))
+    reference = from_torch(
+        F.interpolate(
+            source.bfloat16(), size=(64, 47), mode="bilinear", align_corners=align_corners
+        ).float()
+    )
+    exact = from_torch(
+        F.interpolate(source, size=(64, 47), mode="bilinear", align_corners=align_corners)
+    )
+    # Equal but where float32 weights or sums a bit apart round to neighbouring bf16 values.
+    assert np.mean(ours != reference) < 1e-2
+    np.testing.assert_allclose(ours, reference, rtol=2**-7)
+    assert np.mean(np.abs(ours - exact)) <= 1.01 * np.mean(np.abs(reference - exact))
+
+
 @pytest.mark.parametrize(
     "in_size, bins",
     [((13, 17), 6), ((6, 6), 3), ((7, 5), 2), ((9, 11), 1), ((1, 1), 6), ((2, 3), 6)],
@@ -63,6 +86,18 @@ def test_adaptive_avg_pool_matches_torch(in_size, bins):
     np.testing.assert_allclose(
         np.asarray(adaptive_avg_pool(jnp.asarray(x), bins)), from_torch(reference), atol=1e-6
     )
+
+
+def test_adaptive_avg_pool_in_bfloat16_equals_torchs_bfloat16_pool():
+    """Torch accumulates a bf16 pool in float32 and divides once; weights of 1/n rounded to
+    bf16 would shift every window's mean by the same fraction (up to 0.4%)."""
+    ones = jnp.ones((1, 600, 600, 2), jnp.bfloat16)
+    assert np.all(np.asarray(adaptive_avg_pool(ones, 2), np.float32) == 1.0)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 150, 90, 4)) + 3, jnp.bfloat16)
+    reference = F.adaptive_avg_pool2d(to_torch(np.asarray(x, np.float32)).bfloat16(), 6)
+    ours = adaptive_avg_pool(x, 6)
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), from_torch(reference.float()))
 
 
 def test_batchnorm_train_step_matches_torch():
