@@ -19,14 +19,16 @@ overrides. A one-class model (SMP's binary `classes=1`) writes 1 where its sigmo
 --overlay also writes `<stem>_overlay.jpg`, the image blended with class colors (a JPEG, so that
 evaluation scripts, which take every PNG of a results folder for a mask, never see it). Mode, crop,
 stride and padding default to the workdir config's `eval` section; in slide mode (--mode=slide or
-the config's) a --crop_size without --stride slides by 2/3 of that crop (whole mode uses no crop).
+the config's) a --crop_size without --stride slides by 2/3 of that crop (whole mode uses no crop:
+a --crop_size or --stride given there is ignored, with a warning).
 
 Padding: each input is padded (gray, the mean pixel) at the bottom/right to a multiple of
 --pad_multiple, to bound compilations; the global pooling of FPA and GAU sees the padding, so it
 shifts predictions. A training workdir uses its evaluation's value (128 in the paper configs);
 otherwise the default is 16, so every size SMP's PAN accepts (multiples of its output stride,
-16 or 32) runs unpadded and gives SMP's own masks. --pad_multiple=1 never pads (one
-compilation per image size).
+16 or 32) runs unpadded and gives SMP's own masks. --pad_multiple=1 pads only an image
+below the model's minimum input (PAN: 8 × its output stride), which it could not run otherwise
+(one compilation per image size).
 
 Inputs: a file, a directory (every file in a format PIL decodes, recursively) or a glob.
 Images are read with PIL in any mode: EXIF orientation is applied, grayscale/palette/CMYK are
@@ -515,6 +517,19 @@ def inference_options(
             f"{error} ({', '.join(from_config)} from the eval section of {config_path}; "
             "the flags override it)"
         ) from None
+    ignored = [f"--{name}" for name in ("crop_size", "stride") if name in given]
+    if options["mode"] == "whole" and ignored:  # windows asked for, and none would slide
+        if "mode" in given:
+            whose = "--mode=whole"
+        elif "mode" in config:
+            whose = f"mode 'whole' of the eval section of {config_path}"
+        else:
+            whose = "the default mode, whole,"
+        logging.warning(
+            "%s ignored: %s runs no sliding windows (give --mode=slide)",
+            " and ".join(ignored),
+            whose,
+        )
     options["flip"] = flip
     return options
 

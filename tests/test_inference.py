@@ -356,3 +356,35 @@ def test_an_image_of_another_kind_is_refused(model_and_variables):
         inference.checked_image(np.zeros((8, 8, 3), np.uint16), "picture")
     with pytest.raises(ValueError, match=r"expected a uint8 RGB .* \(8, 8\)"):
         inference.predict_image(model, variables, np.zeros((8, 8), np.uint8))
+
+
+def test_the_multiscale_set_is_the_papers():
+    # --multiscale and the README promise the paper's (and mmseg's) six ratios.
+    assert inference.MS_SCALES == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def test_options_accept_tiling_windows_and_refuse_empty_sizes():
+    # A stride equal to the crop tiles the image without overlap: every pixel is predicted.
+    good = {"mode": "slide", "scales": (1.0,), "crop_size": 128, "stride": 128, "pad_multiple": 1}
+    assert inference.check_options(**good)["stride"] == (128, 128)
+    # Zero scales, padding, windows or strides would fail later, far from the option's name.
+    for bad, message in [
+        ({"scales": (0.0, 1.0)}, r"scales=\(0\.0, 1\.0\): expected one or more positive"),
+        ({"pad_multiple": 0}, r"pad_multiple=0: expected an integer >= 1"),
+        ({"crop_size": (0, 128)}, r"crop_size must be a positive int"),
+        ({"stride": 0}, r"stride must be a positive int"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            inference.check_options(**{**good, **bad})
+
+
+def test_a_window_shorter_than_the_crop_is_padded_to_the_crop_at_most(model_and_variables):
+    # Rows of an image shorter than the crop (90 < 128) are padded up to the crop, never to
+    # their padding bucket when it is larger (192): such images share the crop's program with
+    # every larger one, and their windows see no more padding than the crop's.
+    model, variables = model_and_variables
+    options = {"mode": "slide", "crop_size": 128, "stride": 100, "pad_multiple": 192}
+    inference.predict_image(model, variables, random_image(150, 150), **options)
+    before = inference._forward._cache_size()
+    inference.predict_image(model, variables, random_image(90, 150, seed=1), **options)
+    assert inference._forward._cache_size() == before

@@ -3,6 +3,7 @@
 import copy
 import io
 import json
+import logging as std_logging
 import os
 import shutil
 import struct
@@ -125,6 +126,7 @@ def test_a_malformed_exif_tag_does_not_stop_the_image(tmp_path):
         (np.full((4, 5), 200, np.int32), "I", 200),  # 32-bit integers within 0..255: as they are
         (np.full((4, 5), 257 * 100, np.int32), "I", 100),  # beyond: as 16-bit samples
         (np.full((4, 5), 0.5, np.float32), "F", 128),  # floats within 0..1: scaled by 255
+        (np.full((4, 5), 1.0, np.float32), "F", 255),  # 1.0 included: white, not near black
         (np.full((4, 5), 77.0, np.float32), "F", 77),
     ],
 )
@@ -132,6 +134,12 @@ def test_wide_grayscale_tiffs_keep_their_brightness(tmp_path, values, mode, want
     Image.fromarray(values).save(tmp_path / "a.tif")
     assert Image.open(tmp_path / "a.tif").mode == mode
     np.testing.assert_array_equal(predict.load_image(tmp_path / "a.tif"), np.full((4, 5, 3), want))
+
+
+def test_integers_beyond_16_bits_are_scaled_from_their_maximum(tmp_path):
+    # Scaled from 0..65535 alone, everything from 65535 up would be white.
+    Image.fromarray(np.array([[0, 65535, 131070]], np.int32)).save(tmp_path / "a.tif")
+    np.testing.assert_array_equal(predict.load_image(tmp_path / "a.tif")[0, :, 0], [0, 128, 255])
 
 
 def test_a_16_bit_pgm_is_scaled_as_16_bit_samples(tmp_path):
@@ -148,6 +156,29 @@ def test_a_directory_lists_only_formats_pil_can_open(tmp_path):
     (tmp_path / "notes.pdf").write_bytes(b"%PDF-1.4")  # PIL writes PDFs, never reads them
     (tmp_path / "data.h5").write_bytes(b"\x89HDF")  # a stub: PIL needs a handler for it
     assert [name for _, name in predict.list_inputs(str(tmp_path))] == ["a"]
+
+
+def test_a_directory_takes_camera_files_and_skips_hidden_files_postscript_and_video(tmp_path):
+    # Cameras write IMG_0001.JPG (and .MPO, JPEG's multi-picture kin); macOS leaves an
+    # AppleDouble ._IMG_0001.JPG beside it and viewers keep hidden .thumbnails folders; PIL
+    # names .eps and .mpg but cannot decode them here. Each of those would fail the run.
+    (tmp_path / ".thumbnails").mkdir()
+    for name in ("IMG_0001.JPG", "photo.Png", "3d.MPO"):
+        Image.fromarray(smooth_rgb(8, 8)).save(tmp_path / name, format="JPEG")
+    for name in ("._IMG_0001.JPG", ".thumbnails/IMG_0001.png", "figure.eps", "clip.mpg"):
+        (tmp_path / name).write_bytes(b"not an image this run can read")
+    names = [name for _, name in predict.list_inputs(str(tmp_path))]
+    assert names == ["3d", "IMG_0001", "photo"]
+
+
+def test_a_directory_keeps_the_folder_of_its_only_image(tmp_path):
+    # Outputs keep the path below --input, even when a single subfolder holds every image
+    # (Cityscapes' val/<city>/ for one city).
+    (tmp_path / "val" / "frankfurt").mkdir(parents=True)
+    image = tmp_path / "val" / "frankfurt" / "frankfurt_000000_000294_leftImg8bit.png"
+    Image.fromarray(smooth_rgb(8, 8)).save(image)
+    name = os.path.join("frankfurt", "frankfurt_000000_000294_leftImg8bit")
+    assert predict.list_inputs(str(tmp_path / "val")) == [(str(image), name)]
 
 
 def test_inputs_sharing_a_stem_keep_their_outputs_apart(tmp_path):
@@ -211,11 +242,17 @@ def test_palettes_and_label_ids():
     assert wide.mode == "I;16" and np.asarray(wide).tolist() == [[0, 260]]
     assert predict.output_format_for("voc_aug", 21) == "voc"
     assert predict.output_format_for("cityscapes", 19) == "cityscapes"
+    # A tfds config after the name (Cityscapes' own default) is still Cityscapes.
+    assert predict.output_format_for("cityscapes/semantic_segmentation", 19) == "cityscapes"
+    # Another dataset of 21 classes is not VOC: plain indices, no palette.
+    assert predict.output_format_for("pan_synthetic", 21) == "indices"
     assert predict.output_format_for("pan_synthetic/tiny", 13) == "indices"
     assert predict.output_format_for(None, 21) == "voc"  # a palette PNG still holds indices
     assert predict.output_format_for(None, 7) == "indices"
     # A converted model's 19 classes are not assumed to be Cityscapes (label ids ≠ indices).
     assert predict.output_format_for(None, 19) == "indices"
+    # Cityscapes overlays use its own trainId colors.
+    np.testing.assert_array_equal(predict.palette_for("cityscapes", 19), predict.CITYSCAPES_PALETTE)
     # A one-class (binary) model's masks hold 0 and 1: two colors, two names.
     assert len(predict.palette_for("indices", 1)) == 2
     assert evaluate.class_names_for(None, 1) == ("class_0", "class_1")
@@ -285,6 +322,21 @@ def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, saved_model, tm
     image = predict.load_image(root / "rgb.jpg")
     classes = predict.segment(model, variables, image, flip=True, pad_multiple=predict.PAD_MULTIPLE)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "rgb.png")), classes)
+
+
+def test_predict_files_makes_the_output_folders_it_needs(saved_model, tmp_path):
+    # --output=runs/new/masks, and masks kept in their input's subfolder (Cityscapes' city):
+    # folders that do not exist yet, at any depth.
+    model, variables, _ = saved_model
+    Image.fromarray(smooth_rgb(60, 80)).save(tmp_path / "a.png")
+    out = tmp_path / "runs" / "new" / "masks"
+    inputs = [(str(tmp_path / "a.png"), os.path.join("frankfurt", "a"))]
+    written, errors = predict.predict_files(
+        model, variables, inputs, out, output_format="voc", write_overlay=True
+    )
+    assert errors == [] and written == [os.fspath(out / "frankfurt" / "a.png")]
+    assert Image.open(out / "frankfurt" / "a.png").size == (80, 60)
+    assert Image.open(out / "frankfurt" / "a_overlay.jpg").size == (80, 60)
 
 
 def test_segment_refuses_a_float_image(saved_model):
@@ -536,31 +588,57 @@ def test_a_crop_flag_without_stride_slides_by_two_thirds_of_that_crop():
     assert predict.inference_options(config)["stride"] == (341, 341)
     assert predict.inference_options(config, crop_size=256, stride=128)["stride"] == (128, 128)
     assert predict.inference_options(config, mode="whole", crop_size=256)["mode"] == "whole"
-    with pytest.raises(ValueError, match=r"^--stride=\(300, 300\) is larger than --crop_size="):
+    # Both from the flags: the message blames neither on the config.
+    with pytest.raises(ValueError, match=r"^--stride=\(300, 300\) is larger .* predicted$"):
         predict.inference_options(config, crop_size=256, stride=300)
     # Both from the config: the message says so, and that the flags override it.
     bad = {**config, "stride": 600}
-    with pytest.raises(ValueError, match=r"crop_size, stride from the eval section .*config\.json"):
+    # Only the values the message names (crop and stride, not the mode) are blamed on it.
+    with pytest.raises(ValueError, match=r"\(crop_size, stride from the eval section .*\.json"):
         predict.inference_options(bad)
     with pytest.raises(ValueError, match=r"--crop_size is required with mode='slide'"):
         predict.inference_options({}, mode="slide")
 
 
-def test_predict_slide_with_a_smaller_crop_than_the_workdir_config(saved_model, tmp_path):
+def test_a_window_flag_in_whole_mode_is_ignored_with_a_warning(caplog):
+    # --crop_size=512 alone reads as a request for sliding windows: whole-image inference runs
+    # instead, and the log names the flag, where the mode came from and the flag that slides.
+    with caplog.at_level(std_logging.WARNING):
+        options = predict.inference_options({"mode": "whole"}, crop_size=512)
+    assert options["mode"] == "whole" and options["crop_size"] is None
+    assert "--crop_size ignored: mode 'whole' of the eval section of config.json" in caplog.text
+    assert "(give --mode=slide)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(std_logging.WARNING):  # sliding: nothing to say
+        predict.inference_options({"mode": "slide", "crop_size": 512}, stride=100)
+    assert caplog.text == ""
+
+
+def test_predict_follows_the_workdir_config_with_a_smaller_crop(saved_model, tmp_path):
+    # No --mode, --pad_multiple nor --dataset: the run's eval section and dataset decide (a
+    # Cityscapes workdir slides, pads as it was evaluated and writes label ids).
     _, _, model_dir = saved_model
     workdir = tmp_path / "workdir"
     shutil.copytree(model_dir, workdir)
-    eval_config = {"mode": "slide", "crop_size": [512, 512], "stride": [341, 341]}
-    (workdir / "config.json").write_text(json.dumps({"eval": eval_config}))
+    eval_config = {
+        "mode": "slide",
+        "crop_size": [512, 512],
+        "stride": [341, 341],
+        "pad_multiple": 32,
+    }
+    config = {"eval": eval_config, "data": {"name": "pan_synthetic"}}  # 21 classes, not VOC's
+    (workdir / "config.json").write_text(json.dumps(config))
     Image.fromarray(smooth_rgb(40, 60)).save(tmp_path / "rgb.png")
     out = tmp_path / "out"
     result = run_predict(
         f"--model_dir={workdir}",
         f"--input={tmp_path / 'rgb.png'}",
         f"--output={out}",
-        "--mode=slide",
         "--crop_size=256",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "'stride': (171, 171)" in result.stderr  # the options, logged
-    assert Image.open(out / "rgb.png").size == (60, 40)
+    # The options, logged: the config's mode and padding, the stride of the flag's crop.
+    for option in ("'mode': 'slide'", "'stride': (171, 171)", "'pad_multiple': 32"):
+        assert option in result.stderr, option
+    mask = Image.open(out / "rgb.png")
+    assert mask.size == (60, 40) and mask.mode == "L"  # indices, not a VOC palette PNG
