@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
-from PIL import ExifTags, Image, ImageFile
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from pan_jax import checkpointing, inference, logs
 
@@ -191,6 +191,10 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             # Grayscale, CMYK, YCbCr, alpha modes: PIL's conversion; alpha is dropped (the
             # stored colors are kept as they are under transparent pixels).
             rgb = np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError:  # PIL's own message shows its file object's repr
+        raise ImageReadError(
+            f"{os.fspath(path)}: not an image (its bytes are in no format PIL reads)"
+        ) from None
     except Exception as e:  # PIL's decoders fail on malformed files in many ways
         raise ImageReadError(f"{os.fspath(path)}: cannot read it as an image ({e})") from e
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8 or min(rgb.shape[:2]) < 1:

@@ -86,8 +86,9 @@ def test_load_image_handles_odd_formats(inputs, name):
 
 def test_load_image_names_a_bad_file(inputs, tmp_path):
     root, _ = inputs
-    with pytest.raises(predict.ImageReadError, match=r"notes\.jpg"):
+    with pytest.raises(predict.ImageReadError, match=r"notes\.jpg: not an image") as error:
         predict.load_image(root / "notes.jpg")
+    assert "BufferedReader" not in str(error.value)
     png = io.BytesIO()
     Image.fromarray(smooth_rgb(64, 64)).save(png, format="PNG")
     (tmp_path / "truncated.png").write_bytes(png.getvalue()[:200])
