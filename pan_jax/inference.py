@@ -505,10 +505,13 @@ def predict_image(model: Any, variables: Any, image: np.ndarray, **options: Any)
 
 
 def load_model(
-    directory: str | os.PathLike, step: int | None = None
+    directory: str | os.PathLike, step: int | None = None, *, dtype: Any = jnp.float32
 ) -> tuple[Any, Any, dict, int | None]:
     """(model, variables, spec, step) from a model directory (`model.json`, as written by
-    `checkpointing.save_variables`) or a training workdir (its latest or `step` checkpoint)."""
+    `checkpointing.save_variables`) or a training workdir (its latest or `step` checkpoint).
+
+    The model computes in `dtype` (bfloat16: faster on GPUs and TPUs), whatever dtype it was
+    trained in; its parameters stay float32."""
     variables, spec, step = checkpointing.load_any(directory, step)
     if spec.get("untrained"):  # set by pan_jax.convert: e.g. an ImageNet backbone's decoder
         parts = spec["untrained"]
@@ -521,4 +524,4 @@ def load_model(
             "was" if len(parts) == 1 else "were",
             directory,
         )
-    return checkpointing.model_from_spec(spec), variables, spec, step
+    return checkpointing.model_from_spec(spec, dtype=jnp.dtype(dtype)), variables, spec, step

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from cityscapesscripts.helpers import labels as cs_labels
@@ -323,6 +324,26 @@ def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, saved_model, tm
     image = predict.load_image(root / "rgb.jpg")
     classes = predict.segment(model, variables, image, flip=True, pad_multiple=predict.PAD_MULTIPLE)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "rgb.png")), classes)
+
+
+def test_predict_computes_in_the_dtype_asked_for(inputs, saved_model, tmp_path):
+    root, _ = inputs
+    _, variables, model_dir = saved_model
+    out = tmp_path / "out"
+    result = run_predict(
+        f"--model_dir={model_dir}",
+        f"--input={root / 'rgb.jpg'}",
+        f"--output={out}",
+        "--dtype=bfloat16",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "in bfloat16" in result.stderr
+    model, _, _, _ = inference.load_model(model_dir, dtype="bfloat16")
+    assert model.dtype == jnp.bfloat16
+    image = predict.load_image(root / "rgb.jpg")
+    classes = predict.segment(model, variables, image, pad_multiple=predict.PAD_MULTIPLE)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "rgb.png")), classes)
+    assert inference.load_model(model_dir)[0].dtype == jnp.float32  # the default
 
 
 def test_predict_files_makes_the_output_folders_it_needs(saved_model, tmp_path):
