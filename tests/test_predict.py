@@ -10,7 +10,9 @@ import struct
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from cityscapesscripts.helpers import labels as cs_labels
@@ -344,6 +346,25 @@ def test_predict_computes_in_the_dtype_asked_for(inputs, saved_model, tmp_path):
     classes = predict.segment(model, variables, image, pad_multiple=predict.PAD_MULTIPLE)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "rgb.png")), classes)
     assert inference.load_model(model_dir)[0].dtype == jnp.float32  # the default
+
+
+def test_a_workdirs_step_chooses_its_checkpoint_and_the_latest_is_the_default(
+    saved_model, tmp_path
+):
+    model, variables, _ = saved_model
+    spec = {"name": "fcn", "backbone": "resnet18", "num_classes": NUM_CLASSES, "overrides": {}}
+    config = ml_collections.ConfigDict({"keep_checkpoints": 3, "checkpoint_every_steps": 1})
+    manager = checkpointing.create_manager(tmp_path / "run", config)
+    for step in (10, 20):  # the parameters of step n, each n times the first's
+        scaled = jax.tree.map(lambda leaf, n=step: leaf * (n / 10), variables)
+        checkpointing.save(manager, step, scaled, spec, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    kernel = variables["params"]["head"]["kernel"]
+    for step, want in ((10, 1.0), (20, 2.0), (None, 2.0)):
+        loaded, restored, _, at = inference.load_model(tmp_path / "run", step)
+        assert at == (step or 20) and loaded.num_classes == model.num_classes
+        np.testing.assert_allclose(restored["params"]["head"]["kernel"], kernel * want)
 
 
 def test_predict_files_makes_the_output_folders_it_needs(saved_model, tmp_path):
