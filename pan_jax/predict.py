@@ -290,7 +290,11 @@ def list_inputs(pattern: str, exclude_dir: str | None = None) -> list[tuple[str,
     if os.path.isdir(pattern):
         extensions = _image_extensions()
         paths = []
-        for root, dirs, files in os.walk(pattern):
+
+        def unreadable(error: OSError) -> None:  # os.walk would skip the folder in silence
+            logging.warning("%s: skipped, cannot list it (%s)", error.filename, error.strerror)
+
+        for root, dirs, files in os.walk(pattern, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:

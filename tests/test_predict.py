@@ -175,6 +175,23 @@ def test_a_directory_takes_camera_files_and_skips_hidden_files_postscript_and_vi
     assert names == ["3d", "IMG_0001", "photo"]
 
 
+def test_a_folder_that_cannot_be_listed_is_named_in_a_warning(tmp_path, monkeypatch, caplog):
+    Image.fromarray(smooth_rgb(20, 20)).save(tmp_path / "a.png")
+    (tmp_path / "locked").mkdir()
+    listdir = os.scandir
+
+    def scandir(path):  # chmod 000 does not stop root, who runs CI
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return listdir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(std_logging.WARNING):
+        found = predict.list_inputs(str(tmp_path))
+    assert [name for _, name in found] == ["a"]  # the stem its mask is named after
+    assert f"{tmp_path / 'locked'}: skipped, cannot list it (Permission denied)" in caplog.text
+
+
 def test_a_directory_keeps_the_folder_of_its_only_image(tmp_path):
     # Outputs keep the path below --input, even when a single subfolder holds every image
     # (Cityscapes' val/<city>/ for one city).
