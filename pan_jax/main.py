@@ -73,6 +73,11 @@ def main(argv):
     # `~` expanded here: the shell leaves it in --workdir=~/runs/voc (a word, not an assignment)
     workdir = os.path.expanduser(FLAGS.workdir or checkpointing.default_workdir(config_argument))
     try:  # before anything is written into the workdir
+        if FLAGS.step is not None and FLAGS.mode != "eval":  # not a step to resume from
+            raise ValueError(
+                f"--step={FLAGS.step} is for --mode=eval: training resumes from the workdir's "
+                "latest checkpoint"
+            )
         if os.path.isfile(workdir):
             raise ValueError(f"--workdir={workdir} is a file: expected a directory")
         if FLAGS.mode == "eval":

@@ -5,9 +5,11 @@ import json
 import logging
 import re
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from pan_jax import checkpointing, evaluate, inference, metrics, models
@@ -178,9 +180,57 @@ def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys, ca
     assert "the paper: mIoU 78.37 %" in capsys.readouterr().out
     assert "The paper reports mIoU 78.37" in (workdir / evaluate.REPORT_MD).read_text()
 
-    config.data.num_classes = 21
-    with pytest.raises(ValueError, match="num_classes"):
+    config.data.num_classes = 21  # a mismatch main reports in one line, before the data
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r"predicts 13 classes, but config\.data\.num_classes=21 \(pan_synthetic/tiny\)",
+    ):
         evaluate.evaluate(config, workdir)
+
+
+def test_evaluate_scores_the_checkpoint_of_the_step_asked_with_the_configs_options(
+    tmp_path, monkeypatch
+):
+    """`--mode=eval --step=N` scores checkpoint N (not the latest), with config.eval's views
+    (the paper's flip), and its report names that step."""
+    from pan_jax import data, train
+
+    model = models.create("fcn", num_classes=13, backbone="resnet18")
+    spec = {"name": "fcn", "backbone": "resnet18", "num_classes": 13, "overrides": {}}
+    workdir = tmp_path / "run"
+    saving = ml_collections.ConfigDict({"keep_checkpoints": 3, "checkpoint_every_steps": 1})
+    manager = checkpointing.create_manager(workdir, saving)
+    saved = {}
+    for step in (1, 2):  # two checkpoints of different parameters
+        saved[step] = random_variables(model, seed=step)
+        state = train.state_from_variables(saved[step], optax.sgd(0.1))
+        checkpointing.save(manager, step, state.replace(step=step), spec, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    scored = []
+    real_evaluate_dataset = evaluate.evaluate_dataset
+
+    def evaluate_dataset(model, variables, dataset, **kwargs):
+        scored.append((variables, kwargs))
+        return real_evaluate_dataset(model, variables, dataset, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_dataset", evaluate_dataset)
+    config = ml_collections.ConfigDict()
+    config.data = data.default_data_config("pan_synthetic/tiny")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.eval_split = "val[:2]"
+    config.eval = ml_collections.ConfigDict({"flip": True})
+
+    for step, expected_step in ((1, 1), (None, 2)):
+        report = evaluate.evaluate(config, workdir, step=step)
+        variables, kwargs = scored.pop()
+        for got, want in zip(
+            jax.tree.leaves(variables), jax.tree.leaves(saved[expected_step]), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)
+        assert kwargs["flip"] is True and report["flip"] is True
+        assert report["step"] == expected_step
+        assert f"(step {expected_step})" in (workdir / evaluate.REPORT_MD).read_text()
 
 
 MULTIHOST_WORKER = """

@@ -284,3 +284,156 @@ def test_help_says_how_to_set_config_fields():
     result = run_main("--help")  # absl's --help exits 1
     assert "Any field of the config can be set on the command line" in result.stdout
     assert "--config.batch_size=8" in result.stdout and "--mode: <train|eval>" in result.stdout
+
+
+def test_eval_of_a_step_or_a_model_the_workdir_lacks_is_one_line_and_deletes_nothing(tmp_path):
+    """--mode=eval on a run's workdir: a --step it has no checkpoint of, or the config of another
+    model, exits 1 naming the workdir and what differs; the checkpoints stay."""
+    import optax
+
+    from configs import demo
+    from pan_jax import checkpointing, models, train
+
+    config = demo.get_config()
+    spec = train.model_spec(config)
+    workdir = tmp_path / "run"
+    manager = checkpointing.create_manager(workdir, config)
+    variables = models.random_variables(train.create_model(config, spec))
+    state = train.state_from_variables(variables, optax.sgd(0.1))
+    checkpointing.save(manager, 1, state.replace(step=1), spec, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    demo_config = f"--config={REPO / 'configs' / 'demo.py'}"
+
+    result = run_main(demo_config, f"--workdir={workdir}", "--mode=eval", "--step=7")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {workdir / 'checkpoints'} has no step 7; it has [1]"
+    )
+    other = "--config.model.backbone=resnet34"
+    result = run_main(demo_config, f"--workdir={workdir}", "--mode=eval", other)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"error: checkpoint 1 in {workdir} was written for another model:" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].strip() == (
+        "backbone: checkpoint 'resnet18', config 'resnet34'"
+    )
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
+
+
+def test_an_argument_that_is_no_flag_is_refused(tmp_path):
+    # `--mode eval` or a stray word: absl leaves it unparsed, and the run must not train.
+    config = f"--config={REPO / 'configs' / 'demo.py'}"
+    result = run_main(config, f"--workdir={tmp_path / 'run'}", "eval")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "unexpected arguments: ['eval']" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+CAUGHT_ERRORS_SCRIPT = """
+import sys
+
+from pan_jax import checkpointing, config_errors, main, sharding, train
+from pan_jax.convert.core import ConversionError
+from pan_jax.convert.download import DownloadError
+from pan_jax.data.pipeline import CorruptRecordError
+from pan_jax.data.voc_aug import VocAugError
+
+main._parse_flags(["main", *sys.argv[1:]])
+errors = [
+    config_errors.ConfigError, DownloadError, ConversionError,
+    checkpointing.CheckpointMismatchError, checkpointing.CheckpointDamagedError,
+    checkpointing.WorkdirInUseError, CorruptRecordError, VocAugError,
+    train.NonFiniteLossError, sharding.OtherProcessError,
+]
+for error in errors:
+    def train_and_evaluate(config, workdir, error=error):
+        raise error(f"the {error.__name__}")
+    train.train_and_evaluate = train_and_evaluate
+    try:
+        main.main(["main"])
+    except SystemExit as exit:
+        print(exit.code)
+"""
+
+
+def test_a_run_that_fails_as_expected_ends_in_one_error_line(tmp_path):
+    """What a run can meet (a bad value, weights out of reach, a damaged checkpoint or record, a
+    workdir in use, a diverged loss, another process's failure) ends in `error: <what>` and
+    exit status 1, not a traceback; launchers and users read that last line."""
+    script = tmp_path / "run_main.py"
+    script.write_text(CAUGHT_ERRORS_SCRIPT)
+    config, workdir = f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path / 'run'}"
+    result = subprocess.run(
+        [sys.executable, str(script), config, workdir],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        f"error: the {name}"
+        for name in (
+            "ConfigError",
+            "DownloadError",
+            "ConversionError",
+            "CheckpointMismatchError",
+            "CheckpointDamagedError",
+            "WorkdirInUseError",
+            "CorruptRecordError",
+            "VocAugError",
+            "NonFiniteLossError",
+            "OtherProcessError",
+        )
+    ]
+
+
+DISPATCH_SCRIPT = """
+import sys
+
+from pan_jax import evaluate, main, train
+
+main._parse_flags(["main", *sys.argv[1:]])
+train.train_and_evaluate = lambda config, workdir: print("train", workdir)
+evaluate.evaluate = lambda config, workdir, step=None: print("eval", workdir, step)
+for mode, step in (("train", None), ("eval", 3), ("eval", None)):
+    main.FLAGS.mode, main.FLAGS.step = mode, step
+    main.main(["main"])
+"""
+
+
+def test_each_mode_runs_its_job_on_the_workdir_and_step_given(tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "3").mkdir(parents=True)  # a finished step, as main checks
+    (workdir / "checkpoints" / "5").mkdir()
+    script = tmp_path / "run_main.py"
+    script.write_text(DISPATCH_SCRIPT)
+    config = f"--config={REPO / 'configs' / 'demo.py'}"
+    result = subprocess.run(
+        [sys.executable, str(script), config, f"--workdir={workdir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        f"train {workdir}",
+        f"eval {workdir} 3",  # --step: that checkpoint, not the latest
+        f"eval {workdir} None",
+    ]
+
+
+def test_a_step_given_to_a_training_run_is_refused(tmp_path):
+    # --step picks the checkpoint --mode=eval scores; a training run always resumes from the
+    # latest one, so a --step there would be ignored while the user thinks it resumes there.
+    config = f"--config={REPO / 'configs' / 'demo.py'}"
+    result = run_main(config, f"--workdir={tmp_path / 'run'}", "--step=5")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --step=5 is for --mode=eval: training resumes from the workdir's latest checkpoint"
+    )
+    assert not (tmp_path / "run").exists()
