@@ -35,6 +35,12 @@ from pan_jax.config_errors import ConfigError
 
 REPORT_JSON = "eval_report.json"
 REPORT_MD = "eval_report.md"
+
+
+class ReportWriteError(OSError):
+    """The reports of an evaluation whose figures were printed could not be written."""
+
+
 # Device results waiting to be added to the host matrix: enough to keep the devices busy while
 # the host prepares the next batch, few enough to bound device memory.
 _MAX_PENDING = 4
@@ -452,6 +458,12 @@ def evaluate(config: Any, workdir: str | os.PathLike, *, step: int | None = None
     logging.info(message)
     if jax.process_index() == 0:
         print(message, flush=True)
-        json_path, md_path = write_report(workdir, report, names)
+        try:  # a run read where this user cannot write (main lets --mode=eval read it)
+            json_path, md_path = write_report(workdir, report, names)
+        except OSError as error:
+            raise ReportWriteError(
+                f"cannot write {REPORT_JSON} and {REPORT_MD} into {workdir} "
+                f"({error.strerror or error}); the figures are in the line above"
+            ) from error
         logging.info("Wrote %s and %s", json_path, md_path)
     return report_to_json(report, names)

@@ -115,6 +115,7 @@ def main(argv):
         VocAugError,
         train.NonFiniteLossError,
         sharding.OtherProcessError,
+        evaluate.ReportWriteError,
     ) as error:  # orbax's abandoned reads of a failed restore are quieted by checkpointing
         sys.exit(f"error: {error}")
     if cache_dir:

@@ -134,7 +134,7 @@ def test_class_names():
     )
 
 
-def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys, caplog):
+def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys, caplog, monkeypatch):
     """`evaluate(config, workdir)` on the embedded synthetic dataset (tiny config, 12 images),
     which it builds first, as training does (it used to fail: "not prepared")."""
     from pan_jax import data
@@ -179,6 +179,18 @@ def test_evaluate_entry_writes_reports(tmp_path, model_and_variables, capsys, ca
     assert report["paper_miou"] == pytest.approx(0.7837)
     assert "the paper: mIoU 78.37 %" in capsys.readouterr().out
     assert "The paper reports mIoU 78.37" in (workdir / evaluate.REPORT_MD).read_text()
+
+    def refused(*args):
+        raise PermissionError(13, "Permission denied", str(workdir / evaluate.REPORT_JSON))
+
+    monkeypatch.setattr(evaluate, "write_report", refused)
+    with pytest.raises(  # another user's run: scored and printed, then one line main reports
+        evaluate.ReportWriteError,
+        match=rf"cannot write eval_report\.json and eval_report\.md into {workdir} "
+        r"\(Permission denied\); the figures are in the line above",
+    ):
+        evaluate.evaluate(config, workdir)
+    assert "mIoU" in capsys.readouterr().out
 
     config.data.num_classes = 21  # a mismatch main reports in one line, before the data
     with pytest.raises(

@@ -333,7 +333,7 @@ def test_an_argument_that_is_no_flag_is_refused(tmp_path):
 CAUGHT_ERRORS_SCRIPT = """
 import sys
 
-from pan_jax import checkpointing, config_errors, main, sharding, train
+from pan_jax import checkpointing, config_errors, evaluate, main, sharding, train
 from pan_jax.convert.core import ConversionError
 from pan_jax.convert.download import DownloadError
 from pan_jax.data.pipeline import CorruptRecordError
@@ -344,7 +344,7 @@ errors = [
     config_errors.ConfigError, DownloadError, ConversionError,
     checkpointing.CheckpointMismatchError, checkpointing.CheckpointDamagedError,
     checkpointing.WorkdirInUseError, CorruptRecordError, VocAugError,
-    train.NonFiniteLossError, sharding.OtherProcessError,
+    train.NonFiniteLossError, sharding.OtherProcessError, evaluate.ReportWriteError,
 ]
 for error in errors:
     def train_and_evaluate(config, workdir, error=error):
@@ -386,6 +386,7 @@ def test_a_run_that_fails_as_expected_ends_in_one_error_line(tmp_path):
             "VocAugError",
             "NonFiniteLossError",
             "OtherProcessError",
+            "ReportWriteError",
         )
     ]
 
