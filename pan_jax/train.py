@@ -743,11 +743,13 @@ def _train_and_evaluate(
                 last_timed = (done_step, now)
 
     def run_eval(step: int) -> None:
+        images = pipeline.num_examples(config.data, config.data.eval_split)
         report = evaluate.evaluate_dataset(
             model,
             state.variables,
             pipeline.eval_dataset(config.data),
             num_classes=config.data.num_classes,
+            num_images_hint=len(range(jax.process_index(), images, jax.process_count())),
             **eval_options,
         )
         scalars = {"eval/miou": report["miou"], "eval/pixel_accuracy": report["pixel_accuracy"]}

@@ -2,6 +2,7 @@
 it logs and at which step, when a resumed run owes one, and the metric writer's files."""
 
 import json
+import logging
 import types
 
 import jax
@@ -37,7 +38,7 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def test_periodic_eval_scores_its_steps_state_and_logs_its_own_figures(
-    tmp_path, data_dir, monkeypatch
+    tmp_path, data_dir, monkeypatch, caplog
 ):
     """Each eval scores the parameters of the step it is logged at (the checkpoint of that step,
     the state the run returns at the end), its mIoU and pixel accuracy are logged under their own
@@ -64,7 +65,9 @@ def test_periodic_eval_scores_its_steps_state_and_logs_its_own_figures(
         data_dir, num_train_steps=2, eval_every_steps=1, checkpoint_every_steps=1
     )
     config.data.eval_split = "val[:2]"  # two images: what is scored matters here, not how
-    state = train.train_and_evaluate(config, str(workdir))
+    with caplog.at_level(logging.INFO):
+        state = train.train_and_evaluate(config, str(workdir))
+    assert caplog.text.count("eval done: 2/2 images") == 2  # out of how many: its progress
 
     records, _ = summary.read_records(epath.Path(workdir) / "metrics.jsonl")
     evals = [r for r in records if "eval/miou" in r]
