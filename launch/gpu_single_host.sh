@@ -20,7 +20,8 @@ gs://...). Settings are environment variables: CONFIG [configs/voc.py], WORKDIR
 [runs/<config name>, or runs/<name>_<ROW> for file.py:ROW], TFDS_DATA_DIR
 [~/tensorflow_datasets], PYTHON [python3 of an activated venv or conda environment, else
 .venv/bin/python (the README's install) if there, else python3],
-NUM_WORKERS [grain decoding processes per training process], PORT [12355].
+NUM_WORKERS [grain decoding processes per training process], PORT [12355]. The script runs
+from the repository's root: relative paths (CONFIG, WORKDIR, TFDS_DATA_DIR) are read from there.
 EOF
 }
 
@@ -65,9 +66,11 @@ main=("$PYTHON" -m pan_jax.main --config="$CONFIG" --workdir="$WORKDIR"
 
 pids=()
 stop_requested=0
+signals=0  # how many the trap has forwarded
 # shellcheck disable=SC2317,SC2329  # called by the trap
 forward() { # Ctrl-C or SIGTERM: every process gets SIGTERM, saves at the same step and exits
   stop_requested=1
+  signals=$((signals + 1))
   if ((${#pids[@]})); then
     kill -TERM "${pids[@]}" 2>/dev/null || true
   fi
@@ -88,7 +91,8 @@ for ((i = 0; i < PROCESSES; i++)); do
   fi
   log="${log_prefix}.process_${i}.log"
   if ((DRY_RUN)); then
-    echo "${env_vars[*]}${env_vars[*]:+ }${main[*]} >> ${log} 2>&1 &"
+    # Quoted as the shell needs: a line to paste, even with a flag holding spaces.
+    echo "$(printf '%q ' "${env_vars[@]}" "${main[@]}")>> $(printf '%q' "$log") 2>&1 &"
     continue
   fi
   # Its own session: Ctrl-C reaches only this script, which turns it into SIGTERM (a SIGINT
@@ -108,9 +112,11 @@ status=0
 for pid in "${pids[@]}"; do
   while true; do
     code=0
+    before=$signals
     wait "$pid" || code=$?
-    # A trapped signal interrupts `wait` (code > 128) while the process is still saving.
-    if ((code > 128)) && kill -0 "$pid" 2>/dev/null; then
+    # A trapped signal interrupts `wait` (code > 128, not the process's status): wait again,
+    # for a process still saving, or for the status of one that has exited meanwhile.
+    if ((code > 128 && signals != before)); then
       continue
     fi
     break

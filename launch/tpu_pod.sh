@@ -154,10 +154,15 @@ cmd_setup() {
   run git -C "$REPO_ROOT" archive --format=tar.gz --output="$TARBALL" HEAD
   run gcloud compute tpus tpu-vm scp "$TARBALL" "${NAME}:pan_jax_src.tar.gz" "${flags[@]}" \
     --worker=all
+  # One step a line: under set -e, a command that fails before && does not stop the script.
   on_workers all "set -e
-sudo apt-get update -qq && sudo apt-get install -y -qq ${PYTHON} ${PYTHON}-venv
-rm -rf ~/${REMOTE_SRC} && mkdir -p ~/${REMOTE_SRC} && tar -xzf ~/pan_jax_src.tar.gz -C ~/${REMOTE_SRC}
-${PYTHON} -m venv ~/${REMOTE_VENV} && ~/${REMOTE_VENV}/bin/pip install -q -U pip
+sudo apt-get update -qq
+sudo apt-get install -y -qq ${PYTHON} ${PYTHON}-venv
+rm -rf ~/${REMOTE_SRC}
+mkdir -p ~/${REMOTE_SRC}
+tar -xzf ~/pan_jax_src.tar.gz -C ~/${REMOTE_SRC}
+${PYTHON} -m venv ~/${REMOTE_VENV}
+~/${REMOTE_VENV}/bin/pip install -q -U pip
 ~/${REMOTE_VENV}/bin/pip install -q '${JAX_SPEC}' -e ~/${REMOTE_SRC}
 ~/${REMOTE_VENV}/bin/python -c 'import jax; print(jax.process_index(), jax.devices())'"
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,13 +27,15 @@ TPU_ENV = {
     "POLL_SECONDS": "0",
 }
 
-# Records its arguments (fields separated by \x1f, calls by \x1e) and answers `describe`: no
-# such queued resource before a `create` is recorded (or STUB_STATE says it exists), then ACTIVE.
+# Records its arguments (fields separated by \x1f, calls by \x1e), and its environment into
+# STUB_ENV if set, and answers `describe`: no such queued resource before a `create` is recorded
+# (or STUB_STATE says it exists), then STUB_CREATED_STATE [ACTIVE].
 STUB = """#!/usr/bin/env bash
 { for arg in "$@"; do printf '%s\\x1f' "$arg"; done; printf '\\x1e'; } >> "$STUB_CALLS"
+if [[ -n "${STUB_ENV:-}" ]]; then env -0 > "$STUB_ENV"; fi
 case " $* " in *" describe "*)
   grep -q create "$STUB_CALLS" || [[ -n "${STUB_STATE:-}" ]] || exit 1
-  echo "${STUB_STATE:-ACTIVE}" ;;
+  echo "${STUB_STATE:-${STUB_CREATED_STATE:-ACTIVE}}" ;;
 esac
 { printf '%s\\n' "${STUB_OUTPUT:-}"; } | sed '/^$/d'
 if [[ -n "${STUB_FAIL_ON:-}" && "$*" == *"$STUB_FAIL_ON"* ]]; then exit "${STUB_EXIT:-1}"; fi
@@ -55,10 +59,11 @@ def recorded_calls(tmp_path: Path) -> list[list[str]]:
     return [call.split("\x1f")[:-1] for call in calls.read_text().split("\x1e")[:-1]]
 
 
-def bash(script: str, *args: str, env: dict[str, str], check: bool = True):
+def bash(script: str, *args: str, env: dict[str, str | None], check: bool = True):
+    """Runs a launch script with `env` added to this environment (None: a variable unset)."""
     result = subprocess.run(
         ["bash", str(LAUNCH / script), *args],
-        env={**os.environ, **env},
+        env={k: v for k, v in {**os.environ, **env}.items() if v is not None},
         capture_output=True,
         text=True,
         timeout=60,
@@ -133,7 +138,7 @@ def test_tpu_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path):
 
     delete = commands[-1]
     assert delete[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "node-qr"]
-    assert "--force" in delete
+    assert {"--force", "--quiet"} <= set(delete)  # `all` deletes unattended: no prompt
     order = [
         "gcloud compute tpus queued-resources create",
         "git -C " + str(REPO) + " archive",
@@ -259,6 +264,11 @@ def test_tpu_maintenance_event_provisioning_and_errors(tmp_path):
     )
     (reserved,) = [c for c in printed if c[4] == "create"]
     assert "--reserved" in reserved and "--spot" not in reserved
+    printed = printed_commands(
+        bash("tpu_pod.sh", "--dry-run", "create", env={**env, "PROVISIONING": "on-demand"}).stdout
+    )
+    (on_demand,) = [c for c in printed if c[4] == "create"]
+    assert "--reserved" not in on_demand and "--spot" not in on_demand
     bad = bash("tpu_pod.sh", "create", env={**env, "PROVISIONING": "cheap"}, check=False)
     assert bad.returncode == 2 and "PROVISIONING=cheap" in bad.stderr
     unknown = bash("tpu_pod.sh", "launch", env=env, check=False)
@@ -269,7 +279,184 @@ def test_tpu_maintenance_event_provisioning_and_errors(tmp_path):
     assert "queued-resources create" in late.stdout
     stray = bash("tpu_pod.sh", "train", "--config.seed=3", env=env, check=False)
     assert stray.returncode == 2 and "MAIN_FLAGS go after --" in stray.stderr
+    flags = bash("tpu_pod.sh", "create", "--", "--config.seed=3", env=env, check=False)
+    assert flags.returncode == 2 and "create takes no MAIN_FLAGS" in flags.stderr
     assert recorded_calls(tmp_path) == []
+
+
+def test_tpu_defaults_are_the_ones_its_help_names(tmp_path):
+    settings = ("PROJECT", "ZONE", "NAME", "QR_ID", "ACCELERATOR", "RUNTIME", "PROVISIONING")
+    settings += ("BUCKET", "TFDS_DATA_DIR", "CONFIG", "WORKDIR", "NUM_WORKERS", "JAX_SPEC")
+    env = {**stub_path(tmp_path, "gcloud", "git"), **dict.fromkeys(settings)}
+    usage = bash("tpu_pod.sh", "--help", env=env).stdout
+    for default in (
+        "ZONE [us-central2-b]",
+        "NAME [pan-jax]",
+        "ACCELERATOR [v4-32]",
+        "RUNTIME [tpu-ubuntu2204-base]",
+        "PROVISIONING [spot",
+        "BUCKET [gs://my-bucket]",
+        "NUM_WORKERS [8",
+    ):
+        assert default in usage, default
+    commands = printed_commands(bash("tpu_pod.sh", "--dry-run", "all", env=env).stdout)
+    (create,) = [
+        c for c in commands if c[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+    ]
+    assert create[5] == "pan-jax-qr" and "--node-id=pan-jax" in create and "--spot" in create
+    assert option(create, "--zone") == "us-central2-b"
+    assert not any(a.startswith("--project") for a in create)  # gcloud's default project
+    assert option(create, "--accelerator-type") == "v4-32"
+    assert option(create, "--runtime-version") == "tpu-ubuntu2204-base"
+    # Every worker gets the source, and installs the jax that pan_jax requires, for TPUs.
+    (scp,) = [c for c in commands if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]]
+    assert option(scp, "--worker") == "all"
+    requirements = (REPO / "requirements.txt").read_text().splitlines()
+    (pin,) = [line for line in requirements if line.startswith("jax>=")]
+    setup, _, train, *_ = [option(c, "--command") for c in commands if "ssh" in c[:5]]
+    assert f"'{pin.replace('jax', 'jax[tpu]', 1)}'" in setup
+    assert "--workdir=gs://my-bucket/runs/voc " in train
+    assert "--config.data.num_workers=8 " in train
+
+
+def test_tpu_refuses_a_failed_slice_and_deletes_one_it_created_that_failed(tmp_path):
+    env = {**TPU_ENV, **stub_path(tmp_path, "gcloud"), "TMPDIR": str(tmp_path)}
+    existing = bash("tpu_pod.sh", "create", env={**env, "STUB_STATE": "FAILED"}, check=False)
+    assert existing.returncode == 2 and "exists and is FAILED" in existing.stderr
+    assert "create" not in [call[3] for call in recorded_calls(tmp_path)]
+    # Requested here, then FAILED while provisioning: `all` stops, and removes it.
+    (tmp_path / "calls").unlink()
+    failed = bash("tpu_pod.sh", "all", env={**env, "STUB_CREATED_STATE": "FAILED"}, check=False)
+    assert failed.returncode == 2 and "qr is FAILED" in failed.stderr
+    calls = [" ".join(call[:4]) for call in recorded_calls(tmp_path)]
+    assert calls[-1] == "compute tpus queued-resources delete", calls
+    assert "compute tpus tpu-vm ssh" not in calls  # nothing ran on it
+
+
+def tpu_remote_commands(tmp_path: Path, command: str, *flags: str) -> list[str]:
+    """The shell scripts `tpu_pod.sh --dry-run COMMAND -- FLAGS` runs on the workers (ssh)."""
+    env = {**TPU_ENV, **stub_path(tmp_path, "gcloud", "git")}
+    out = bash("tpu_pod.sh", "--dry-run", command, *(("--", *flags) if flags else ()), env=env)
+    return [option(c, "--command") for c in printed_commands(out.stdout) if "ssh" in c]
+
+
+def on_a_worker(
+    tmp_path: Path, script: str, pgrep_pid: str = "", **env: str
+) -> subprocess.CompletedProcess:
+    """Runs a remote script here, in a home of its own (tmp_path/home), with tmp_path/worker_bin
+    first on PATH and a `pgrep` that finds pgrep_pid (or no process)."""
+    bin_dir = tmp_path / "worker_bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "pgrep").write_text(
+        '#!/usr/bin/env bash\n[[ -n "$PGREP_PID" ]] || exit 1\necho "$PGREP_PID"\n'
+    )
+    (bin_dir / "pgrep").chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PGREP_PID": pgrep_pid,
+        **env,
+    }
+    return subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=10
+    )
+
+
+def test_tpu_train_starts_a_detached_run_with_its_flags_intact_and_a_fresh_log(tmp_path):
+    flags = ['--config.data.name=it\'s a "b" $HOME', "--config.seed=1"]
+    _, train = tpu_remote_commands(tmp_path, "train", *flags)
+    home = tmp_path / "home"
+    # What the workers' python is started as: arguments, session, SIGHUP, environment.
+    python = home / "pan_jax_venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, signal, sys\n"
+        "print('training')\n"
+        "seen = {'argv': sys.argv[1:], 'cwd': os.getcwd(), 'leader': os.getsid(0) == os.getpid(),\n"
+        "        'hup': signal.getsignal(signal.SIGHUP) == signal.SIG_IGN,\n"
+        "        'distributed': os.environ.get('PAN_JAX_DISTRIBUTED')}\n"
+        "json.dump(seen, open(os.path.expanduser('~/seen.json.tmp'), 'w'))\n"
+        "os.rename(os.path.expanduser('~/seen.json.tmp'), os.path.expanduser('~/seen.json'))\n"
+    )
+    python.chmod(0o755)
+    (home / "pan_jax").mkdir()
+    (home / "pan_jax_train.log").write_text("the previous attempt's log\n")
+    assert on_a_worker(tmp_path, train).returncode == 0  # returns at once: the run is detached
+    deadline = time.time() + 20
+    while time.time() < deadline and not (home / "seen.json").exists():
+        time.sleep(0.05)
+    seen = json.loads((home / "seen.json").read_text())
+    assert seen["argv"][:2] == ["-m", "pan_jax.main"] and seen["argv"][-2:] == flags
+    assert seen["cwd"] == str(home / "pan_jax") and seen["distributed"] == "1"
+    # Neither the end of the ssh session (SIGHUP) nor its process group reaches the run.
+    assert seen["leader"] and seen["hup"]
+    # The log starts afresh: `all` deletes the slice once it says the run finished.
+    deadline = time.time() + 5
+    while time.time() < deadline and "training" not in (home / "pan_jax_train.log").read_text():
+        time.sleep(0.05)
+    assert (home / "pan_jax_train.log").read_text() == "training\n"
+
+
+def test_tpu_worker_checks_refuse_a_second_run_and_see_when_a_run_has_finished(tmp_path):
+    running, _ = tpu_remote_commands(tmp_path, "train")
+    refused = on_a_worker(tmp_path, running, pgrep_pid="123")
+    assert refused.returncode == 1 and "still running" in refused.stderr
+    assert on_a_worker(tmp_path, running).returncode == 0
+    (_, _, _, logs, finished) = tpu_remote_commands(tmp_path, "all")
+    log = tmp_path / "home" / "pan_jax_train.log"
+    log.write_text("I train.py] step 9\n")
+    assert on_a_worker(tmp_path, finished).returncode != 0  # stopped before its last step
+    log.write_text("I train.py] training finished at step 9\n")
+    assert on_a_worker(tmp_path, finished).returncode == 0
+    assert on_a_worker(tmp_path, finished, pgrep_pid="123").returncode != 0  # still running
+    # `logs` follows the log until the training process ends, then returns (`all` goes on).
+    training = subprocess.Popen(["sleep", "0.5"])
+    threading.Thread(target=training.wait).start()  # reaped when it ends: no zombie for tail
+    followed = on_a_worker(tmp_path, logs, pgrep_pid=str(training.pid))
+    assert followed.returncode == 0 and "training finished at step 9" in followed.stdout
+    assert "training finished" in on_a_worker(tmp_path, logs).stdout  # no process: the log
+    (status,) = tpu_remote_commands(tmp_path, "status")
+    assert on_a_worker(tmp_path, status, pgrep_pid="123").stdout.startswith("123\n")
+    assert on_a_worker(tmp_path, status).stdout.startswith("not running\n")
+
+
+def test_tpu_setup_installs_a_fresh_copy_of_the_checkout_and_stops_at_a_failed_step(tmp_path):
+    (setup,) = tpu_remote_commands(tmp_path, "setup")
+    home = tmp_path / "home"
+    (home / "pan_jax").mkdir(parents=True)
+    (home / "pan_jax" / "removed_since.py").write_text("")  # from an older checkout
+    source = tmp_path / "main.py"
+    source.write_text("")
+    with tarfile.open(home / "pan_jax_src.tar.gz", "w:gz") as tar:
+        tar.add(source, arcname="pan_jax/main.py")
+    # sudo (apt-get), python3.11 -m venv, and the venv's pip and python: each records its call.
+    bin_dir = tmp_path / "worker_bin"
+    bin_dir.mkdir(exist_ok=True)
+    record = '#!/usr/bin/env bash\necho "$(basename "$0") $*" >> "$HOME/calls"\n'
+    (bin_dir / "sudo").write_text(record + 'exit "${SUDO_EXIT:-0}"\n')
+    (bin_dir / "python3.11").write_text(
+        record + 'if [[ "$1 $2" == "-m venv" ]]; then mkdir -p "$3/bin"\n'
+        'for p in pip python; do cp "$0" "$3/bin/$p"; done; fi\n'
+    )
+    for stub in ("sudo", "python3.11"):
+        (bin_dir / stub).chmod(0o755)
+    assert on_a_worker(tmp_path, setup).returncode == 0
+    assert sorted(p.name for p in (home / "pan_jax" / "pan_jax").iterdir()) == ["main.py"]
+    assert not (home / "pan_jax" / "removed_since.py").exists()
+    calls = (home / "calls").read_text().splitlines()
+    assert calls[0] == "sudo apt-get update -qq" and calls[-1].startswith("python -c")
+    assert any(call.startswith("pip install -q jax[tpu]>=") for call in calls)
+    # A step that fails stops the setup there (a failed apt-get, here).
+    (home / "calls").unlink()
+    (home / "pan_jax" / "removed_since.py").write_text("")
+    failed = on_a_worker(tmp_path, setup, SUDO_EXIT="100")
+    assert failed.returncode == 100
+    assert (home / "calls").read_text().splitlines() == ["sudo apt-get update -qq"]
+    assert (home / "pan_jax" / "removed_since.py").exists()
 
 
 # ----------------------------------------------------------------------------- SLURM
@@ -338,6 +525,43 @@ def test_slurm_script_starts_one_process_per_gpu_and_requeues_after_preemption(
         assert [call[0] for call in recorded_calls(tmp_path)] == [srun[0]], f"requeued: {output}"
 
 
+def test_slurm_script_exports_its_settings_keeps_each_attempts_log_and_obeys_requeue(tmp_path):
+    # A requeued job appends to its output file rather than truncating the first attempt's.
+    assert sbatch_header()["open-mode"] == "append"
+    preempted = "0: W train.py] preempted: checkpoint at step 7 written, exiting"
+    unset = ("SLURM_RESTART_COUNT", "REQUEUE", "VENV", "TFDS_DATA_DIR", "PYTHONUNBUFFERED")
+    env = {
+        **stub_path(tmp_path, "srun", "scontrol"),
+        **dict.fromkeys((*unset, "XLA_PYTHON_CLIENT_MEM_FRACTION")),
+        "SLURM_JOB_ID": "42",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "HOME": str(tmp_path),
+        "STUB_OUTPUT": preempted,
+        "STUB_ENV": str(tmp_path / "srun_env"),
+    }
+    bash("gpu_slurm.sbatch", env=env)
+    srun, scontrol = recorded_calls(tmp_path)
+    assert scontrol == ["requeue", "42"]
+    # One task that fails ends the step: the others would wait for it in a collective until the
+    # time limit.
+    assert "--kill-on-bad-exit=1" in srun
+    assert srun[srun.index("-m") - 1] == f"{tmp_path}/.venv/bin/python"  # VENV's default
+    # srun hands the script's environment to every task.
+    exported = dict(v.split("=", 1) for v in (tmp_path / "srun_env").read_text().split("\0") if v)
+    assert exported["TFDS_DATA_DIR"] == f"{tmp_path}/tensorflow_datasets"
+    assert exported["PYTHONUNBUFFERED"] == "1"
+    assert exported["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
+    # The requeued attempt logs into a file of its own: the first attempt's log stays.
+    finished = "0: I train.py] training finished at step 30000"
+    bash("gpu_slurm.sbatch", env={**env, "SLURM_RESTART_COUNT": "1", "STUB_OUTPUT": finished})
+    assert (tmp_path / "pan_jax-42.0.log").read_text().strip() == preempted
+    assert (tmp_path / "pan_jax-42.1.log").read_text().strip() == finished
+    # REQUEUE=0: a preempted job ends there.
+    (tmp_path / "calls").unlink()
+    bash("gpu_slurm.sbatch", env={**env, "REQUEUE": "0"})
+    assert [call[0] for call in recorded_calls(tmp_path)] == [srun[0]], "requeued"
+
+
 # ----------------------------------------------------------------------------- one host
 
 
@@ -373,6 +597,94 @@ def test_single_host_script_layouts(tmp_path):
     assert printed_commands(explicit.stdout)[0][0] == "python3.12"
     activated = bash("gpu_single_host.sh", "--dry-run", env={**env, "VIRTUAL_ENV": "/opt/env"})
     assert printed_commands(activated.stdout)[0][0] == "python3"
+    # A flag holding spaces (or quotes) is printed as the shell reads it back: one argument.
+    scales = "--config.eval.scales=(0.5, 1.0)"
+    (one,) = printed_commands(bash("gpu_single_host.sh", "--dry-run", scales, env=env).stdout)
+    assert one[-5:] == [scales, ">>", f"{tmp_path / 'run'}.process_0.log", "2>&1", "&"]
+
+
+def test_single_host_script_appends_to_its_logs_and_exits_with_a_failed_process_status(
+    tmp_path,
+):
+    # A stand-in for python: logs what it got and exits with FAKE_EXIT.
+    fake = tmp_path / "fake_python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "tfds=$TFDS_DATA_DIR unbuffered=$PYTHONUNBUFFERED $*"\n'
+        'exit "${FAKE_EXIT:-0}"\n'
+    )
+    fake.chmod(0o755)
+    workdir = tmp_path / "runs" / "voc"  # runs/ does not exist yet: the script makes it
+    # TFDS_DATA_DIR unset: its default, under HOME, reaches the process, and so does
+    # PYTHONUNBUFFERED (`tail -f` of the log shows each line as it is written).
+    env = {
+        "PYTHON": str(fake),
+        "WORKDIR": str(workdir),
+        "HOME": str(tmp_path),
+        "TFDS_DATA_DIR": None,
+        "PYTHONUNBUFFERED": None,
+    }
+    bash("gpu_single_host.sh", "--config.seed=1", env=env)
+    # A failed run is the script's failure too (a wrapper or a job scheduler reads it), and a
+    # resumed attempt's log follows the previous one's.
+    failed = bash(
+        "gpu_single_host.sh", "--config.seed=2", env={**env, "FAKE_EXIT": "3"}, check=False
+    )
+    assert failed.returncode == 3, failed.stdout + failed.stderr
+    first, second = Path(f"{workdir}.process_0.log").read_text().splitlines()
+    assert first.startswith(f"tfds={tmp_path}/tensorflow_datasets unbuffered=1 -m pan_jax.main")
+    assert first.endswith(" --config.seed=1") and second.endswith(" --config.seed=2")
+
+
+def test_single_host_script_shares_the_cpu_cores_among_the_processes_decoders(tmp_path):
+    # NUM_WORKERS unset: grain decoding processes per training process, leaving each two cores.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nproc").write_text("#!/usr/bin/env bash\necho 16\n")
+    (bin_dir / "nproc").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "NUM_WORKERS": "", "WORKDIR": "runs/x"}
+    for processes, workers in ((1, 14), (2, 6), (8, 1)):
+        out = bash("gpu_single_host.sh", "--dry-run", f"--processes={processes}", env=env).stdout
+        commands = printed_commands(out)
+        assert len(commands) == processes
+        assert {option(c, "--config.data.num_workers") for c in commands} == {str(workers)}
+
+
+def test_single_host_script_prefers_an_activated_environment_to_the_checkouts_venv(tmp_path):
+    # A checkout with the README's .venv (a copy of the script: the repository may have none).
+    (tmp_path / "launch").mkdir()
+    shutil.copy(LAUNCH / "gpu_single_host.sh", tmp_path / "launch")
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("#!/bin/sh\n")
+    venv_python.chmod(0o755)
+
+    def python(**settings: str) -> str:
+        env = {**os.environ, "PYTHON": "", "VIRTUAL_ENV": "", "CONDA_PREFIX": "", **settings}
+        script = str(tmp_path / "launch" / "gpu_single_host.sh")
+        result = subprocess.run(
+            ["bash", script, "--dry-run"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        return printed_commands(result.stdout)[0][0]
+
+    assert python() == ".venv/bin/python"
+    assert python(VIRTUAL_ENV="/opt/env") == "python3"  # the activated one's python3
+    assert python(CONDA_PREFIX="/opt/conda") == "python3"
+    assert python(PYTHON="python3.12", VIRTUAL_ENV="/opt/env") == "python3.12"
+
+
+def test_launch_scripts_help_and_a_bad_process_count(tmp_path):
+    env = stub_path(tmp_path, "gcloud", "srun", "scontrol")
+    for script in ("gpu_single_host.sh", "tpu_pod.sh", "gpu_slurm.sbatch"):
+        result = bash(script, "--help", env=env)
+        assert "Usage:" in result.stdout, script
+    assert recorded_calls(tmp_path) == [], "--help ran a command"
+    for processes in ("0", "two", ""):
+        bad = bash(
+            "gpu_single_host.sh", "--dry-run", f"--processes={processes}", env={}, check=False
+        )
+        assert bad.returncode == 2 and "expected a positive integer" in bad.stderr, processes
 
 
 def test_each_ablation_row_gets_its_own_default_workdir(tmp_path):
@@ -402,18 +714,35 @@ def test_each_ablation_row_gets_its_own_default_workdir(tmp_path):
 
 
 def test_single_host_script_turns_a_signal_into_sigterm_for_every_process(tmp_path):
-    # A stand-in for python: reports its start, and exits 0 on SIGTERM as pan_jax.main does.
+    # A stand-in for python: reports its start, and exits 0 on SIGTERM as pan_jax.main does. It
+    # handles SIGINT too, as pan_jax.main and its data workers' Python do (a handler set in
+    # Python takes effect although a background job starts with SIGINT ignored): reported as
+    # INT, since a terminal's Ctrl-C must reach only the script (the workers would die of it).
     fake = tmp_path / "fake_python"
     fake.write_text(
-        "#!/usr/bin/env bash\n"
-        'trap \'echo "$JAX_PROCESS_ID" >> "$SIGNALLED"; exit 0\' TERM\n'
-        'echo "$JAX_PROCESS_ID" >> "$STARTED"\n'
-        "while true; do sleep 0.1; done\n"
+        f"#!{sys.executable}\n"
+        "import os, signal, sys, time\n"
+        "pid = os.environ['JAX_PROCESS_ID']\n"
+        "def report(name, code):\n"
+        "    with open(os.environ['SIGNALLED'], 'a') as f:\n"
+        "        f.write(name + '\\n')\n"
+        "    sys.exit(code)\n"
+        "signal.signal(signal.SIGTERM, lambda *_: report(pid, 0))\n"
+        "signal.signal(signal.SIGINT, lambda *_: report('INT' + pid, 1))\n"
+        "with open(os.environ['STARTED'], 'a') as f:\n"
+        "    f.write(pid + '\\n')\n"
+        "while True:\n"
+        "    time.sleep(0.1)\n"
     )
     fake.chmod(0o755)
     started, signalled = tmp_path / "started", tmp_path / "signalled"
+    # The script's `kill` made slow: the processes exit, and the script reaps them, while it
+    # still forwards the signal; it must report their statuses, not its interrupted wait's.
+    slow_kill = tmp_path / "slow_kill.sh"
+    slow_kill.write_text('kill() { builtin kill "$@"; local s=$?; sleep 0.3; return $s; }\n')
     env = {
         **os.environ,
+        "BASH_ENV": str(slow_kill),
         "PYTHON": str(fake),
         "WORKDIR": str(tmp_path / "run"),
         "STARTED": str(started),
@@ -428,12 +757,14 @@ def test_single_host_script_turns_a_signal_into_sigterm_for_every_process(tmp_pa
         # As from a terminal: bash cannot trap a signal ignored on entry, and a test worker may
         # have inherited SIGINT ignored (seen: the script never forwarded it, CI timed out).
         preexec_fn=_default_signal_handlers,
+        start_new_session=True,  # a process group of its own, as a terminal's foreground job
     )
     deadline = time.time() + 30
     while time.time() < deadline and len(_lines(started)) < 2:
         time.sleep(0.1)
     assert sorted(_lines(started)) == ["0", "1"]
-    process.send_signal(signal.SIGINT)
+    # Ctrl-C in a terminal signals the whole foreground process group, not only the script.
+    os.killpg(process.pid, signal.SIGINT)
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
     assert sorted(_lines(signalled)) == ["0", "1"]

@@ -6,9 +6,11 @@ import io
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
+import types
 
 import nbformat
 import numpy as np
@@ -100,11 +102,18 @@ def test_without_a_checkpoint_the_notebook_trains_and_evaluates_the_demo(tmp_pat
     assert "| 0 | background |" in markdown  # the demo's own evaluation report
 
 
-@pytest.mark.parametrize("has_gpu", [True, False])
-def test_the_install_cell_clones_the_repository_with_a_matching_jax(tmp_path, monkeypatch, has_gpu):
+@pytest.mark.parametrize("accelerator", ["gpu", "tpu", None])
+def test_the_install_cell_clones_the_repository_with_a_matching_jax(
+    tmp_path, monkeypatch, accelerator
+):
     # Where pan_jax is not importable (a fresh Colab runtime): clone (not into ./pan_jax, which
     # would shadow the package after a restart), then one pip install of the checkout and, on a
-    # GPU, jax's CUDA plugin of the jax that requirements.txt asks for.
+    # GPU or a TPU, jax's plugin of the jax that requirements.txt asks for.
+    has_gpu = accelerator == "gpu"
+    exists = os.path.exists  # a TPU VM's chips (v5e and later: /dev/vfio/0)
+    monkeypatch.setattr(
+        os.path, "exists", lambda p: (p == "/dev/vfio/0" and accelerator == "tpu") or exists(p)
+    )
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     (install,) = [c.source for c in notebook.cells if "PAN_JAX_REPO, " in c.source]
     commands = []
@@ -129,6 +138,51 @@ def test_the_install_cell_clones_the_repository_with_a_matching_jax(tmp_path, mo
     assert clone == ["git", "clone", "-q", "--depth=1", repo, "pan_jax_repo"]
     requirements = (pathlib.Path(__file__).parents[1] / "requirements.txt").read_text()
     (pin,) = [line for line in requirements.splitlines() if line.startswith("jax>=")]
-    extra = [pin.replace("jax", "jax[cuda12]", 1)] if has_gpu else []  # jax[cuda12]>=0.10,<0.12
+    plugin = {"gpu": "jax[cuda12]", "tpu": "jax[tpu]"}.get(accelerator)
+    extra = [pin.replace("jax", plugin, 1)] if plugin else []  # e.g. jax[cuda12]>=0.10,<0.12
     assert pip == [sys.executable, "-m", "pip", "install", "-q", "-e", "pan_jax_repo", *extra]
     assert sys.path[0] == str(tmp_path / "pan_jax_repo")
+    # Run again (after a failed pip install, or a restart): the checkout is there, git clone
+    # would refuse to clone into it.
+    commands.clear()
+    exec(install, {**cell_1, "PAN_JAX_REPO": repo})
+    assert commands == [pip]
+
+
+def test_the_parameters_default_to_a_quick_single_scale_run(monkeypatch):
+    # Without PAN_JAX_* variables: the demo (no checkpoint), its latest step, one scale, no flip
+    # (multi-scale inference is 6x slower, or more, on a Colab CPU).
+    for name in os.environ:
+        if name.startswith("PAN_JAX_"):
+            monkeypatch.delenv(name)
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    (cell,) = [c.source for c in notebook.cells if "MULTISCALE = " in c.source]
+    parameters: dict = {}
+    exec(cell, parameters)
+    assert (parameters["CHECKPOINT"], parameters["IMAGE"], parameters["PAN_JAX_REPO"]) == ("",) * 3
+    assert parameters["STEP"] is None and parameters["DEMO_FLAGS"] == []
+    assert parameters["MULTISCALE"] is False and parameters["FLIP"] is False
+    monkeypatch.setenv("PAN_JAX_STEP", "300")
+    monkeypatch.setenv("PAN_JAX_MULTISCALE", "1")
+    monkeypatch.setenv("PAN_JAX_DEMO_FLAGS", "--config.seed=1 '--config.data.name=a b'")
+    exec(cell, parameters)
+    assert parameters["STEP"] == 300 and parameters["MULTISCALE"] is True
+    assert parameters["DEMO_FLAGS"] == ["--config.seed=1", "--config.data.name=a b"]
+
+
+def test_a_failed_training_stops_the_notebook_there():
+    # The demo's training or evaluation failing must stop at its own cell, not at loading a
+    # checkpoint that is not there.
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    (cell,) = [c.source for c in notebook.cells if "def run_main(" in c.source]
+    namespace = {
+        "os": os,
+        "shlex": shlex,
+        "subprocess": subprocess,
+        "sys": types.SimpleNamespace(executable="false"),  # exits 1 whatever its arguments
+        "CHECKPOINT": "a checkpoint",  # the cell only defines run_main
+        "DEMO_FLAGS": [],
+    }
+    exec(cell, namespace)
+    with pytest.raises(RuntimeError, match="exited with status 1"):
+        namespace["run_main"]("--config=configs/demo.py")
