@@ -427,49 +427,59 @@ def predict_files(
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir: its latest (or --step) checkpoint.")
-flags.DEFINE_string(
-    "model_dir", None, "Model directory (model.json + variables/), e.g. converted weights."
-)
-flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
-flags.DEFINE_string("input", None, "An image file, a directory of images or a glob.")
-flags.DEFINE_string("output", None, "Directory for the masks (and overlays).")
-flags.DEFINE_bool("multiscale", False, f"Average softmax over the scales {inference.MS_SCALES}.")
-flags.DEFINE_bool("flip", False, "Also average over horizontally flipped views.")
-flags.DEFINE_bool(
-    "overlay", False, "Also write <name>_overlay.jpg, the image blended with class colors."
-)
-flags.DEFINE_enum(
-    "mode",
-    None,
-    list(inference.MODES),
-    "Inference mode (default: the workdir's eval.mode, else whole).",
-)
-flags.DEFINE_list(
-    "crop_size", None, "Slide mode window: N or H,W (default: the workdir's eval.crop_size)."
-)
-flags.DEFINE_list(
-    "stride",
-    None,
-    "Slide mode stride: N or H,W (default: 2/3 of --crop_size if given, else eval.stride, else "
-    "2/3 of the crop).",
-)
-flags.DEFINE_integer(
-    "pad_multiple",
-    None,
-    "Pad inputs to multiples of this (bounds compilations; the padding shifts predictions). "
-    "Default: the workdir's eval.pad_multiple, else 16 (unpadded wherever SMP is; see above).",
-)
-flags.DEFINE_enum(
-    "dtype",
-    "float32",
-    ["float32", "bfloat16"],
-    "Compute dtype (parameters stay float32): bfloat16 is faster on GPUs and TPUs; a few pixels "
-    "near class boundaries may change.",
-)
-flags.DEFINE_enum(
-    "dataset", "auto", ["auto", *FORMATS], "Output format; auto: from the config or class count."
-)
+
+
+def define_flags() -> None:
+    """Defines the CLI's flags: run as a program only, so that importing this module (a
+    notebook, with pan_jax.main or pan_jax.bench) defines none of its names twice."""
+    flags.DEFINE_string("workdir", None, "Training workdir: its latest (or --step) checkpoint.")
+    flags.DEFINE_string(
+        "model_dir", None, "Model directory (model.json + variables/), e.g. converted weights."
+    )
+    flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
+    flags.DEFINE_string("input", None, "An image file, a directory of images or a glob.")
+    flags.DEFINE_string("output", None, "Directory for the masks (and overlays).")
+    flags.DEFINE_bool(
+        "multiscale", False, f"Average softmax over the scales {inference.MS_SCALES}."
+    )
+    flags.DEFINE_bool("flip", False, "Also average over horizontally flipped views.")
+    flags.DEFINE_bool(
+        "overlay", False, "Also write <name>_overlay.jpg, the image blended with class colors."
+    )
+    flags.DEFINE_enum(
+        "mode",
+        None,
+        list(inference.MODES),
+        "Inference mode (default: the workdir's eval.mode, else whole).",
+    )
+    flags.DEFINE_list(
+        "crop_size", None, "Slide mode window: N or H,W (default: the workdir's eval.crop_size)."
+    )
+    flags.DEFINE_list(
+        "stride",
+        None,
+        "Slide mode stride: N or H,W (default: 2/3 of --crop_size if given, else eval.stride, else "
+        "2/3 of the crop).",
+    )
+    flags.DEFINE_integer(
+        "pad_multiple",
+        None,
+        "Pad inputs to multiples of this (bounds compilations; the padding shifts predictions). "
+        "Default: the workdir's eval.pad_multiple, else 16 (unpadded wherever SMP is; see above).",
+    )
+    flags.DEFINE_enum(
+        "dtype",
+        "float32",
+        ["float32", "bfloat16"],
+        "Compute dtype (parameters stay float32): bfloat16 is faster on GPUs and TPUs; a few "
+        "pixels near class boundaries may change.",
+    )
+    flags.DEFINE_enum(
+        "dataset",
+        "auto",
+        ["auto", *FORMATS],
+        "Output format; auto: from the config or class count.",
+    )
 
 
 def _int_pair(values: list[str] | None, name: str) -> int | tuple[int, ...] | None:
@@ -629,4 +639,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -345,6 +345,14 @@ def test_predict_cli_writes_masks_and_names_the_bad_file(inputs, saved_model, tm
     np.testing.assert_array_equal(np.asarray(Image.open(out / "rgb.png")), classes)
 
 
+def test_importing_predict_with_the_other_programs_defines_no_flag_twice():
+    # A notebook or a script may import predict with main or bench: the flags of each are
+    # absl's global ones, and predict shares names with both (--workdir, --step, --dtype).
+    script = "import pan_jax.predict, pan_jax.main, pan_jax.bench, pan_jax.convert.cli"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_predict_computes_in_the_dtype_asked_for(inputs, saved_model, tmp_path):
     root, _ = inputs
     _, variables, model_dir = saved_model
