@@ -562,6 +562,44 @@ def test_slurm_script_exports_its_settings_keeps_each_attempts_log_and_obeys_req
     assert [call[0] for call in recorded_calls(tmp_path)] == [srun[0]], "requeued"
 
 
+PREEMPTED_SRUN = """#!/usr/bin/env bash
+trap 'echo "0: W train.py] preempted: checkpoint at step 7 written, exiting"; exit 0' TERM
+echo $$ > "$SRUN_PID"
+while true; do sleep 0.05; done
+"""
+
+
+def test_slurm_script_requeues_when_preemption_signals_the_batch_shell_too(tmp_path):
+    # Preempted (not at the time limit), SLURM signals the batch script as well as the tasks:
+    # the script must live on to requeue the job once the tasks have saved.
+    env = {
+        **stub_path(tmp_path, "scontrol"),
+        "SLURM_JOB_ID": "42",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SRUN_PID": str(tmp_path / "srun.pid"),
+    }
+    (tmp_path / "bin" / "srun").write_text(PREEMPTED_SRUN)
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    script = subprocess.Popen(
+        ["bash", str(LAUNCH / "gpu_slurm.sbatch")],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "srun.pid").exists() or not (tmp_path / "srun.pid").read_text():
+        assert time.monotonic() < deadline and script.poll() is None, "srun did not start"
+        time.sleep(0.05)
+    time.sleep(0.1)  # the shell waits for srun now
+    script.send_signal(signal.SIGTERM)  # the batch shell, then the step's tasks
+    os.kill(int((tmp_path / "srun.pid").read_text()), signal.SIGTERM)
+    output, _ = script.communicate(timeout=30)
+    assert script.returncode == 0, output
+    assert recorded_calls(tmp_path) == [["requeue", "42"]], output
+    assert "waiting for the tasks to save" in output and "requeueing job 42" in output
+
+
 # ----------------------------------------------------------------------------- one host
 
 
