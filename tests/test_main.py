@@ -330,6 +330,21 @@ def test_an_argument_that_is_no_flag_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def run_main_script(tmp_path, source: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs `source`, a script that drives pan_jax.main with stand-ins, in a process of its own
+    (main's flags and the stand-ins stay out of this one)."""
+    script = tmp_path / "run_main.py"
+    script.write_text(source)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+
+
 CAUGHT_ERRORS_SCRIPT = """
 import sys
 
@@ -361,17 +376,8 @@ def test_a_run_that_fails_as_expected_ends_in_one_error_line(tmp_path):
     """What a run can meet (a bad value, weights out of reach, a damaged checkpoint or record, a
     workdir in use, a diverged loss, another process's failure) ends in `error: <what>` and
     exit status 1, not a traceback; launchers and users read that last line."""
-    script = tmp_path / "run_main.py"
-    script.write_text(CAUGHT_ERRORS_SCRIPT)
     config, workdir = f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path / 'run'}"
-    result = subprocess.run(
-        [sys.executable, str(script), config, workdir],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-    )
+    result = run_main_script(tmp_path, CAUGHT_ERRORS_SCRIPT, config, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [
         f"error: the {name}"
@@ -409,17 +415,8 @@ def test_each_mode_runs_its_job_on_the_workdir_and_step_given(tmp_path):
     workdir = tmp_path / "run"
     (workdir / "checkpoints" / "3").mkdir(parents=True)  # a finished step, as main checks
     (workdir / "checkpoints" / "5").mkdir()
-    script = tmp_path / "run_main.py"
-    script.write_text(DISPATCH_SCRIPT)
     config = f"--config={REPO / 'configs' / 'demo.py'}"
-    result = subprocess.run(
-        [sys.executable, str(script), config, f"--workdir={workdir}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-    )
+    result = run_main_script(tmp_path, DISPATCH_SCRIPT, config, f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [
         f"train {workdir}",
