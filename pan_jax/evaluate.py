@@ -317,6 +317,11 @@ def report_markdown(report_json: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def images_of_this_process(num_images: int) -> int:
+    """How many of `num_images` this process scores: eval datasets deal images round robin."""
+    return len(range(jax.process_index(), num_images, jax.process_count()))
+
+
 def write_report(
     workdir: str | os.PathLike, report: Mapping[str, Any], class_names: Sequence[str]
 ) -> tuple[epath.Path, epath.Path]:
@@ -411,7 +416,7 @@ def evaluate(config: Any, workdir: str | os.PathLike, *, step: int | None = None
     sharding.process_zero_first(functools.partial(data.prepare, config.data), "dataset prepared")
     split = config.data.eval_split
     expected = data.num_examples(config.data, split)
-    share = len(range(jax.process_index(), expected, jax.process_count()))
+    share = images_of_this_process(expected)
     logging.info(
         "Evaluating %s (step %s) on %s/%s: %d images, %s",
         spec["name"],

@@ -631,11 +631,13 @@ def _train_and_evaluate(
     mesh = sharding.create_mesh()
     state_sharding = sharding.replicated(mesh)
     batch_sharding = sharding.batch_sharding(mesh, 2)
+    eval_images = 0
     if config.eval_every_steps:  # checked now, not after the first eval_every_steps of training
+        eval_images = pipeline.num_examples(config.data, config.data.eval_split)
         logging.info(
             "evaluating every %d steps on the %d images of %s",
             config.eval_every_steps,
-            pipeline.num_examples(config.data, config.data.eval_split),  # a wrong split fails now
+            eval_images,
             config.data.eval_split,
         )
     step_fn = make_train_step(model, optimizer, mesh, state_sharding)
@@ -743,13 +745,12 @@ def _train_and_evaluate(
                 last_timed = (done_step, now)
 
     def run_eval(step: int) -> None:
-        images = pipeline.num_examples(config.data, config.data.eval_split)
         report = evaluate.evaluate_dataset(
             model,
             state.variables,
             pipeline.eval_dataset(config.data),
             num_classes=config.data.num_classes,
-            num_images_hint=len(range(jax.process_index(), images, jax.process_count())),
+            num_images_hint=evaluate.images_of_this_process(eval_images),
             **eval_options,
         )
         scalars = {"eval/miou": report["miou"], "eval/pixel_accuracy": report["pixel_accuracy"]}

@@ -941,6 +941,61 @@ def test_periodic_eval_is_logged_and_kept_out_of_the_training_rate(tmp_path, dat
         assert math.isfinite(rows[step]["train/images_per_second"]), rows[step]
 
 
+def test_periodic_eval_scores_its_steps_state_and_logs_its_own_figures(
+    tmp_path, data_dir, monkeypatch, caplog
+):
+    """Each eval scores the parameters of the step it is logged at (the checkpoint of that step,
+    the state the run returns at the end), its mIoU and pixel accuracy are logged under their own
+    names, and the time an eval takes is left out of the next step's img/s."""
+    from pan_jax import evaluate, summary
+
+    real_evaluate_dataset = evaluate.evaluate_dataset
+    scored = []  # (variables, report) of each eval
+    clock = types.SimpleNamespace(offset=0.0)
+    real_time = train.time
+
+    def evaluate_dataset(model, variables, *args, **kwargs):
+        report = real_evaluate_dataset(model, variables, *args, **kwargs)
+        scored.append((jax.device_get(variables), report))
+        clock.offset += 1000.0  # an eval of 1,000 s: the host's clock, as train reads it
+        return report
+
+    monkeypatch.setattr(evaluate, "evaluate_dataset", evaluate_dataset)
+    monkeypatch.setattr(
+        train,
+        "time",
+        types.SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + clock.offset),
+    )
+    workdir = tmp_path / "run"
+    config = tiny_config(
+        data_dir,
+        num_train_steps=2,
+        eval_every_steps=1,
+        checkpoint_every_steps=1,
+        # What is evaluated matters here, not the model: the quickest.
+        **{"model.name": "fcn", "model.overrides": ml_collections.ConfigDict()},
+    )
+    config.data.eval_split = "val[:2]"  # two images: what is scored matters here, not how
+    with caplog.at_level(std_logging.INFO):
+        state = train.train_and_evaluate(config, str(workdir))
+    assert caplog.text.count("eval done: 2/2 images") == 2  # out of how many: its progress
+
+    records, _ = summary.read_records(epath.Path(workdir) / "metrics.jsonl")
+    evals = [r for r in records if "eval/miou" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    at_step_1, _, _ = checkpointing.restore_for_inference(workdir, 1)
+    for (variables, report), expected, record in zip(
+        scored, (at_step_1, jax.device_get(state.variables)), evals, strict=True
+    ):
+        for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert record["eval/miou"] == pytest.approx(report["miou"])
+        assert record["eval/pixel_accuracy"] == pytest.approx(report["pixel_accuracy"])
+    assert scored[0][1]["miou"] != scored[0][1]["pixel_accuracy"]  # the names tell them apart
+    rates = {r["step"]: r.get("train/images_per_second") for r in records if "train/loss" in r}
+    assert rates[2] > 2 / 100, rates  # one step of 2 images, not the 1,000 s eval before it
+
+
 def test_the_last_step_is_evaluated_off_the_period():
     # 1,000 steps evaluated every 300 never scored the model they ended with.
     config = tiny_config("unused", num_train_steps=5, eval_every_steps=2)
