@@ -176,6 +176,9 @@ SINGLE_HOST_PROCESS = {
         # SLURM's one task had made every process a lone run on all GPUs.
         ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", **SINGLE_HOST_PROCESS}, True),
         ({"TPU_WORKER_HOSTNAMES": "a,b"}, True),  # GKE
+        ({"OMPI_COMM_WORLD_SIZE": "4"}, True),  # mpirun
+        ({**SINGLE_HOST_PROCESS, "JAX_PROCESS_ID": "3"}, True),  # each process its own id
+        ({"PAN_JAX_DISTRIBUTED": "0"}, False),  # only "1" forces it
         ({"PAN_JAX_DISTRIBUTED": "1", "PAN_JAX_NO_DISTRIBUTED": "1"}, False),
     ],
 )
@@ -190,7 +193,9 @@ def test_which_environments_initialise_jax_distributed(monkeypatch, environment,
     calls = []
     monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **kw: calls.append(kw))
     sharding.initialize_distributed()
-    expected = {"num_processes": 8, "process_id": 0} if "JAX_NUM_PROCESSES" in environment else {}
+    expected = {}
+    if "JAX_NUM_PROCESSES" in environment:
+        expected = {"num_processes": 8, "process_id": int(environment["JAX_PROCESS_ID"])}
     assert calls == ([expected] if initialised else [])
 
 

@@ -390,6 +390,13 @@ def test_a_workdirs_step_chooses_its_checkpoint_and_the_latest_is_the_default(
         loaded, restored, _, at = inference.load_model(tmp_path / "run", step)
         assert at == (step or 20) and loaded.num_classes == model.num_classes
         np.testing.assert_allclose(restored["params"]["head"]["kernel"], kernel * want)
+    # A step it lacks is named as missing, with the steps there: no "damaged" checkpoint.
+    with pytest.raises(FileNotFoundError, match=r"has no step 15; it has \[10, 20\]"):
+        inference.load_model(tmp_path / "run", 15)
+    with pytest.raises(
+        FileNotFoundError, match=r"no checkpoint at step 15 .*steps there: \[10, 20"
+    ):
+        checkpointing.restore_for_inference(tmp_path / "run", 15)
 
 
 def test_predict_files_makes_the_output_folders_it_needs(saved_model, tmp_path):

@@ -803,6 +803,45 @@ def test_a_zstd_entry_cut_in_its_header_is_removed_and_other_files_are_left(tmp_
     ]
 
 
+def test_a_cache_entry_this_process_cannot_read_is_left(tmp_path, monkeypatch, caplog):
+    # Another user's entry in a shared cache, or a flaky mount: not judged cut short, not deleted.
+    from jax._src import compilation_cache as jax_cache
+
+    cut = jax_cache.compress_executable(b"program")[:4] + b"cut"
+    for name in ("locked-cache", "cut-cache"):
+        (tmp_path / name).write_bytes(cut)
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(path):
+        if path.name == "locked-cache":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with caplog.at_level(std_logging.WARNING):
+        assert compile_cache._remove_unreadable_entries(str(tmp_path)) == ["cut-cache"]
+    assert (tmp_path / "locked-cache").exists()
+    assert "locked-cache not checked" in caplog.text
+
+
+def test_only_process_zero_removes_cut_short_cache_entries(tmp_path, monkeypatch):
+    # The others may read an entry process 0 is writing: theirs is no judgement of it.
+    from jax._src import compilation_cache as jax_cache
+
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # this process's cache stays
+    monkeypatch.setattr(compile_cache, "_listening", True)
+    cache = tmp_path / compile_cache.DIRECTORY_NAME
+    cache.mkdir()
+    entry = cache / "cut-cache"
+    entry.write_bytes(jax_cache.compress_executable(b"program")[:4] + b"cut")
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert compile_cache.enable(tmp_path) == str(cache)
+    assert entry.exists()
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    compile_cache.enable(tmp_path)
+    assert not entry.exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_saves_at_the_current_step_and_exits_cleanly(tmp_path, data_dir, signum):
     workdir = tmp_path / "run"
@@ -1038,6 +1077,50 @@ def test_a_model_directory_is_refused_as_a_workdir_and_left_as_it_was(tmp_path, 
     assert not (model_dir / "checkpoints").exists()
 
 
+def test_a_model_directory_takes_no_step_and_a_workdir_with_model_files_stays_a_workdir(tmp_path):
+    # --step on a converted model would load its one set of weights as if it were that step's;
+    # a workdir that also got variables/ (convert --output into it) must still resume and
+    # evaluate its checkpoints.
+    model_dir = tmp_path / "model"
+    (model_dir / "variables").mkdir(parents=True)
+    (model_dir / "model.json").write_text("{}")
+    assert checkpointing.directory_kind(model_dir) == "model"
+    with pytest.raises(ValueError, match=r"holds one set of weights .*: step=3 needs a workdir"):
+        checkpointing.directory_kind(model_dir, 3)
+    (model_dir / "checkpoints" / "3").mkdir(parents=True)
+    assert checkpointing.directory_kind(model_dir, 3) == "workdir"
+    checkpointing.refuse_model_directory(model_dir)  # its run may resume there
+
+
+def test_a_workdir_this_user_cannot_write_is_refused_naming_the_flag(tmp_path, monkeypatch):
+    # Learnt before the dataset is built, not at the first checkpoint. Root may write anywhere,
+    # hence os.access stubbed: the nearest existing folder is the one judged.
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path))
+    workdir = tmp_path / "runs" / "x"
+    with pytest.raises(ValueError, match=rf"--workdir={workdir}: {tmp_path} is not writable"):
+        checkpointing.check_writable_directory(workdir, "--workdir")
+    monkeypatch.chdir(tmp_path)  # a bucket is no folder below the current one
+    checkpointing.check_writable_directory("gs://bucket/runs/x", "--workdir")  # shows later
+
+
+def test_a_resume_restores_the_latest_of_the_kept_checkpoints(tmp_path):
+    # A run is deterministic in its step: resumed from an older checkpoint it would end the
+    # same, only after redoing the steps since, so the resume tests cannot tell.
+    model = models.create("fcn", num_classes=3, backbone="resnet18")
+    spec = {"name": "fcn", "backbone": "resnet18", "num_classes": 3, "overrides": {}}
+    state = train.state_from_variables(models.random_variables(model), optax.sgd(0.1))
+    placement = sharding.replicated(sharding.create_mesh())
+    saving = ml_collections.ConfigDict({"keep_checkpoints": 3, "checkpoint_every_steps": 1})
+    manager = checkpointing.create_manager(tmp_path / "run", saving)
+    assert checkpointing.restore_or_none(manager, state, placement) is None  # a new run
+    for step in (2, 4):
+        checkpointing.save(manager, step, state.replace(step=jnp.int32(step)), spec, force=True)
+    manager.wait_until_finished()
+    restored = checkpointing.restore_or_none(manager, state, placement)
+    manager.close()
+    assert int(restored.step) == 4
+
+
 def test_a_damaged_checkpoint_is_named_with_the_step_to_resume_from(tmp_path, data_dir):
     """A cut data file or a missing meta: one error naming the step and the way back to the
     one before; nothing deleted, and the run's record (config.json) left as it was."""
@@ -1092,6 +1175,34 @@ def test_the_workdir_lock_is_dropped_on_leaving_and_taken_by_process_zero_only(
     again.release()
 
 
+def test_the_lock_file_names_only_its_current_holder(tmp_path):
+    # A lock file left by an earlier run must not make the refusal name that run too.
+    (tmp_path / "run.lock").write_text("process 1 on host a-long-gone-machine-name\n" * 3)
+    with checkpointing.WorkdirLock(tmp_path) as lock:
+        lock.acquire()
+        holder = f"process {os.getpid()} on host {socket.gethostname()}\n"
+        assert (tmp_path / "run.lock").read_text() == holder
+
+
+def test_a_workdir_that_cannot_be_locked_is_used_with_a_warning(tmp_path, monkeypatch, caplog):
+    # A file system without flock (Lustre without -o flock), or an object store: the run goes
+    # on, and says that nothing stops a second one.
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(std_logging.WARNING):
+        lock = checkpointing.WorkdirLock(tmp_path)
+        lock.acquire()
+    assert lock._file is None
+    assert "cannot be locked" in caplog.text and "nothing stops a second run" in caplog.text
+    bucket = checkpointing.WorkdirLock("gs://bucket/run")
+    bucket.acquire()  # nothing made or opened (a local gs:/bucket folder, or an error)
+    assert bucket._file is None and not Path("gs:").exists()
+
+
 @pytest.mark.parametrize(
     "pathname, level, shown",
     [
@@ -1120,6 +1231,9 @@ def test_only_the_abandoned_reads_of_orbax_are_quieted(monkeypatch, caplog):
     monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
     monkeypatch.setattr(std_logging.getLogger("asyncio"), "filters", [])
     checkpointing._quiet_abandoned_reads()
+    hook = sys.unraisablehook
+    checkpointing._quiet_abandoned_reads()  # every restore: no hook stacked on hook
+    assert sys.unraisablehook is hook and len(std_logging.getLogger("asyncio").filters) == 1
 
     closed_loop = asyncio.new_event_loop()
     closed_loop.close()
@@ -1152,6 +1266,13 @@ def test_only_the_abandoned_reads_of_orbax_are_quieted(monkeypatch, caplog):
     gc.collect()
     unretrieved = [r for r in caplog.records if "never retrieved" in r.getMessage()]
     assert [str(r.exc_info[1]) for r in unretrieved] == ["not orbax"]
+    try:  # another of asyncio's reports of a failure in orbax's code: shown
+        exec(orbax_code)
+    except OSError:
+        failure = sys.exc_info()
+    message = "Exception in callback orbax_read()"
+    record = std_logging.LogRecord("asyncio", std_logging.ERROR, "", 0, message, None, failure)
+    assert std_logging.getLogger("asyncio").filter(record)
 
 
 @pytest.mark.parametrize(
@@ -1338,6 +1459,23 @@ def test_an_option_spelled_out_at_its_default_is_the_same_model():
         checkpointing.check_spec({**plain, "overrides": {"output_stride": 32}}, spelled, "test")
 
 
+def test_a_spec_read_from_json_makes_a_model_jit_can_take_as_static():
+    # JSON turns tuple options into lists; a model holding one cannot be hashed, and inference
+    # passes the model to jit as a static argument.
+    spec = {"name": "pan_smp", "backbone": "resnet18", "num_classes": 3}
+    spec["overrides"] = {"fpa_kernels": (5, 3, 3)}  # not its default (7, 5, 3)
+    hash(checkpointing.model_from_spec(json.loads(json.dumps(spec))))
+
+
+def test_a_compute_dtype_in_a_saved_spec_is_the_same_model():
+    # Specs of runs from before train.model_spec refused overrides.dtype may hold it; it changes
+    # no parameter, so resuming or evaluating them with today's config is no mismatch.
+    now = {"name": "pan_smp", "backbone": "resnet18", "num_classes": 3, "overrides": {}}
+    old = {**now, "overrides": {"dtype": "bfloat16"}}
+    checkpointing.check_spec(old, now, "test")
+    checkpointing.check_spec(now, old, "test")
+
+
 def test_a_saved_option_the_model_never_took_loads_and_resumes():
     # Before models.create refused it, `--config.model.name=fcn` on the demo config saved
     # decoder_channels=64 in fcn's spec: the model loads, and resuming without it is no mismatch.
@@ -1455,6 +1593,17 @@ def test_an_error_during_start_up_is_logged_before_the_compile_ends(
     assert waiting and waiting[0] > messages.index("ValueError: no state today")
     # The error leaves no compile running (Python's exit would wait for it).
     assert not any(t.name.startswith("compile_ahead") for t in threading.enumerate())
+
+
+def test_a_compile_ahead_that_fails_is_a_warning_and_the_run_goes_on(caplog):
+    # The first step compiles the step again and raises what is wrong with it, if anything.
+    def lower(*args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling")
+
+    step_fn = types.SimpleNamespace(lower=lower)
+    with caplog.at_level(std_logging.WARNING), compile_ahead.CompileAhead(step_fn):
+        pass
+    assert "compiling the train step ahead failed: RuntimeError: RESOURCE_EXHAUSTED" in caplog.text
 
 
 def test_ctrl_c_while_the_compile_is_awaited_exits_at_once():
