@@ -580,4 +580,17 @@ def _restore_variables(
     except Exception as error:
         raise _damaged(manager, step, error) from error
     state = restored["state"]
-    return {"params": state["params"], "batch_stats": state["batch_stats"]}, spec, int(step)
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    # A partial restore leaves what the checkpoint lacks as the target's placeholders (a
+    # checkpoint of a version that named a layer otherwise): they would fail far from here.
+    missing = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables)
+        if isinstance(leaf, jax.ShapeDtypeStruct)
+    ]
+    if missing:
+        raise CheckpointMismatchError(
+            f"checkpoint {step} in {directory} does not fit its model.json's model: it lacks "
+            f"{len(missing)} of the model's arrays, e.g. {', '.join(missing[:3])}"
+        )
+    return variables, spec, int(step)

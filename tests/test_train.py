@@ -1103,22 +1103,56 @@ def test_a_workdir_this_user_cannot_write_is_refused_naming_the_flag(tmp_path, m
     checkpointing.check_writable_directory("gs://bucket/runs/x", "--workdir")  # shows later
 
 
+FCN_SPEC = {"name": "fcn", "backbone": "resnet18", "num_classes": 3, "overrides": {}}
+
+
+def _fcn_state(optimizer=None):
+    model = models.create("fcn", num_classes=3, backbone="resnet18")
+    return train.state_from_variables(models.random_variables(model), optimizer or optax.sgd(0.1))
+
+
+def _checkpoint_manager(workdir):
+    saving = ml_collections.ConfigDict({"keep_checkpoints": 3, "checkpoint_every_steps": 1})
+    return checkpointing.create_manager(workdir, saving)
+
+
 def test_a_resume_restores_the_latest_of_the_kept_checkpoints(tmp_path):
     # A run is deterministic in its step: resumed from an older checkpoint it would end the
     # same, only after redoing the steps since, so the resume tests cannot tell.
-    model = models.create("fcn", num_classes=3, backbone="resnet18")
-    spec = {"name": "fcn", "backbone": "resnet18", "num_classes": 3, "overrides": {}}
-    state = train.state_from_variables(models.random_variables(model), optax.sgd(0.1))
+    state = _fcn_state()
     placement = sharding.replicated(sharding.create_mesh())
-    saving = ml_collections.ConfigDict({"keep_checkpoints": 3, "checkpoint_every_steps": 1})
-    manager = checkpointing.create_manager(tmp_path / "run", saving)
+    manager = _checkpoint_manager(tmp_path / "run")
     assert checkpointing.restore_or_none(manager, state, placement) is None  # a new run
     for step in (2, 4):
-        checkpointing.save(manager, step, state.replace(step=jnp.int32(step)), spec, force=True)
+        checkpointing.save(manager, step, state.replace(step=jnp.int32(step)), FCN_SPEC, force=True)
     manager.wait_until_finished()
     restored = checkpointing.restore_or_none(manager, state, placement)
     manager.close()
     assert int(restored.step) == 4
+
+
+def test_a_checkpoint_lacking_the_models_arrays_is_a_mismatch_not_a_crash_later(tmp_path):
+    # Inference restores only params and batch statistics (a partial restore): arrays the
+    # checkpoint lacked came back as placeholders and failed at the first apply, far from here.
+    manager = _checkpoint_manager(tmp_path / "run")
+    # A meta and a state that disagree (a layer renamed between versions reads the same way).
+    checkpointing.save(manager, 2, _fcn_state(), {**FCN_SPEC, "backbone": "resnet34"}, force=True)
+    manager.wait_until_finished()
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r"does not fit its model.json's model: it lacks 80 of the model's arrays, e\.g\. "
+        r"\['batch_stats'\]\['backbone'\]\['layer1_2'\]",
+    ):
+        checkpointing.restore_for_inference(tmp_path / "run")
+    # Training restores the whole state: another structure (here momentum) is a mismatch too.
+    momentum = _fcn_state(optax.sgd(0.1, momentum=0.9))
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError, match="does not fit this run's state"
+    ):
+        checkpointing.restore_or_none(
+            manager, momentum, sharding.replicated(sharding.create_mesh())
+        )
+    manager.close()
 
 
 def test_a_damaged_checkpoint_is_named_with_the_step_to_resume_from(tmp_path, data_dir):
