@@ -748,11 +748,18 @@ def test_a_cut_short_cache_entry_is_compiled_and_written_again(tmp_path):
         assert f"{len(whole)} programs loaded" in result.stdout and "Removed" not in result.stderr
 
 
+def _cut_short_entry() -> bytes:
+    """A cache entry in this jax's format, cut after its header (a host stopped mid-write)."""
+    from jax._src import compilation_cache as jax_cache
+
+    return jax_cache.compress_executable(b"program")[:4] + b"cut"
+
+
 def test_a_jax_whose_cache_format_changed_keeps_its_entries(tmp_path, monkeypatch):
     from jax._src import compilation_cache as jax_cache
 
     own = jax_cache.compress_executable(b"probe")
-    (tmp_path / "cut-cache").write_bytes(own[:4] + b"cut short")
+    (tmp_path / "cut-cache").write_bytes(_cut_short_entry())
     monkeypatch.setattr(jax_cache, "compress_executable", lambda data, level: data)  # new args
     assert compile_cache._remove_unreadable_entries(str(tmp_path)) == []
     assert (tmp_path / "cut-cache").exists()
@@ -805,11 +812,8 @@ def test_a_zstd_entry_cut_in_its_header_is_removed_and_other_files_are_left(tmp_
 
 def test_a_cache_entry_this_process_cannot_read_is_left(tmp_path, monkeypatch, caplog):
     # Another user's entry in a shared cache, or a flaky mount: not judged cut short, not deleted.
-    from jax._src import compilation_cache as jax_cache
-
-    cut = jax_cache.compress_executable(b"program")[:4] + b"cut"
     for name in ("locked-cache", "cut-cache"):
-        (tmp_path / name).write_bytes(cut)
+        (tmp_path / name).write_bytes(_cut_short_entry())
     real_read_bytes = Path.read_bytes
 
     def read_bytes(path):
@@ -826,14 +830,12 @@ def test_a_cache_entry_this_process_cannot_read_is_left(tmp_path, monkeypatch, c
 
 def test_only_process_zero_removes_cut_short_cache_entries(tmp_path, monkeypatch):
     # The others may read an entry process 0 is writing: theirs is no judgement of it.
-    from jax._src import compilation_cache as jax_cache
-
     monkeypatch.setattr(jax.config, "update", lambda *args: None)  # this process's cache stays
     monkeypatch.setattr(compile_cache, "_listening", True)
     cache = tmp_path / compile_cache.DIRECTORY_NAME
     cache.mkdir()
     entry = cache / "cut-cache"
-    entry.write_bytes(jax_cache.compress_executable(b"program")[:4] + b"cut")
+    entry.write_bytes(_cut_short_entry())
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     assert compile_cache.enable(tmp_path) == str(cache)
     assert entry.exists()
@@ -1670,7 +1672,7 @@ def test_ctrl_c_while_the_compile_is_awaited_exits_at_once():
 def test_resuming_with_another_config_says_what_changed(tmp_path, caplog):
     # It was silent: a resumed run with another batch size, or a longer schedule (which changes
     # every remaining learning rate), overwrote config.json without a word.
-    spec = {"name": "fcn", "backbone": "resnet18", "num_classes": 3, "overrides": {}}
+    spec = FCN_SPEC
     config = tiny_config(str(tmp_path / "tfds"))
     workdir = epath.Path(tmp_path)
     with caplog.at_level(std_logging.WARNING):
