@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -322,6 +323,19 @@ def test_tpu_defaults_are_the_ones_its_help_names(tmp_path):
     assert f"'{pin.replace('jax', 'jax[tpu]', 1)}'" in setup
     assert "--workdir=gs://my-bucket/runs/voc " in train
     assert "--config.data.num_workers=8 " in train
+
+
+def test_the_install_lines_of_the_readmes_ask_for_the_jax_that_pan_jax_requires():
+    # A user pastes these; a plugin of another jax than requirements.txt allows would replace
+    # the jax that pan_jax was tested with, or fail to resolve.
+    requirements = (REPO / "requirements.txt").read_text().splitlines()
+    (pin,) = [line for line in requirements if line.startswith("jax>=")]
+    version_range = pin.removeprefix("jax")
+    for readme in ("README.md", "launch/README.md"):
+        specs = re.findall(r"'jax\[(\w+)\]([^']*)'", (REPO / readme).read_text())
+        assert {plugin for plugin, _ in specs} >= {"cuda13"}, readme
+        for plugin, versions in specs:
+            assert versions in (version_range, "..."), (readme, plugin, versions)
 
 
 def test_tpu_refuses_a_failed_slice_and_deletes_one_it_created_that_failed(tmp_path):
