@@ -1,13 +1,17 @@
 """Every model name builds, keeps the input resolution, trains, and refuses what it cannot take."""
 
+import functools
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pan_jax import models
+from pan_jax.models.layers import resize_bilinear
+from pan_jax.models.pan import FPA, GAU
 from pan_jax.models.resnet import ResNet
 
 
@@ -159,6 +163,11 @@ def test_option_values_are_checked_naming_the_option(options, message):
         ("fpa", "gau_low_kernel"),
         ("gau", "fpa_kernels"),
         ("gau", "pyramid_features"),
+        ("gau", "fpa_pooling"),
+        ("gau", "fpa_global_branch"),
+        ("gau", "fpa_attention"),
+        ("fpa", "gau_global_attention"),
+        ("fpa", "gau_gate"),
     ],
 )
 def test_an_option_the_model_does_not_use_is_refused_not_ignored(name, option):
@@ -170,6 +179,11 @@ def test_an_option_the_model_does_not_use_is_refused_not_ignored(name, option):
         "gau_low_kernel": 1,
         "fpa_kernels": (3, 3, 3),
         "pyramid_features": 1,
+        "fpa_pooling": "max",
+        "fpa_global_branch": False,
+        "fpa_attention": "se",
+        "gau_global_attention": False,
+        "gau_gate": "sigmoid",
     }[option]
     with pytest.raises(ValueError, match=rf"unknown option\(s\) \['{option}'\] for model '{name}'"):
         models.create(name, num_classes=3, backbone="resnet18", **{option: value})
@@ -268,6 +282,151 @@ def test_fpa_kernels_set_each_pyramid_level(kernels):
     for kernel, names in zip(kernels, levels, strict=True):
         for name in names:
             assert fpa[name]["conv"]["kernel"].shape[:2] == (kernel, kernel), name
+
+
+def test_pan_preset_is_the_papers_decoder_at_the_documented_widths():
+    # What `models.create("pan")` must build (the models docstring, DESIGN.md §3): FPA C357
+    # (Table 1's best) at 1/2, 1/4, 1/8 of layer4, a pyramid as wide as the 128-channel decoder,
+    # GAU with a 3×3 low-level conv and a 1×1 gate, no conv biases before BN. The other tests
+    # override these one at a time, so a preset default that drifted (C357 written as C753,
+    # biases back on, another width) would go unseen.
+    model = models.create("pan", num_classes=3, backbone="resnet18")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3))))
+    decoder = flax.traverse_util.flatten_dict(shapes["params"]["decoder"], sep="/")
+    kernels = {k.removesuffix("/conv/kernel"): v.shape for k, v in decoder.items() if "kernel" in k}
+    c = 128
+    assert kernels == {
+        "fpa/mid": (1, 1, 512, c),
+        "fpa/branch1": (1, 1, 512, c),
+        "fpa/down1": (7, 7, 512, c),
+        "fpa/conv1": (7, 7, c, c),
+        "fpa/down2": (5, 5, c, c),
+        "fpa/conv2": (5, 5, c, c),
+        "fpa/down3_1": (3, 3, c, c),
+        "fpa/down3_2": (3, 3, c, c),
+        "gau3/low": (3, 3, 256, c),
+        "gau3/attention": (1, 1, c, c),
+        "gau2/low": (3, 3, 128, c),
+        "gau2/attention": (1, 1, c, c),
+        "gau1/low": (3, 3, 64, c),
+        "gau1/attention": (1, 1, c, c),
+    }
+    assert [k for k in decoder if k.endswith("conv/bias")] == []
+    assert shapes["params"]["head"]["kernel"].shape == (3, 3, c, 3)
+
+
+@pytest.mark.parametrize("name", ["pan", "fcn", "fpa", "gau", "psp", "aspp"])
+def test_the_paper_models_share_the_papers_backbone(name):
+    # §4.1: every ablation and baseline runs on the same dilated ResNet (dilation 2 from res5b,
+    # output stride 16, the three-conv 64-64-128 stem), so that Tables 1–3 compare decoders.
+    # A preset given its own backbone would still build and pass every other test.
+    backbone = models.create(name, num_classes=3, backbone="resnet18").backbone
+    assert (backbone.stem, backbone.dilation_rule, backbone.output_stride) == (
+        "deep64",
+        "torchvision",
+        16,
+    )
+    assert not backbone.avg_down
+
+
+@pytest.mark.parametrize("name", ["fcn", "fpa"])
+def test_the_fpa_ablation_classifies_as_the_baseline_does(name):
+    # Table 1 puts FPA "after ResNet with direct upsampling as the same as the baseline": both
+    # classify with a 1×1 conv, so the gain over 72.60 is FPA's, not a 3×3 head's.
+    model = models.create(name, num_classes=3, backbone="resnet18")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3))))
+    assert shapes["params"]["head"]["kernel"].shape[:2] == (1, 1)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_fpa_merges_its_pyramid_step_by_step_and_adds_the_global_branch(align_corners):
+    # FPA (Figure 3): the 1/8 level upsampled onto the 1/4 one, their sum onto the 1/2 one,
+    # that sum to the input size as the attention; attention · mid + the global branch. Each
+    # upsampling with the model's align_corners: at model level the final upsampling switches
+    # too, so one of FPA's ignoring it would go unseen by the model-level ablation test.
+    # The paper's configuration (average pooling, a per-channel pyramid, no conv biases); SMP's
+    # is compared with SMP itself. Non-square, so that heights and widths cannot swap.
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 16, 24, 6)), jnp.float32)
+    fpa = FPA(4, pyramid_features=4, pooling="avg", conv_bias=False, align_corners=align_corners)
+    variables = fpa.init(jax.random.key(0), x, train=False)
+    out, state = fpa.apply(
+        variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+    level = {k: v["__call__"][0] for k, v in state["intermediates"].items() if k != "__call__"}
+    up = resize_bilinear(level["down3_2"], (4, 6), align_corners) + level["conv2"]
+    up = resize_bilinear(up, (8, 12), align_corners) + level["conv1"]
+    attention = resize_bilinear(up, (16, 24), align_corners)
+    expected = attention * level["mid"] + level["branch1"]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_gau_adds_the_upsampled_high_features_to_the_low_ones_gated_by_the_high_ones(
+    align_corners,
+):
+    # GAU (Figure 4), the paper's gate: global average of the *high* features → 1×1 conv + BN
+    # → ReLU, weighting the 3×3-conv low features; plus the high features upsampled with the
+    # model's align_corners (hidden at model level by the final upsampling's switch).
+    rng = np.random.default_rng(6)
+    low = jnp.asarray(rng.standard_normal((2, 16, 24, 6)), jnp.float32)
+    high = jnp.asarray(rng.standard_normal((2, 8, 12, 4)), jnp.float32)
+    gau = GAU(4, gate="relu", conv_bias=False, align_corners=align_corners)
+    variables = gau.init(jax.random.key(0), low, high, train=False)
+    out, state = gau.apply(
+        variables, low, high, train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+    reduced = state["intermediates"]["low"]["__call__"][0]
+    assert variables["params"]["low"]["conv"]["kernel"].shape == (3, 3, 6, 4)
+    kernel = variables["params"]["attention"]["conv"]["kernel"][0, 0]  # BN is the identity
+    gate = jax.nn.relu(jnp.mean(high, axis=(1, 2)) @ kernel)[:, None, None, :]
+    expected = resize_bilinear(high, (16, 24), align_corners) + reduced * gate
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_align_corners_reaches_the_decoder():
+    # The factory hands it on; the decoder's own default is True (SMP's).
+    model = models.create("pan", num_classes=3, backbone="resnet18", align_corners=False)
+    assert model.decoder.align_corners is False and model.align_corners is False
+
+
+def test_fpa_se_attention_is_a_sigmoid_channel_gate_on_the_1x1_features():
+    # Table 1's SE row: the pyramid replaced by squeeze (global average of the input, 1×1 conv
+    # to 1/16 of its channels, ReLU) and excitation (1×1 conv, sigmoid) gating mid's features.
+    # test_every_ablation_switch_changes_the_model only sees that "se" changes the parameters.
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 4, 4, 64)), jnp.float32)
+    fpa = FPA(8, attention="se", global_branch=False, conv_bias=False)
+    variables = fpa.init(jax.random.key(0), x, train=False)
+    out, state = fpa.apply(
+        variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+    mid = state["intermediates"]["mid"]["__call__"][0]
+    reduce, expand = variables["params"]["se_reduce"], variables["params"]["se_expand"]
+    assert reduce["kernel"].shape == (1, 1, 64, 4)
+    squeeze = jax.nn.relu(jnp.mean(x, axis=(1, 2)) @ reduce["kernel"][0, 0] + reduce["bias"])
+    gate = jax.nn.sigmoid(squeeze @ expand["kernel"][0, 0] + expand["bias"])
+    np.testing.assert_allclose(out, gate[:, None, None, :] * mid, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("pan", {}), ("fpa", {"fpa_attention": "se"}), ("gau", {}), ("psp", {}), ("aspp", {})],
+)
+def test_a_bfloat16_model_computes_every_layer_in_bfloat16(name, overrides):
+    # dtype is handed down module by module; one left out (a GAU, the backbone, ASPP's last
+    # ConvBN) computes in float32 and still gives logits within the tolerance of
+    # test_bfloat16_logits_close_to_float32. Only the logits are float32, by design.
+    model = models.create(name, num_classes=3, backbone="resnet18", dtype=jnp.bfloat16, **overrides)
+    images = jnp.zeros((1, model.min_input_size, model.min_input_size, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    _, state = jax.eval_shape(
+        functools.partial(model.apply, capture_intermediates=True, mutable=["intermediates"]),
+        variables,
+        images,
+    )
+    outputs = jax.tree_util.tree_leaves_with_path(state["intermediates"])
+    float32 = [jax.tree_util.keystr(k) for k, v in outputs if v.dtype != jnp.bfloat16]
+    assert float32 == ["['__call__'][0]"]
+    assert len(outputs) > 50  # every module's output, not the logits alone
 
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
