@@ -255,6 +255,26 @@ def test_in_memory_state_dict_and_variant(checkpoint):
             np.testing.assert_array_equal(a, b)
 
 
+def test_a_checkpoint_wrapped_under_model_is_unwrapped():
+    # torchvision's reference training scripts (and DeiT) save {"model": state_dict,
+    # "optimizer": ..., "epoch": ...}; a user passes it as torch.load gave it.
+    weights = {"conv1.weight": torch.ones(2, 3), "bn1.running_var": torch.full((2,), 2.0)}
+    optimizer = {"state": {}, "param_groups": [{"lr": 0.1}]}
+    checkpoint = {"model": weights, "optimizer": optimizer, "epoch": 90}
+    read = convert.read_state_dict(checkpoint)
+    assert set(read) == set(weights)
+    np.testing.assert_array_equal(read["bn1.running_var"], np.full((2,), 2.0, np.float32))
+
+
+def test_a_tensor_metric_beside_the_state_dict_does_not_hide_it():
+    # pytorch/examples' imagenet/main.py saves model_best.pth.tar as {"epoch", "arch",
+    # "state_dict" (DataParallel: "module." keys), "best_acc1" (a 0-d tensor), "optimizer"}: the
+    # tensor beside the wrapper was taken for the state dict ("keys begin ['best_acc1']").
+    weights = {"module.conv1.weight": torch.ones(2, 3)}
+    checkpoint = {"epoch": 90, "state_dict": weights, "best_acc1": torch.tensor(69.7)}
+    assert set(convert.read_state_dict(checkpoint)) == {"conv1.weight"}
+
+
 def test_safetensors_need_no_torch(checkpoint, monkeypatch):
     path, _ = checkpoint("resnet50c")
     pth, _ = checkpoint("resnet18")
@@ -566,6 +586,29 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     assert (tmp_path / "run" / "model.json").read_text() == "{}"
     assert cli.main(["--from=timm", f"--input={path}", f"--output={truncated}"]) == 1
     assert f"--output={truncated} is a file: expected a directory" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_checkpoint_of_another_variant_than_asked(checkpoint, tmp_path, capsys):
+    # --variant is the user's guard against, e.g., a torchvision file where a timm resnet18d
+    # was meant: ignored, the conversion succeeded with the 7×7 stem, silently.
+    path, _ = checkpoint("resnet18")
+    out = tmp_path / "o"
+    argv = ["--from=timm", f"--input={path}", f"--output={out}", "--variant=resnet18d"]
+    assert cli.main(argv) == 1
+    assert "not the requested resnet18d" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_load_pretrained_smp_checks_the_models_shortcut_type(tmp_path):
+    # avg_down adds no parameters, so only the arch check sees that SMP's plain torchvision
+    # encoder does not fit a model built with average-pool shortcuts.
+    torch.manual_seed(0)
+    smp_pan = smp.PAN(encoder_name="resnet18", encoder_weights=None)
+    path = save(smp_pan.state_dict(), tmp_path / "pan.pth")
+    model = models.create("pan_smp", num_classes=1, backbone="resnet18", avg_down=True)
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 128, 128, 3))))
+    with pytest.raises(convert.ConversionError, match=r"avg_down=False"):
+        convert.load_pretrained(template, path, "smp", model=model)
 
 
 def test_cli_as_module(checkpoint, tmp_path):

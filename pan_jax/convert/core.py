@@ -30,7 +30,8 @@ Source = str | os.PathLike | Mapping[str, Any]
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # What `save_pretrained` (huggingface_hub's, used by SMP and timm) writes into its folder.
 SAVED_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
-# Training checkpoints wrap the state dict; the first of these keys holding a dict is unwrapped.
+# Training checkpoints wrap the state dict; the first of these keys holding a dict is unwrapped,
+# whatever lies beside it (tensors too: pytorch/examples' ImageNet script saves `best_acc1` as one).
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 _KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
 
@@ -71,7 +72,7 @@ def _is_tensor(value: Any) -> bool:
 
 def _unwrap(obj: Any, name: str) -> dict[str, Any]:
     """The state dict inside a training checkpoint, without wrappers' key prefixes."""
-    while isinstance(obj, Mapping) and not any(_is_tensor(v) for v in obj.values()):
+    while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break
