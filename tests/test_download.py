@@ -126,6 +126,16 @@ def test_urls_never_share_a_cache_file_and_names_stay_inside_the_cache(hub, resn
     assert not any(path.startswith("/get") for path in hub.downloads())
 
 
+def test_an_unreachable_https_url_names_the_cache_file_to_copy_it_to(hub, tmp_path):
+    # Real weights URLs are https (download.pytorch.org); taken for local paths they would be
+    # "not found". Offline, as on clusters without internet, the message is the only way in.
+    source = "https://127.0.0.1:9/models/resnet18-f37072fd.pth"
+    with pytest.raises(download.DownloadError) as raised:
+        read_state_dict(source)
+    target = tmp_path / "cache" / "weights" / download.source_url(source)[1]
+    assert f"copy the file to {target} " in str(raised.value)
+
+
 def test_imagenet_weights_name_real_timm_checkpoints_of_each_variant():
     """Each entry is a timm checkpoint on the Hub whose keys and shapes are of that variant."""
     for (depth, stem, avg_down), repo in download.IMAGENET_WEIGHTS.items():

@@ -1,5 +1,7 @@
 """pan_smp reproduces segmentation_models_pytorch's PAN logits from SMP's weights."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 from pan_jax import checkpointing, convert, models
 from pan_jax.convert import cli
+from pan_jax.convert.smp import saved_config_options
 from tests.helpers import Hub, randomize_statistics
 
 
@@ -134,6 +137,44 @@ def test_hub_weights_take_the_config_json_of_their_repository(tmp_path, monkeypa
     # Offline, cached weights still convert (with a warning that config.json was not read).
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert cli.main(["--from=smp", "--input=hf-hub:me/plain", f"--output={tmp_path / 'c'}"]) == 0
+
+
+def test_hub_weights_in_a_subfolder_take_the_config_json_beside_them(tmp_path, monkeypatch):
+    # A repository holding several models, one per folder: the root's config.json (here none)
+    # is not theirs, and an output-stride-32 PAN would convert as 16.
+    hub = Hub()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("PAN_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    randomized_smp_pan("resnet18", classes=3, encoder_output_stride=32).save_pretrained(
+        tmp_path / "os32"
+    )
+    for name in ("model.safetensors", "config.json"):
+        data = (tmp_path / "os32" / name).read_bytes()
+        hub.serve_like_the_hub(f"/me/zoo/resolve/main/os32/{name}", data)
+    source = "hf-hub:me/zoo/os32/model.safetensors"
+    assert cli.main(["--from=smp", f"--input={source}", f"--output={tmp_path / 'a'}"]) == 0
+    assert checkpointing.load_variables(tmp_path / "a")[1]["overrides"]["output_stride"] == 32
+
+
+def test_smp_configs_of_the_old_upscale_mode_name_are_read(tmp_path):
+    # SMP before PR #1108 saved the decoder's interpolation as upscale_mode: a nearest-mode PAN
+    # of that era would convert as bilinear, silently.
+    (tmp_path / "config.json").write_text(
+        json.dumps({"_model_class": "PAN", "encoder_name": "resnet18", "upscale_mode": "nearest"})
+    )
+    with pytest.raises(convert.ConversionError, match="decoder_interpolation='nearest'"):
+        saved_config_options(tmp_path / "model.safetensors", "resnet18")
+
+
+def test_cli_overrides_apply_to_a_bare_smp_state_dict(tmp_path):
+    # The documented remedy for an output-stride-32 PAN saved without config.json; dropped, the
+    # model converted as stride 16 and gave other logits.
+    path = tmp_path / "pan.pth"
+    torch.save(randomized_smp_pan("resnet18", classes=3).state_dict(), path)
+    out = tmp_path / "out"
+    argv = ["--from=smp", f"--input={path}", f"--output={out}", "--override", "output_stride=32"]
+    assert cli.main(argv) == 0
+    assert checkpointing.load_variables(out)[1]["overrides"]["output_stride"] == 32
 
 
 @pytest.mark.parametrize(

@@ -941,6 +941,28 @@ def test_a_run_starts_from_the_imagenet_weights_of_its_backbone(tmp_path, data_d
     assert hub.downloads() == downloads and not cache.exists()
 
 
+def test_pretrained_backbone_statistics_replace_the_initial_ones(tmp_path):
+    # The run above checks params only (a step moves the BN statistics): a run whose pretrained
+    # BatchNorm means and variances were dropped would evaluate with the initial 0 and 1.
+    path = tmp_path / "resnet18.safetensors"
+    path.write_bytes(resnet18_safetensors())
+    model = models.create("fcn", num_classes=3, backbone="resnet18", stem="torchvision")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=zeros["params"],
+        batch_stats=zeros["batch_stats"],
+        opt_state=(),
+    )
+    config = ml_collections.ConfigDict({"model": {"pretrained": str(path)}})
+    config.model.pretrained_kind = "timm"
+    state = train._load_pretrained(state, model, config, None)
+    imagenet, _ = convert.from_imagenet(path)
+    assert_trees_equal(state.batch_stats["backbone"], imagenet["batch_stats"])
+    assert_trees_equal(state.params["backbone"], imagenet["params"])
+
+
 def test_periodic_eval_is_logged_and_kept_out_of_the_training_rate(tmp_path, data_dir, monkeypatch):
     from pan_jax import evaluate
 
