@@ -203,6 +203,20 @@ def test_every_named_variant_fits(library, name):
 
 
 @pytest.mark.parametrize(
+    "name, depth, stem, avg_down",
+    [
+        ("tv_resnet101.tv_in1k", 101, "torchvision", False),  # timm's copy of torchvision's
+        ("resnet50c.gluon_in1k", 50, "deep32", False),
+        ("ResNet101D", 101, "deep32", True),
+        ("resnet101s.gluon_in1k", 101, "deep64", False),
+    ],
+)
+def test_timm_and_torchvision_model_names_give_their_variant(name, depth, stem, avg_down):
+    # A file or hub name is how "imagenet" and --variant pick the backbone's stem and shortcuts.
+    assert convert.resnet_variant(name) == {"depth": depth, "stem": stem, "avg_down": avg_down}
+
+
+@pytest.mark.parametrize(
     "source",
     [
         "hf-hub:timm/resnetaa50d.sw_in12k_ft_in1k",
