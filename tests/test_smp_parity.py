@@ -129,31 +129,20 @@ def test_hub_weights_take_the_config_json_of_their_repository(tmp_path, monkeypa
         data = (tmp_path / "os32" / name).read_bytes()
         hub.serve_like_the_hub(f"/me/pan-os32/resolve/main/{name}", data)
         hub.serve_like_the_hub(f"/me/plain/resolve/main/{name}", data)
+        hub.serve_like_the_hub(f"/me/zoo/resolve/main/os32/{name}", data)
     del hub.routes["/me/plain/resolve/main/config.json"]  # a bare state dict uploaded
     assert cli.main(["--from=smp", "--input=hf-hub:me/pan-os32", f"--output={tmp_path / 'a'}"]) == 0
     assert checkpointing.load_variables(tmp_path / "a")[1]["overrides"]["output_stride"] == 32
     assert cli.main(["--from=smp", "--input=hf-hub:me/plain", f"--output={tmp_path / 'b'}"]) == 0
     assert "output_stride" not in checkpointing.load_variables(tmp_path / "b")[1]["overrides"]
+    # A repository of several models, one a folder: the config.json beside the weights is
+    # theirs, not the root's (here none).
+    zoo = "--input=hf-hub:me/zoo/os32/model.safetensors"
+    assert cli.main(["--from=smp", zoo, f"--output={tmp_path / 'z'}"]) == 0
+    assert checkpointing.load_variables(tmp_path / "z")[1]["overrides"]["output_stride"] == 32
     # Offline, cached weights still convert (with a warning that config.json was not read).
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert cli.main(["--from=smp", "--input=hf-hub:me/plain", f"--output={tmp_path / 'c'}"]) == 0
-
-
-def test_hub_weights_in_a_subfolder_take_the_config_json_beside_them(tmp_path, monkeypatch):
-    # A repository holding several models, one per folder: the root's config.json (here none)
-    # is not theirs, and an output-stride-32 PAN would convert as 16.
-    hub = Hub()
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("PAN_JAX_CACHE_DIR", str(tmp_path / "cache"))
-    randomized_smp_pan("resnet18", classes=3, encoder_output_stride=32).save_pretrained(
-        tmp_path / "os32"
-    )
-    for name in ("model.safetensors", "config.json"):
-        data = (tmp_path / "os32" / name).read_bytes()
-        hub.serve_like_the_hub(f"/me/zoo/resolve/main/os32/{name}", data)
-    source = "hf-hub:me/zoo/os32/model.safetensors"
-    assert cli.main(["--from=smp", f"--input={source}", f"--output={tmp_path / 'a'}"]) == 0
-    assert checkpointing.load_variables(tmp_path / "a")[1]["overrides"]["output_stride"] == 32
 
 
 def test_smp_configs_of_the_old_upscale_mode_name_are_read(tmp_path):
