@@ -269,24 +269,29 @@ def test_in_memory_state_dict_and_variant(checkpoint):
             np.testing.assert_array_equal(a, b)
 
 
-def test_a_checkpoint_wrapped_under_model_is_unwrapped():
-    # torchvision's reference training scripts (and DeiT) save {"model": state_dict,
-    # "optimizer": ..., "epoch": ...}; a user passes it as torch.load gave it.
-    weights = {"conv1.weight": torch.ones(2, 3), "bn1.running_var": torch.full((2,), 2.0)}
-    optimizer = {"state": {}, "param_groups": [{"lr": 0.1}]}
-    checkpoint = {"model": weights, "optimizer": optimizer, "epoch": 90}
+WEIGHTS = {"conv1.weight": torch.ones(2, 3), "bn1.running_var": torch.full((2,), 2.0)}
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        # torchvision's reference training scripts (and DeiT), as torch.load gives it back.
+        {"model": WEIGHTS, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 90},
+        # pytorch/examples' imagenet/main.py (model_best.pth.tar): DataParallel keys, and a 0-d
+        # tensor beside the wrapper, which was taken for the state dict ("keys begin
+        # ['best_acc1']").
+        {
+            "epoch": 90,
+            "state_dict": {f"module.{k}": v for k, v in WEIGHTS.items()},
+            "best_acc1": torch.tensor(69.7),
+        },
+    ],
+    ids=["model", "state_dict_beside_a_tensor"],
+)
+def test_training_checkpoints_are_unwrapped(checkpoint):
     read = convert.read_state_dict(checkpoint)
-    assert set(read) == set(weights)
+    assert set(read) == set(WEIGHTS)
     np.testing.assert_array_equal(read["bn1.running_var"], np.full((2,), 2.0, np.float32))
-
-
-def test_a_tensor_metric_beside_the_state_dict_does_not_hide_it():
-    # pytorch/examples' imagenet/main.py saves model_best.pth.tar as {"epoch", "arch",
-    # "state_dict" (DataParallel: "module." keys), "best_acc1" (a 0-d tensor), "optimizer"}: the
-    # tensor beside the wrapper was taken for the state dict ("keys begin ['best_acc1']").
-    weights = {"module.conv1.weight": torch.ones(2, 3)}
-    checkpoint = {"epoch": 90, "state_dict": weights, "best_acc1": torch.tensor(69.7)}
-    assert set(convert.read_state_dict(checkpoint)) == {"conv1.weight"}
 
 
 def test_safetensors_need_no_torch(checkpoint, monkeypatch):

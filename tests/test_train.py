@@ -947,16 +947,10 @@ def test_pretrained_backbone_statistics_replace_the_initial_ones(tmp_path):
     path = tmp_path / "resnet18.safetensors"
     path.write_bytes(resnet18_safetensors())
     model = models.create("fcn", num_classes=3, backbone="resnet18", stem="torchvision")
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=zeros["params"],
-        batch_stats=zeros["batch_stats"],
-        opt_state=(),
+    state = train.state_from_variables(models.random_variables(model), optax.sgd(0.1))
+    config = ml_collections.ConfigDict(
+        {"model": {"pretrained": str(path), "pretrained_kind": "timm"}}
     )
-    config = ml_collections.ConfigDict({"model": {"pretrained": str(path)}})
-    config.model.pretrained_kind = "timm"
     state = train._load_pretrained(state, model, config, None)
     imagenet, _ = convert.from_imagenet(path)
     assert_trees_equal(state.batch_stats["backbone"], imagenet["batch_stats"])
